@@ -1,0 +1,88 @@
+"""Key backends: where private keys live.
+
+A backend never hands out private key material. The rest of keymgr asks it to
+generate a key, to give the public half, to sign, and to destroy. Backends are
+discovered through the entry-point group ``keymgr.backends`` (the way APScheduler
+discovers job stores), so a third party can ship one as its own distribution.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from keymgr.errors import ConfigError
+
+ENTRY_POINT_GROUP = "keymgr.backends"
+
+#: A function that turns a JWS signing input into the JWS signature bytes
+#: (for ECDSA the raw fixed-length r||s, as RFC 7518 requires).
+Signer = Callable[[bytes], bytes]
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    """What a backend returns after creating a key: never the private half."""
+
+    kid: str
+    public_jwk: dict[str, str]
+
+
+class Backend(abc.ABC):
+    """Base class every key backend derives from.
+
+    ``name`` is the config table name (``[backends.NAME]``); ``options`` is that
+    table. Constructors validate options and raise :class:`ConfigError` naming
+    ``backends.NAME.FIELD``; they must not do network I/O so that
+    ``keymgr config check`` stays offline and fast.
+    """
+
+    type_name: ClassVar[str]
+    algorithms: ClassVar[frozenset[str]]
+
+    def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
+        self.name = name
+
+    @abc.abstractmethod
+    def generate(self, ring: str, alg: str) -> GeneratedKey:
+        """Create a new key for ``ring``; tagged/named so ``list_keys`` finds it."""
+
+    @abc.abstractmethod
+    def public_jwk(self, ring: str, kid: str) -> dict[str, str]:
+        """The public JWK members (kty and key members only) of a stored key."""
+
+    @abc.abstractmethod
+    def signer(self, ring: str, kid: str, alg: str) -> Signer:
+        """A signing function for the key; may be cached by the backend."""
+
+    @abc.abstractmethod
+    def destroy(self, ring: str, kid: str) -> None:
+        """Destroy the private key. Idempotent: an already absent key is fine."""
+
+    @abc.abstractmethod
+    def list_keys(self, ring: str) -> list[str]:
+        """Kids of the keys this backend holds for ``ring`` (created by keymgr)."""
+
+    def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Raise BackendError when the backend cannot be reached or used."""
+
+
+def backend_class(type_name: str, where: str) -> type[Backend]:
+    """Find the backend class registered under ``type_name``.
+
+    ``where`` names the config field (e.g. ``keymgr.toml: backends.kms.type``)
+    for the error message.
+    """
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == type_name:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Backend)):
+                raise ConfigError(f"{where}: entry point {type_name!r} is not a keymgr backend")
+            return cls
+    known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    raise ConfigError(
+        f"{where}: unknown backend type {type_name!r} (known: {', '.join(known) or 'none'})"
+    )

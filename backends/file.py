@@ -1,0 +1,442 @@
+"""Local encrypted file backend: one AES-256-GCM encrypted file per private key.
+
+For single-host deployments that have no KMS or Vault. Private keys are stored
+as ``PATH/RING/KID.key``, encrypted under a 32-byte master key that lives
+outside the key directory (a separate file, or ``KEYMGR_MASTER_KEY``), so a
+copy of the key directory alone (a backup, a misconfigured volume) reveals
+nothing. The associated data binds each ciphertext to its ring, kid and
+algorithm, so a file renamed or moved to another ring fails authentication
+instead of being used as a different key.
+
+Decrypted keys live only in this process's memory (a dict). Python cannot
+scrub memory, so "destroy" means: dropped from the cache and the encrypted file
+unlinked (plus any temp file a crash left behind for that kid).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from backends import Backend, GeneratedKey, Signer
+from keymgr import jose
+from keymgr.errors import BackendError, ConfigError, KeyIntegrityError
+
+MASTER_KEY_ENV = "KEYMGR_MASTER_KEY"
+MASTER_KEY_SIZE = 32
+FORMAT_VERSION = 1
+NONCE_SIZE = 12
+KEY_SUFFIX = ".key"
+# Temp files start with "." so no listing or glob for "*.key" ever sees them,
+# and carry the kid so destroy() can remove a crash leftover of that key too.
+_TMP_PREFIX = "."
+_TMP_SUFFIX = ".tmp"
+_AAD_PREFIX = b"keymgr-file-v1\0"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_B64_TEXT_RE = re.compile(rb"[A-Za-z0-9+/_=-]+")
+_OPTIONS = frozenset({"type", "path", "master_key_file", "rsa_bits"})
+# Upper bound only to turn a typo (rsa_bits = 40960) into a config error rather
+# than a generate() call that runs for minutes.
+_MAX_RSA_BITS = 16384
+
+
+def _aad(ring: str, kid: str, alg: str) -> bytes:
+    return _AAD_PREFIX + b"\0".join(s.encode("utf-8") for s in (ring, kid, alg))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a create/rename/unlink inside ``path`` durable across a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileBackend(Backend):
+    """Keys as encrypted files on local disk (``type = "file"``)."""
+
+    type_name: ClassVar[str] = "file"
+    algorithms: ClassVar[frozenset[str]] = jose.ALGORITHMS
+
+    def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
+        super().__init__(name, options, config_dir)
+        for field in sorted(set(options) - _OPTIONS):
+            raise ConfigError(
+                f"backends.{name}.{field}: unknown option (known: {', '.join(sorted(_OPTIONS))})"
+            )
+        path = self._path_option(options, "path", config_dir, required=True)
+        assert path is not None  # required=True never returns None
+        self._path: Path = path
+        self._master_key_file = self._path_option(
+            options, "master_key_file", config_dir, required=False
+        )
+        rsa_bits = options.get("rsa_bits", 3072)
+        if isinstance(rsa_bits, bool) or not isinstance(rsa_bits, int):
+            raise ConfigError(f"backends.{name}.rsa_bits: expected an integer, got {rsa_bits!r}")
+        if not jose.MIN_RSA_BITS <= rsa_bits <= _MAX_RSA_BITS:
+            raise ConfigError(
+                f"backends.{name}.rsa_bits: must be between {jose.MIN_RSA_BITS} and "
+                f"{_MAX_RSA_BITS}, got {rsa_bits}"
+            )
+        self._rsa_bits = rsa_bits
+        self._lock = threading.RLock()
+        self._aead: AESGCM | None = None
+        # (ring, kid) -> (alg, private key); decrypted keys never leave memory.
+        self._keys: dict[tuple[str, str], tuple[str, jose.PrivateKey]] = {}
+        self._signers: dict[tuple[str, str, str], Signer] = {}
+
+    def _path_option(
+        self, options: Mapping[str, Any], field: str, config_dir: str, *, required: bool
+    ) -> Path | None:
+        value = options.get(field)
+        if value is None:
+            if required:
+                raise ConfigError(f"backends.{self.name}.{field}: required option is missing")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(
+                f"backends.{self.name}.{field}: expected a non-empty path string, got {value!r}"
+            )
+        path = Path(value)
+        # Relative to the config file, not the working directory, so the same
+        # config means the same files whether run by systemd or from a shell.
+        return path if path.is_absolute() else Path(config_dir) / path
+
+    # -- master key -------------------------------------------------------
+
+    def _cipher(self) -> AESGCM:
+        """The AEAD under the master key, loaded on first use (config check stays offline)."""
+        with self._lock:
+            if self._aead is None:
+                self._aead = AESGCM(self._load_master_key())
+            return self._aead
+
+    def _load_master_key(self) -> bytes:
+        # Messages name the source but never echo any of its content.
+        if self._master_key_file is not None:
+            where = f"backends.{self.name}: master key file {self._master_key_file}"
+            try:
+                raw = self._master_key_file.read_bytes()
+            except OSError as e:
+                raise BackendError(f"{where}: cannot read ({e.strerror or e})") from None
+            text = raw.strip()
+            if text and _B64_TEXT_RE.fullmatch(text):
+                key = _decode_b64_key(text)
+                if key is None:
+                    raise BackendError(
+                        f"{where}: must hold base64 of {MASTER_KEY_SIZE} bytes "
+                        f"(or exactly {MASTER_KEY_SIZE} raw bytes)"
+                    )
+                return key
+            if len(raw) == MASTER_KEY_SIZE:
+                return raw
+            raise BackendError(
+                f"{where}: must hold base64 of {MASTER_KEY_SIZE} bytes "
+                f"(or exactly {MASTER_KEY_SIZE} raw bytes), found {len(raw)} bytes"
+            )
+        value = os.environ.get(MASTER_KEY_ENV)
+        if value is None or not value.strip():
+            raise BackendError(
+                f"backends.{self.name}: no master key: set {MASTER_KEY_ENV} "
+                f"or backends.{self.name}.master_key_file"
+            )
+        key = _decode_b64_key(value.strip().encode("ascii", "replace"))
+        if key is None:
+            raise BackendError(
+                f"backends.{self.name}: {MASTER_KEY_ENV} must hold base64 of "
+                f"{MASTER_KEY_SIZE} bytes"
+            )
+        return key
+
+    # -- paths ------------------------------------------------------------
+
+    def _check_name(self, what: str, value: str) -> None:
+        if not isinstance(value, str) or value in (".", "..") or not _NAME_RE.fullmatch(value):
+            raise BackendError(
+                f"backends.{self.name}: invalid {what} {value!r} "
+                "(allowed: letters, digits, '_', '.', '-'; not '.' or '..')"
+            )
+
+    def _ring_dir(self, ring: str) -> Path:
+        self._check_name("ring name", ring)
+        return self._path / ring
+
+    def _key_path(self, ring: str, kid: str) -> Path:
+        self._check_name("key id", kid)
+        return self._ring_dir(ring) / f"{kid}{KEY_SUFFIX}"
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create ``path`` (and the base dir) as 0700, durably."""
+        for d in (self._path, path):
+            if d.is_dir():
+                continue
+            try:
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+                _fsync_dir(d.parent)
+            except OSError as e:
+                raise BackendError(
+                    f"backends.{self.name}: cannot create directory {d} ({e.strerror or e})"
+                ) from None
+        # The ring directory is keymgr's own: tighten it even if someone
+        # created it with a wider mode. The base directory is left as found.
+        try:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o700)
+        except OSError as e:
+            raise BackendError(
+                f"backends.{self.name}: cannot secure directory {path} ({e.strerror or e})"
+            ) from None
+
+    # -- file format --------------------------------------------------------
+
+    def _write_new(self, ring: str, kid: str, alg: str, key: jose.PrivateKey) -> None:
+        ring_dir = self._ring_dir(ring)
+        target = self._key_path(ring, kid)
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        nonce = os.urandom(NONCE_SIZE)
+        ciphertext = self._cipher().encrypt(nonce, der, _aad(ring, kid, alg))
+        document = {
+            "v": FORMAT_VERSION,
+            "ring": ring,
+            "kid": kid,
+            "alg": alg,
+            "nonce": jose.b64url(nonce),
+            "ciphertext": jose.b64url(ciphertext),
+        }
+        body = (json.dumps(document, separators=(",", ":")) + "\n").encode("ascii")
+        self._ensure_dir(ring_dir)
+        if os.path.lexists(target):
+            # A kid is a hash of a fresh random key, so this means a bug or a
+            # tampered directory; never clobber what may be a live key.
+            raise BackendError(
+                f"backends.{self.name}: key file {target} already exists; refusing to overwrite"
+            )
+        tmp: str | None = None
+        try:
+            # mkstemp opens with O_CREAT|O_EXCL and mode 0600.
+            fd, tmp = tempfile.mkstemp(
+                prefix=f"{_TMP_PREFIX}{kid}{KEY_SUFFIX}.", suffix=_TMP_SUFFIX, dir=ring_dir
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            tmp = None
+            _fsync_dir(ring_dir)
+        except OSError as e:
+            raise BackendError(
+                f"backends.{self.name}: cannot write key file {target} ({e.strerror or e})"
+            ) from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def _load(self, ring: str, kid: str) -> tuple[str, jose.PrivateKey]:
+        """Decrypt and verify a key file; cached, so each file is decrypted once."""
+        with self._lock:
+            cached = self._keys.get((ring, kid))
+            if cached is not None:
+                return cached
+            path = self._key_path(ring, kid)
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise BackendError(
+                    f"backends.{self.name}: key {ring}/{kid} not found ({path})"
+                ) from None
+            except OSError as e:
+                raise BackendError(
+                    f"backends.{self.name}: cannot read key file {path} ({e.strerror or e})"
+                ) from None
+            alg, key = self._decrypt(path, ring, kid, raw)
+            self._keys[(ring, kid)] = (alg, key)
+            return alg, key
+
+    def _decrypt(self, path: Path, ring: str, kid: str, raw: bytes) -> tuple[str, jose.PrivateKey]:
+        def bad(what: str) -> KeyIntegrityError:
+            return KeyIntegrityError(f"key file {path}: {what}")
+
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad("malformed (not JSON)") from None
+        if not isinstance(doc, dict):
+            raise bad("malformed (not a JSON object)")
+        if doc.get("v") != FORMAT_VERSION:
+            raise bad(f"unsupported format version {doc.get('v')!r}")
+        fields: dict[str, str] = {}
+        for field in ("ring", "kid", "alg", "nonce", "ciphertext"):
+            value = doc.get(field)
+            if not isinstance(value, str):
+                raise bad(f"malformed (missing or non-string {field!r})")
+            fields[field] = value
+        if fields["ring"] != ring or fields["kid"] != kid:
+            raise bad(
+                f"names ring/kid {fields['ring']!r}/{fields['kid']!r}, "
+                f"but its path says {ring!r}/{kid!r}"
+            )
+        alg = fields["alg"]
+        if alg not in jose.ALGORITHMS:
+            raise bad(f"unsupported algorithm {alg!r}")
+        try:
+            nonce = jose.b64url_decode(fields["nonce"])
+            ciphertext = jose.b64url_decode(fields["ciphertext"])
+        except ValueError:
+            raise bad("malformed (bad base64url in nonce or ciphertext)") from None
+        if len(nonce) != NONCE_SIZE:
+            raise bad(f"malformed (nonce is {len(nonce)} bytes, expected {NONCE_SIZE})")
+        cipher = self._cipher()
+        try:
+            der = cipher.decrypt(nonce, ciphertext, _aad(ring, kid, alg))
+        except InvalidTag:
+            raise bad("authentication failed (wrong master key or tampered file)") from None
+        try:
+            key = serialization.load_der_private_key(der, password=None)
+        except (ValueError, TypeError):
+            raise bad("decrypted content is not a PKCS#8 private key") from None
+        if not isinstance(key, jose.PrivateKey):
+            raise bad(f"holds an unsupported key type {type(key).__name__}")
+        try:
+            jose.check_key_matches_alg(key, alg)
+        except ValueError as e:
+            raise bad(str(e)) from None
+        if jose.thumbprint(jose.public_jwk(key.public_key())) != kid:
+            raise bad("public key thumbprint does not match the kid")
+        return alg, key
+
+    # -- Backend API --------------------------------------------------------
+
+    def generate(self, ring: str, alg: str) -> GeneratedKey:
+        self._check_name("ring name", ring)
+        if alg not in self.algorithms:
+            raise BackendError(
+                f"backends.{self.name}: unsupported algorithm {alg!r} "
+                f"(supported: {', '.join(sorted(self.algorithms))})"
+            )
+        key = jose.generate_private_key(alg, self._rsa_bits)
+        jwk = jose.public_jwk(key.public_key())
+        kid = jose.thumbprint(jwk)
+        with self._lock:
+            self._write_new(ring, kid, alg, key)
+            self._keys[(ring, kid)] = (alg, key)
+        return GeneratedKey(kid=kid, public_jwk=jwk)
+
+    def public_jwk(self, ring: str, kid: str) -> dict[str, str]:
+        _, key = self._load(ring, kid)
+        return jose.public_jwk(key.public_key())
+
+    def signer(self, ring: str, kid: str, alg: str) -> Signer:
+        with self._lock:
+            cached = self._signers.get((ring, kid, alg))
+            if cached is not None:
+                return cached
+            stored_alg, key = self._load(ring, kid)
+            # Any alg the key fits is allowed, not only the one it was generated
+            # for: the reconciler adopts orphans by key type, and refusing here
+            # would leave an adopted key unable to sign once promoted.
+            try:
+                sign = jose.make_signer(key, alg)
+            except ValueError as e:
+                raise BackendError(
+                    f"backends.{self.name}: key {ring}/{kid} (generated for {stored_alg}) "
+                    f"cannot sign {alg}: {e}"
+                ) from None
+            self._signers[(ring, kid, alg)] = sign
+            return sign
+
+    def destroy(self, ring: str, kid: str) -> None:
+        path = self._key_path(ring, kid)
+        ring_dir = path.parent
+        with self._lock:
+            self._keys.pop((ring, kid), None)
+            for cache_key in [k for k in self._signers if k[:2] == (ring, kid)]:
+                del self._signers[cache_key]
+            if not ring_dir.is_dir():
+                return
+            leftovers = list(ring_dir.glob(f"{_TMP_PREFIX}{kid}{KEY_SUFFIX}.*{_TMP_SUFFIX}"))
+            try:
+                for victim in [path, *leftovers]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(victim)
+                _fsync_dir(ring_dir)
+            except OSError as e:
+                raise BackendError(
+                    f"backends.{self.name}: cannot remove key file {path} ({e.strerror or e})"
+                ) from None
+
+    def list_keys(self, ring: str) -> list[str]:
+        ring_dir = self._ring_dir(ring)
+        try:
+            names = os.listdir(ring_dir)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise BackendError(
+                f"backends.{self.name}: cannot list {ring_dir} ({e.strerror or e})"
+            ) from None
+        kids = []
+        for name in names:
+            if name.startswith(_TMP_PREFIX) or not name.endswith(KEY_SUFFIX):
+                continue
+            kid = name[: -len(KEY_SUFFIX)]
+            if _NAME_RE.fullmatch(kid):
+                kids.append(kid)
+        return sorted(kids)
+
+    def check(self) -> None:
+        """Directory usable and master key loadable; also proves the master key on one file.
+
+        Trial-decrypting one existing key file turns "wrong master key after a
+        redeploy" into a readiness failure instead of a failure at the next
+        signing or rotation.
+        """
+        self._cipher()
+        try:
+            self._path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".check-", suffix=_TMP_SUFFIX, dir=self._path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise BackendError(
+                f"backends.{self.name}: key directory {self._path} is not writable "
+                f"({e.strerror or e})"
+            ) from None
+        for ring_dir in sorted(p for p in self._path.iterdir() if p.is_dir()):
+            if ring_dir.name in (".", "..") or not _NAME_RE.fullmatch(ring_dir.name):
+                continue
+            kids = self.list_keys(ring_dir.name)
+            if kids:
+                self._load(ring_dir.name, kids[0])
+                return
+
+
+def _decode_b64_key(text: bytes) -> bytes | None:
+    """Decode standard or URL-safe base64 (padding optional); None unless 32 bytes."""
+    normalized = text.replace(b"-", b"+").replace(b"_", b"/").rstrip(b"=")
+    normalized += b"=" * (-len(normalized) % 4)
+    try:
+        key = base64.b64decode(normalized, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key if len(key) == MASTER_KEY_SIZE else None

@@ -1,0 +1,244 @@
+"""The ``keymgr`` command line.
+
+Start-up cost matters (``--help`` < 150 ms): only argparse is imported here;
+each command imports what it needs. Every error is one line on stderr, with
+exit code 1 for a failed operation and 2 for bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _time(text: str) -> Any:
+    from keymgr.timefmt import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _duration(text: str) -> Any:
+    from keymgr.timefmt import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common: Any = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default: $KEYMGR_CONFIG, then ./keymgr.toml)",
+    )
+    p: argparse.ArgumentParser = _Parser(
+        prog="keymgr", parents=[common], description="Graceful rollover of JWT signing keys."
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=help)
+
+    s = cmd("init", "write a default config and a new master key (never overwrites)")
+    s.add_argument("--dir", default=".", help="where to write them (default: .)")
+
+    s = cmd("reconcile", "run one reconcile pass and print each transition applied")
+    s.add_argument("--at", type=_time, metavar="TIME", help="RFC 3339 time replacing the clock")
+
+    s = cmd("plan", "show what is due and when, changing nothing")
+    s.add_argument("--at", type=_time, metavar="TIME", help="plan as of this RFC 3339 time")
+    s.add_argument("--json", action="store_true")
+
+    s = cmd("status", "every ring, every key, and the next transition")
+    s.add_argument("--json", action="store_true")
+
+    s = cmd("rotate", "start a rotation now (the successor still waits publish_ahead)")
+    s.add_argument("ring")
+    s.add_argument(
+        "--emergency",
+        action="store_true",
+        help="promote as soon as published (verifiers may reject for up to A)",
+    )
+    s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
+
+    s = cmd("revoke", "revoke a key at once: unpublish and destroy it (compromise)")
+    s.add_argument("kid")
+    s.add_argument("--reason", help="recorded in state and in the audit log")
+    s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
+
+    s = cmd("jwks", "print the JWKS document as published")
+    s.add_argument("--ring", help="only this ring's keys")
+
+    s = cmd("sign", "sign claims with the ring's active key (compact JWS)")
+    s.add_argument("ring")
+    s.add_argument("--claims", required=True, help="a JSON object")
+    s.add_argument("--ttl", type=_duration, help="add iat and exp (e.g. 15m)")
+    s.add_argument(
+        "--at",
+        type=_time,
+        metavar="TIME",
+        help="issue time for iat/exp instead of the clock (drills)",
+    )
+
+    s = cmd("audit", "verify or show the audit log")
+    asub = s.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
+    asub.required = True
+    asub.add_parser("verify", parents=[common], help="check the hash chain and its anchor")
+    a = asub.add_parser("show", parents=[common], help="print events")
+    a.add_argument("--ring")
+    a.add_argument("--kid")
+    a.add_argument("--json", action="store_true")
+
+    s = cmd("config", "configuration commands")
+    csub = s.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    csub.required = True
+    csub.add_parser("check", parents=[common], help="validate the config, changing nothing")
+
+    cmd("run", "run the daemon (scheduler, health and metrics endpoints)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from keymgr.errors import KeymgrError
+
+    try:
+        return _dispatch(args)
+    except KeymgrError as e:
+        print(f"keymgr: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def _manager(args: argparse.Namespace) -> Any:
+    from keymgr.config import resolve_config_path
+    from keymgr.logs import configure
+    from keymgr.manager import KeyManager
+
+    configure(cli=True)
+    return KeyManager.from_config(resolve_config_path(getattr(args, "config", None)))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    c = args.command
+    if c == "init":
+        from keymgr.init import init
+
+        for line in init(args.dir):
+            print(line)
+        return EXIT_OK
+    if c == "config":
+        from keymgr.config import load_config, resolve_config_path
+
+        cfg = load_config(resolve_config_path(getattr(args, "config", None)))
+        print(
+            f"{cfg.path}: ok ({len(cfg.policies)} key ring(s), {len(cfg.backends)} "
+            f"backend(s), {len(cfg.publishers)} publisher(s))"
+        )
+        return EXIT_OK
+    if c == "run":
+        from keymgr.config import resolve_config_path
+        from keymgr.daemon import run
+
+        return run(resolve_config_path(getattr(args, "config", None)))
+
+    m = _manager(args)
+    if c == "reconcile":
+        return _print_pass(m.reconcile(args.at))
+    if c == "rotate":
+        return _print_pass(m.rotate(args.ring, emergency=args.emergency, now=args.at))
+    if c == "revoke":
+        return _print_pass(m.revoke(args.kid, reason=args.reason, now=args.at))
+    if c == "plan":
+        doc = m.plan(args.at)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            from keymgr.render import plan_text
+
+            print(plan_text(doc))
+        return EXIT_OK
+    if c == "status":
+        doc = m.status()
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            from keymgr.render import status_text
+
+            print(status_text(doc, m.state()))
+        return EXIT_OK
+    if c == "jwks":
+        print(json.dumps(m.jwks(args.ring), indent=2, sort_keys=True))
+        return EXIT_OK
+    if c == "sign":
+        return _sign(m, args)
+    if c == "audit":
+        return _audit(m, args)
+    raise AssertionError(c)
+
+
+def _print_pass(res: Any) -> int:
+    from keymgr.reconciler import describe
+
+    for ev in res.events:
+        print(describe(ev))
+    for f in res.failures:
+        print(f"keymgr: error: {f}", file=sys.stderr)
+    return EXIT_OK if res.ok else EXIT_FAILED
+
+
+def _sign(m: Any, args: argparse.Namespace) -> int:
+    from keymgr.errors import UsageError
+
+    try:
+        claims = json.loads(args.claims)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--claims: not valid JSON ({e.msg} at position {e.pos})") from None
+    if not isinstance(claims, dict):
+        raise UsageError("--claims: must be a JSON object")
+    print(m.sign(args.ring, claims, ttl=args.ttl, now=args.at))
+    return EXIT_OK
+
+
+def _audit(m: Any, args: argparse.Namespace) -> int:
+    if args.audit_command == "verify":
+        n = m.audit.verify(m.state().audit)
+        print(f"{m.audit.path}: ok ({n} events, chain intact, head anchored in state)")
+        return EXIT_OK
+    for ev in m.audit.events():
+        if args.ring and ev.get("ring") != args.ring:
+            continue
+        if args.kid and ev.get("kid") != args.kid:
+            continue
+        if args.json:
+            print(json.dumps(ev))
+        else:
+            from keymgr.reconciler import describe
+
+            print(describe(ev))
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

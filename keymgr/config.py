@@ -1,0 +1,266 @@
+"""Load and validate ``keymgr.toml``.
+
+Every error names the file, the field and what is wrong, in one line, and is
+raised before anything is touched (exit code 2). Unknown fields are errors too:
+a misspelt ``retire_grce`` silently falling back to a default is exactly the
+kind of surprise that breaks a rotation months later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from backends import Backend, backend_class
+from keymgr.errors import ConfigError
+from keymgr.jose import ALGORITHMS
+from keymgr.planner import Policy
+from keymgr.publishers import Publisher, publisher_class
+from keymgr.timefmt import parse_duration
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_CONFIG = "keymgr.toml"
+
+DAEMON_FIELDS = {
+    "state": "file:state.json",
+    "audit_log": "audit.jsonl",
+    "reconcile_interval": "60s",
+    "listen": "127.0.0.1:9464",
+    "log_level": "info",
+}
+RING_FIELDS = {
+    "backend",
+    "algorithm",
+    "rotation_period",
+    "publish_ahead",
+    "retire_grace",
+    "destroy_after",
+    "publishers",
+}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state: str
+    audit_log: Path
+    reconcile_interval: timedelta
+    listen: tuple[str, int]
+    log_level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    backends: Mapping[str, Backend]
+    publishers: Mapping[str, Publisher]
+    policies: Mapping[str, Policy]
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+def resolve_config_path(arg: str | None) -> Path:
+    """``--config``, else ``$KEYMGR_CONFIG``, else ``./keymgr.toml``."""
+    return Path(arg or os.environ.get("KEYMGR_CONFIG") or DEFAULT_CONFIG)
+
+
+class _Ctx:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def err(self, field: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {field}: {what}")
+
+    def table(self, doc: Mapping[str, Any], key: str, field: str) -> dict[str, Any]:
+        v = doc.get(key, {})
+        if not isinstance(v, dict):
+            raise self.err(field, "must be a table")
+        return v
+
+    def string(self, tbl: Mapping[str, Any], key: str, field: str) -> str:
+        v = tbl.get(key)
+        if v is None:
+            raise self.err(field, "is required")
+        if not isinstance(v, str) or not v.strip():
+            raise self.err(field, f"must be a non-empty string, got {v!r}")
+        return v
+
+    def duration(self, tbl: Mapping[str, Any], key: str, field: str) -> timedelta:
+        raw = self.string(tbl, key, field)
+        try:
+            return parse_duration(raw)
+        except ValueError as e:
+            raise self.err(field, str(e)) from None
+
+    def unknown(
+        self, tbl: Mapping[str, Any], allowed: set[str] | Mapping[str, Any], prefix: str
+    ) -> None:
+        for k in tbl:
+            if k not in allowed:
+                raise self.err(f"{prefix}{k}", "unknown field")
+
+    def name(self, name: str, field: str) -> None:
+        if not NAME_RE.match(name):
+            raise self.err(field, f"bad name {name!r} (letters, digits, '_', '.', '-')")
+
+
+def _listen(ctx: _Ctx, raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ctx.err("daemon.listen", f"expected HOST:PORT, got {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (run 'keymgr init' to create one)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: bad TOML: {e}") from None
+    return parse_config(doc, path)
+
+
+def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
+    ctx = _Ctx(path)
+    base = path.parent
+    ctx.unknown(doc, {"daemon", "backends", "publishers", "keyrings"}, "")
+
+    d = ctx.table(doc, "daemon", "daemon")
+    ctx.unknown(d, DAEMON_FIELDS, "daemon.")
+    merged = {**DAEMON_FIELDS, **d}
+    for k in DAEMON_FIELDS:
+        ctx.string(merged, k, f"daemon.{k}")
+    interval = ctx.duration(merged, "reconcile_interval", "daemon.reconcile_interval")
+    if interval < timedelta(seconds=1):
+        raise ctx.err("daemon.reconcile_interval", "must be at least 1s")
+    if merged["log_level"].lower() not in ("debug", "info", "warning", "error"):
+        raise ctx.err("daemon.log_level", "must be one of debug, info, warning, error")
+    from keymgr.stores import check_state_url
+
+    try:
+        state_url = check_state_url(merged["state"], base)
+    except ValueError as e:
+        raise ctx.err("daemon.state", str(e)) from None
+    audit = Path(merged["audit_log"])
+    daemon = DaemonConfig(
+        state=state_url,
+        audit_log=audit if audit.is_absolute() else base / audit,
+        reconcile_interval=interval,
+        listen=_listen(ctx, merged["listen"]),
+        log_level=merged["log_level"].lower(),
+    )
+
+    backends: dict[str, Backend] = {}
+    for name, tbl in ctx.table(doc, "backends", "backends").items():
+        where = f"backends.{name}"
+        ctx.name(name, where)
+        if not isinstance(tbl, dict):
+            raise ctx.err(where, "must be a table")
+        cls = backend_class(ctx.string(tbl, "type", f"{where}.type"), f"{path}: {where}.type")
+        try:
+            backends[name] = cls(name, tbl, str(base))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    publishers: dict[str, Publisher] = {}
+    for name, tbl in ctx.table(doc, "publishers", "publishers").items():
+        where = f"publishers.{name}"
+        ctx.name(name, where)
+        if not isinstance(tbl, dict):
+            raise ctx.err(where, "must be a table")
+        pcls = publisher_class(ctx.string(tbl, "type", f"{where}.type"), f"{path}: {where}.type")
+        try:
+            publishers[name] = pcls(name, tbl, str(base))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    policies: dict[str, Policy] = {}
+    rings = ctx.table(doc, "keyrings", "keyrings")
+    if not rings:
+        raise ctx.err("keyrings", "at least one key ring is required")
+    for name, tbl in rings.items():
+        policies[name] = _ring(ctx, name, tbl, backends, publishers)
+    return Config(
+        path=path, daemon=daemon, backends=backends, publishers=publishers, policies=policies
+    )
+
+
+def _ring(
+    ctx: _Ctx,
+    name: str,
+    tbl: Any,
+    backends: Mapping[str, Backend],
+    publishers: Mapping[str, Publisher],
+) -> Policy:
+    where = f"keyrings.{name}"
+    ctx.name(name, where)
+    if not isinstance(tbl, dict):
+        raise ctx.err(where, "must be a table")
+    ctx.unknown(tbl, RING_FIELDS, f"{where}.")
+    backend = ctx.string(tbl, "backend", f"{where}.backend")
+    if backend not in backends:
+        raise ctx.err(
+            f"{where}.backend", f"unknown backend {backend!r} (define [backends.{backend}])"
+        )
+    alg = ctx.string(tbl, "algorithm", f"{where}.algorithm")
+    if alg not in ALGORITHMS:
+        raise ctx.err(
+            f"{where}.algorithm",
+            f"unknown algorithm {alg!r} (one of {', '.join(sorted(ALGORITHMS))})",
+        )
+    if alg not in type(backends[backend]).algorithms:
+        raise ctx.err(f"{where}.algorithm", f"{alg} is not supported by backend {backend!r}")
+    durations = {}
+    for f in ("rotation_period", "publish_ahead", "retire_grace", "destroy_after"):
+        durations[f] = ctx.duration(tbl, f, f"{where}.{f}")
+    if durations["rotation_period"] <= timedelta(0):
+        raise ctx.err(f"{where}.rotation_period", "must be longer than zero")
+    if durations["publish_ahead"] <= timedelta(0):
+        raise ctx.err(
+            f"{where}.publish_ahead",
+            "must be longer than zero (at least the verifiers' JWKS cache lifetime)",
+        )
+    if durations["publish_ahead"] > durations["rotation_period"]:
+        raise ctx.err(f"{where}.publish_ahead", "must not be longer than rotation_period")
+    if durations["retire_grace"] <= timedelta(0):
+        raise ctx.err(
+            f"{where}.retire_grace",
+            "must be longer than zero (at least the longest token lifetime)",
+        )
+    pubs = tbl.get("publishers")
+    if pubs is None:
+        raise ctx.err(f"{where}.publishers", "is required")
+    if not isinstance(pubs, list) or not pubs or not all(isinstance(p, str) for p in pubs):
+        raise ctx.err(f"{where}.publishers", "must be a non-empty list of publisher names")
+    for p in pubs:
+        if p not in publishers:
+            raise ctx.err(
+                f"{where}.publishers", f"unknown publisher {p!r} (define [publishers.{p}])"
+            )
+    if len(set(pubs)) != len(pubs):
+        raise ctx.err(f"{where}.publishers", "lists a publisher twice")
+    return Policy(
+        ring=name,
+        backend=backend,
+        algorithm=alg,
+        publishers=tuple(pubs),
+        **durations,
+    )

@@ -1,0 +1,48 @@
+"""Error types that map one-to-one onto the CLI's exit codes.
+
+Every error raised to the user carries a one-line message that names the thing at
+fault (file, field, key id); the CLI prints ``str(err)`` and exits with
+``err.exit_code``, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class KeymgrError(Exception):
+    """An operation failed (backend, publisher, store): exit code 1."""
+
+    exit_code = 1
+
+
+class ConfigError(KeymgrError):
+    """Bad configuration or bad usage: exit code 2, and nothing was changed."""
+
+    exit_code = 2
+
+
+class UsageError(ConfigError):
+    """Bad command-line usage (unknown ring, bad --at, ...): exit code 2."""
+
+
+class BackendError(KeymgrError):
+    """A key backend refused or failed an operation."""
+
+
+class PublishError(KeymgrError):
+    """A publisher could not write or confirm a JWKS document."""
+
+
+class StoreError(KeymgrError):
+    """The state store could not be read or written."""
+
+
+class ConflictError(StoreError):
+    """A compare-and-swap write lost the race: re-read and retry."""
+
+
+class AuditError(KeymgrError):
+    """The audit log is damaged or does not match the anchor in state."""
+
+
+class KeyIntegrityError(BackendError):
+    """A stored key failed authentication (tampered file or wrong master key)."""

@@ -1,0 +1,67 @@
+"""``keymgr init``: a working default config and a fresh master key."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from pathlib import Path
+
+from keymgr.errors import ConfigError, KeymgrError
+
+CONFIG_TEMPLATE = """\
+# keymgr configuration: see README.md, "Configuration reference".
+
+[daemon]
+state = "file:state.json"              # or s3://bucket/key, vault://mount/path
+audit_log = "audit.jsonl"
+reconcile_interval = "60s"
+listen = "127.0.0.1:9464"              # /healthz, /readyz, /metrics
+
+[backends.local]
+type = "file"                          # local encrypted files (AES-256-GCM)
+path = "keys"
+master_key_file = "master.key"
+
+[publishers.site]
+type = "file"
+path = "public/.well-known/jwks.json"  # serve this directory statically
+
+[keyrings.default]
+backend = "local"
+algorithm = "ES256"
+rotation_period = "30d"
+publish_ahead = "1h"                   # >= the longest JWKS cache time of any verifier
+retire_grace = "1d"                    # >= the longest token lifetime plus clock skew
+destroy_after = "7d"
+publishers = ["site"]
+"""
+
+
+def init(directory: str) -> list[str]:
+    d = Path(directory)
+    cfg = d / "keymgr.toml"
+    key = d / "master.key"
+    for p in (cfg, key):
+        if p.exists():
+            raise ConfigError(f"{p}: already exists; refusing to overwrite it")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, CONFIG_TEMPLATE.encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise KeymgrError(f"{directory}: cannot write: {e.strerror}") from None
+    return [
+        f"wrote {cfg}",
+        f"wrote {key} (mode 0600; back it up: without it no key can be used)",
+        f"next: keymgr --config {cfg} run",
+    ]

@@ -1,0 +1,39 @@
+"""The JWKS document: deterministic bytes, public members only.
+
+The same key set always gives the same bytes (keys sorted by kid, members
+sorted), so an unchanged ring means no write and no upload, and a read-back can
+be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from keymgr.jose import assert_public
+from keymgr.model import Key
+
+
+def jwk_for(key: Key) -> dict[str, str]:
+    jwk = dict(key.public_jwk)
+    assert_public(jwk)
+    jwk["kid"] = key.kid
+    jwk["alg"] = key.alg
+    jwk["use"] = "sig"
+    return jwk
+
+
+def document(keys: Iterable[Key]) -> dict[str, Any]:
+    return {"keys": [jwk_for(k) for k in sorted(keys, key=lambda k: k.kid)]}
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    for jwk in doc["keys"]:
+        assert_public(jwk)
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode("ascii")
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,248 @@
+"""``KeyManager``: the Python API, and what every CLI command goes through."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from backends import Signer
+from keymgr import jose, jwks, transitions
+from keymgr.audit import AuditLog
+from keymgr.config import Config, load_config
+from keymgr.errors import KeymgrError, UsageError
+from keymgr.model import ACTIVE, DESTROYED, REVOKED, State
+from keymgr.planner import plan
+from keymgr.reconciler import PassResult, Reconciler, cli_actor
+from keymgr.stores import StateStore, open_store
+from keymgr.timefmt import format_time, utcnow
+
+
+@dataclass(frozen=True)
+class _SignCache:
+    fingerprint: object
+    kid: str
+    alg: str
+    header_b64: bytes
+    signer: Signer
+
+
+class KeyManager:
+    """One configured keymgr: its state store, backends, publishers and audit log."""
+
+    def __init__(self, config: Config, actor: str | None = None) -> None:
+        self.config = config
+        self.store: StateStore = open_store(config.daemon.state)
+        self.audit = AuditLog(config.daemon.audit_log)
+        self.actor = actor or f"cli:{cli_actor()}"
+        self.reconciler = Reconciler(config, self.store, self.audit, self.actor)
+        self._sign_cache: dict[str, _SignCache] = {}
+
+    @classmethod
+    def from_config(cls, path: str | Path, actor: str | None = None) -> KeyManager:
+        return cls(load_config(path), actor)
+
+    # -- time ----------------------------------------------------------------
+
+    def _clock(self, at: datetime | None, state: State) -> datetime:
+        if at is None:
+            return utcnow()
+        if state.clock is not None and at < state.clock:
+            raise UsageError(
+                f"--at {format_time(at)} is earlier than the newest time in state "
+                f"({format_time(state.clock)}); time only moves forward"
+            )
+        return at
+
+    def state(self) -> State:
+        return self.store.load()[0]
+
+    # -- reconcile -----------------------------------------------------------
+
+    def reconcile(self, now: datetime | None = None) -> PassResult:
+        """One pass. ``now`` replaces the clock (drills, tests) and stays fixed for the pass."""
+        if now is None:
+            return self.reconciler.run(utcnow)
+        self._clock(now, self.state())
+        fixed = now
+        return self.reconciler.run(lambda: fixed)
+
+    def plan(self, now: datetime | None = None) -> dict[str, Any]:
+        state = self.state()
+        at = self._clock(now, state)
+        if now is None and state.clock is not None and at < state.clock:
+            at = state.clock
+        state = self.reconciler.observe(state)
+        p = plan(state, self.config.policies, at)
+        return {
+            "at": format_time(at),
+            "due": [_action_dict(a) for a in p.due],
+            "upcoming": {
+                ring: (
+                    None
+                    if u is None
+                    else {"action": u.action, "kid": u.kid, "at": format_time(u.at)}
+                )
+                for ring, u in p.upcoming.items()
+            },
+        }
+
+    # -- operator commands ---------------------------------------------------
+
+    def _mutate(self, fn: Any, now: datetime | None) -> tuple[State, list[dict[str, Any]]]:
+        with self.store.exclusive():
+            state, token = self.reconciler.load()
+            at = self._clock(now, state)
+            new, events = fn(state, at)
+            self.reconciler.commit(new, events, token)
+            return new, events
+
+    def rotate(self, ring: str, emergency: bool = False, now: datetime | None = None) -> PassResult:
+        if ring not in self.config.policies:
+            raise UsageError(
+                f"unknown ring {ring!r} (configured: {', '.join(sorted(self.config.policies))})"
+            )
+
+        def fn(state: State, at: datetime) -> transitions.Result:
+            if state.ring(ring).active is None:
+                raise UsageError(f"ring {ring!r} has no active key yet; run 'keymgr reconcile'")
+            return transitions.request_rotation(state, ring, at, emergency)
+
+        _, events = self._mutate(fn, now)
+        res = self.reconcile(now)
+        res.events[:0] = events
+        return res
+
+    def revoke(
+        self, kid: str, reason: str | None = None, now: datetime | None = None
+    ) -> PassResult:
+        def fn(state: State, at: datetime) -> transitions.Result:
+            found = state.find(kid)
+            if found is None:
+                raise UsageError(f"unknown key id {kid!r}")
+            if found[1].state in (DESTROYED, REVOKED):
+                raise UsageError(f"key {kid} is already {found[1].state}")
+            return transitions.revoke(state, kid, at, reason)
+
+        _, events = self._mutate(fn, now)
+        self._sign_cache.clear()
+        res = self.reconcile(now)
+        res.events[:0] = events
+        return res
+
+    # -- signing ---------------------------------------------------------------
+
+    def _signing_key(self, ring: str) -> _SignCache:
+        fp = self.store.fingerprint()
+        cached = self._sign_cache.get(ring)
+        if cached is not None and fp is not None and cached.fingerprint == fp:
+            return cached
+        if ring not in self.config.policies:
+            raise UsageError(f"unknown ring {ring!r}")
+        state = self.state()
+        key = state.ring(ring).active
+        if key is None or key.state != ACTIVE:
+            raise KeymgrError(f"ring {ring!r} has no active key; run 'keymgr reconcile'")
+        backend = self.config.backends[key.backend]
+        header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
+        entry = _SignCache(
+            fingerprint=fp,
+            kid=key.kid,
+            alg=key.alg,
+            header_b64=jose.b64url(json.dumps(header, separators=(",", ":")).encode()).encode(),
+            signer=backend.signer(ring, key.kid, key.alg),
+        )
+        self._sign_cache[ring] = entry
+        return entry
+
+    def sign(
+        self,
+        ring: str,
+        claims: Mapping[str, Any],
+        ttl: timedelta | None = None,
+        now: datetime | None = None,
+    ) -> str:
+        """A compact JWS signed by the ring's active key; ``ttl`` adds iat and exp."""
+        entry = self._signing_key(ring)
+        if ttl is not None:
+            iat = int(now.timestamp()) if now is not None else int(time.time())
+            claims = {**claims, "iat": iat, "exp": iat + int(ttl.total_seconds())}
+        payload = jose.b64url(json.dumps(claims, separators=(",", ":")).encode()).encode()
+        signing_input = entry.header_b64 + b"." + payload
+        return (signing_input + b"." + jose.b64url(entry.signer(signing_input)).encode()).decode()
+
+    # -- reading ----------------------------------------------------------------
+
+    def jwks(self, ring: str | None = None) -> dict[str, Any]:
+        """The JWKS as published (read back from the publishers)."""
+        if ring is not None and ring not in self.config.policies:
+            raise UsageError(f"unknown ring {ring!r}")
+        names = (
+            self.config.policies[ring].publishers
+            if ring is not None
+            else tuple(self.config.publishers)
+        )
+        state = self.state()
+        ring_kids = {k.kid for k in state.ring(ring).keys} if ring is not None else None
+        seen: dict[str, dict[str, Any]] = {}
+        for name in names:
+            data = self.config.publishers[name].read()
+            if data is None:
+                continue
+            try:
+                doc = json.loads(data)
+            except ValueError:
+                raise KeymgrError(f"publisher {name}: published document is not JSON") from None
+            for jwk in doc.get("keys", []):
+                if ring_kids is None or jwk.get("kid") in ring_kids:
+                    seen.setdefault(jwk["kid"], jwk)
+        return {"keys": [seen[k] for k in sorted(seen)]}
+
+    def status(self) -> dict[str, Any]:
+        state = self.state()
+        at = utcnow()
+        if state.clock is not None and at < state.clock:
+            at = state.clock
+        p = plan(self.reconciler.observe(state), self.config.policies, at)
+        due_by_ring: dict[str, Any] = {}
+        for a in p.due:
+            r = getattr(a, "ring", None)
+            if r is not None and r not in due_by_ring:
+                due_by_ring[r] = {
+                    "action": a.name,
+                    "kid": getattr(a, "kid", None),
+                    "at": format_time(at),
+                }
+        rings: dict[str, Any] = {}
+        for name in sorted(set(self.config.policies) | set(state.rings)):
+            ring = state.ring(name)
+            nxt = due_by_ring.get(name)
+            if nxt is None:
+                u = p.upcoming.get(name)
+                if u is not None:
+                    nxt = {"action": u.action, "kid": u.kid, "at": format_time(u.at)}
+            keys = []
+            for k in ring.keys:
+                d = k.to_dict()
+                d.pop("public_jwk")
+                d.pop("reason")
+                keys.append(d)
+            rings[name] = {"keys": keys, "next": nxt}
+        return {"rings": rings}
+
+
+def _action_dict(a: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"action": a.name}
+    for f in ("ring", "kid", "publisher", "reason", "retire"):
+        v = getattr(a, f, None)
+        if v is not None:
+            d[f] = v
+    return d
+
+
+def jwks_bytes(doc: dict[str, Any]) -> bytes:
+    return jwks.encode(doc)

@@ -1,0 +1,323 @@
+"""The imperative shell: execute what the planner says is due, safely.
+
+Each pass loads the state, observes the publishers, then repeats
+plan -> execute one wave -> commit until nothing is due. Every action is safe
+to repeat after a crash at any point:
+
+- ``generate``: the key is committed as ``pending`` before anything uses it; a
+  key the backend made but state never recorded (an orphan) is found on the
+  next generate for that ring and adopted, or destroyed, with an audit event.
+- ``publish``: writes are atomic and idempotent, and only a read-back that
+  matches counts; an unconfirmed publish never leads to a promotion.
+- ``destroy``: idempotent in every backend, recorded after it succeeded.
+- the rest are pure state changes, committed with their audit events.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from backends import Backend
+from keymgr import jwks, transitions
+from keymgr.audit import AuditLog
+from keymgr.config import Config
+from keymgr.errors import (
+    BackendError,
+    ConfigError,
+    ConflictError,
+    KeymgrError,
+    PublishError,
+)
+from keymgr.faults import crashpoint
+from keymgr.jose import alg_family, curve_for
+from keymgr.model import HAS_PRIVATE, State
+from keymgr.planner import (
+    Action,
+    Destroy,
+    Expire,
+    Generate,
+    MarkPublished,
+    Plan,
+    Promote,
+    Publish,
+    desired_keys,
+    plan,
+    publishers_in_use,
+)
+from keymgr.stores import StateStore, Token
+from keymgr.timefmt import format_time
+
+log = structlog.get_logger("keymgr.reconcile")
+
+MAX_WAVES = 32
+
+
+def cli_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class PassResult:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class Reconciler:
+    def __init__(self, config: Config, store: StateStore, audit: AuditLog, actor: str) -> None:
+        self.config = config
+        self.store = store
+        self.audit = audit
+        self.actor = actor
+
+    # -- loading -----------------------------------------------------------
+
+    def load(self) -> tuple[State, Token]:
+        """Load state and bring the audit log up to its anchor."""
+        state, token = self.store.load()
+        self.audit.flush(state)
+        return state, token
+
+    def check_rings(self, state: State) -> None:
+        for name, ring in state.rings.items():
+            if name not in self.config.policies and ring.in_state(*HAS_PRIVATE):
+                raise ConfigError(
+                    f"{self.config.path}: keyrings.{name}: missing, but the state still holds "
+                    f"live keys of ring {name!r}; restore the ring (removing it would drop "
+                    "keys verifiers may still need)"
+                )
+
+    def commit(
+        self, state: State, events: list[dict[str, Any]], token: Token
+    ) -> tuple[State, Token]:
+        new = self.audit.prepare(state, events, self.actor)
+        token = self.store.commit(new, token)
+        crashpoint("reconcile.after_commit")
+        self.audit.flush(new)
+        return new, token
+
+    # -- observing ---------------------------------------------------------
+
+    def observe(self, state: State) -> State:
+        """Mark publisher records stale when the target no longer serves them."""
+        pubs = dict(state.publishers)
+        changed = False
+        for name in publishers_in_use(self.config.policies):
+            rec = pubs.get(name)
+            if rec is None:
+                continue
+            try:
+                data = self.config.publishers[name].read()
+            except PublishError:
+                data = None
+            if data is None or jwks.digest(data) != rec.sha256:
+                pubs[name] = replace(rec, stale=True)
+                changed = True
+        return replace(state, publishers=pubs) if changed else state
+
+    # -- the pass ----------------------------------------------------------
+
+    def run(self, clock: Callable[[], datetime]) -> PassResult:
+        result = PassResult()
+        with self.store.exclusive():
+            state, token = self.load()
+            self.check_rings(state)
+            state = self.observe(state)
+            failed: set[Action] = set()
+            for _ in range(MAX_WAVES):
+                now = clock()
+                if state.clock is not None and now < state.clock:
+                    now = state.clock
+                p = plan(state, self.config.policies, now)
+                result.plan = p
+                wave = [a for a in p.due if a not in failed]
+                if not wave:
+                    break
+                # Publishers first, against the state the planner saw.
+                wave.sort(key=lambda a: 0 if isinstance(a, Publish) else 1)
+                events: list[dict[str, Any]] = []
+                new = state
+                for action in wave:
+                    try:
+                        new, evs = self.execute(new, state, action, now)
+                        events.extend(evs)
+                    except KeymgrError as e:
+                        failed.add(action)
+                        result.failures.append(str(e))
+                        self.record_failure(action, e, now)
+                if events:
+                    try:
+                        state, token = self.commit(new, events, token)
+                    except ConflictError:
+                        state, token = self.load()
+                        state = self.observe(state)
+                        continue
+                    result.events.extend(state.audit.outbox)
+                    for ev in state.audit.outbox:
+                        log.info(
+                            ev["event"],
+                            ring=ev.get("ring"),
+                            kid=ev.get("kid"),
+                            reason=ev.get("reason"),
+                        )
+            else:
+                result.failures.append("reconcile did not settle (internal limit reached)")
+            result.plan = plan(state, self.config.policies, max(clock(), state.clock or clock()))
+        return result
+
+    def record_failure(self, action: Action, err: KeymgrError, now: datetime) -> None:
+        kind = "publish.failed" if isinstance(err, PublishError) else "backend.failed"
+        ev: dict[str, Any] = {
+            "event": kind,
+            "ts": now,
+            "ring": getattr(action, "ring", None),
+            "kid": getattr(action, "kid", None),
+            "action": action.name,
+            "reason": str(err),
+        }
+        if isinstance(action, Publish):
+            ev["publisher"] = action.publisher
+        log.error(kind, ring=ev["ring"], kid=ev["kid"], action=action.name, error=str(err))
+        try:
+            self.audit.record([ev], self.actor)
+        except KeymgrError as e:  # the failure itself is already reported
+            log.error("audit.failed", error=str(e))
+
+    # -- actions -----------------------------------------------------------
+
+    def execute(
+        self, state: State, seen: State, action: Action, now: datetime
+    ) -> tuple[State, list[dict[str, Any]]]:
+        if isinstance(action, Publish):
+            return self.publish(state, seen, action.publisher, now)
+        if isinstance(action, Generate):
+            return self.generate(state, action, now)
+        if isinstance(action, MarkPublished):
+            return transitions.mark_published(state, action.ring, action.kid, now)
+        if isinstance(action, Promote):
+            return transitions.promote(
+                state, action.ring, action.kid, action.retire, now, action.reason
+            )
+        if isinstance(action, Expire):
+            return transitions.expire(state, action.ring, action.kid, now)
+        if isinstance(action, Destroy):
+            key = state.ring(action.ring).key(action.kid)
+            assert key is not None
+            self.backend(key.backend).destroy(action.ring, action.kid)
+            crashpoint("destroy.after_backend")
+            return transitions.destroy(state, action.ring, action.kid, now)
+        raise AssertionError(action)
+
+    def backend(self, name: str) -> Backend:
+        try:
+            return self.config.backends[name]
+        except KeyError:
+            raise BackendError(
+                f"backend {name!r} is recorded in state but not configured"
+            ) from None
+
+    def publish(
+        self, state: State, seen: State, name: str, now: datetime
+    ) -> tuple[State, list[dict[str, Any]]]:
+        keys = desired_keys(seen, self.config.policies, name)
+        data = jwks.encode(jwks.document(keys))
+        written = self.config.publishers[name].publish(data)
+        crashpoint("publish.before_commit")
+        return transitions.publisher_confirmed(
+            state, name, jwks.digest(data), frozenset(k.kid for k in keys), now, written
+        )
+
+    def generate(
+        self, state: State, action: Generate, now: datetime
+    ) -> tuple[State, list[dict[str, Any]]]:
+        pol = self.config.policies[action.ring]
+        backend = self.backend(pol.backend)
+        ring = state.ring(action.ring)
+        known = {k.kid for k in ring.keys}
+        events: list[dict[str, Any]] = []
+        adopted = False
+        try:
+            orphans = [kid for kid in backend.list_keys(action.ring) if kid not in known]
+        except KeymgrError as e:
+            raise BackendError(
+                f"backend {pol.backend}: list keys of ring {action.ring}: {e}"
+            ) from None
+        for kid in sorted(orphans):
+            jwk = backend.public_jwk(action.ring, kid)
+            if not adopted and _fits(jwk, pol.algorithm):
+                state, evs = transitions.add_key(
+                    state,
+                    action.ring,
+                    kid,
+                    jwk,
+                    pol.algorithm,
+                    pol.backend,
+                    now,
+                    action.reason,
+                    adopted=True,
+                )
+                events.extend(evs)
+                adopted = True
+            else:
+                backend.destroy(action.ring, kid)
+                events.append(
+                    {
+                        "event": "key.orphan_destroyed",
+                        "ts": now,
+                        "ring": action.ring,
+                        "kid": kid,
+                        "backend": pol.backend,
+                        "reason": "created by an interrupted run, not recorded in state",
+                    }
+                )
+        if adopted:
+            return state, events
+        gen = backend.generate(action.ring, pol.algorithm)
+        crashpoint("generate.after_backend")
+        state, evs = transitions.add_key(
+            state,
+            action.ring,
+            gen.kid,
+            gen.public_jwk,
+            pol.algorithm,
+            pol.backend,
+            now,
+            action.reason,
+        )
+        return state, events + evs
+
+
+def _fits(jwk: dict[str, str], alg: str) -> bool:
+    fam = alg_family(alg)
+    if jwk.get("kty") != fam:
+        return False
+    if fam == "EC":
+        return jwk.get("crv") == curve_for(alg)
+    return True
+
+
+def describe(ev: dict[str, Any]) -> str:
+    """One line per applied transition, for the CLI."""
+    parts = [
+        str(ev.get("ts") if isinstance(ev.get("ts"), str) else format_time(ev.get("ts"))),
+        str(ev["event"]),
+    ]
+    for k in ("ring", "kid", "publisher", "reason"):
+        if ev.get(k) is not None:
+            parts.append(f"{k}={ev[k]}")
+    return " ".join(parts)

@@ -1,0 +1,174 @@
+"""State stores: one JSON document with a version, written by compare-and-swap.
+
+The store's own CAS is the only coordination between writers; there is no
+home-made consensus. The file store adds an advisory lock held for a whole
+reconcile pass, so two local processes do not even start the same work twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from keymgr.errors import ConflictError, StoreError
+from keymgr.faults import crashpoint
+from keymgr.fsutil import atomic_write
+from keymgr.model import State
+
+Token = Any
+
+
+class StateStore(abc.ABC):
+    url: str
+
+    @abc.abstractmethod
+    def load(self) -> tuple[State, Token]:
+        """The current state and an opaque version token for :meth:`commit`."""
+
+    @abc.abstractmethod
+    def commit(self, state: State, token: Token) -> Token:
+        """Write ``state`` if the stored version is still ``token``, else ConflictError."""
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold the store for a pass (file store: a lock; shared stores: nothing)."""
+        yield
+
+    def fingerprint(self) -> object:
+        """Cheap value that changes whenever the document may have changed."""
+        return None
+
+
+class FileStore(StateStore):
+    """``file:PATH``: lock file + atomic rename + fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"file:{path}"
+        self.lock_path = path.with_name(path.name + ".lock")
+
+    def _read(self) -> tuple[State, int]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return State(), 0
+        except OSError as e:
+            raise StoreError(f"state {self.path}: cannot read: {e.strerror}") from None
+        try:
+            doc = json.loads(raw)
+            version = int(doc.pop("version"))
+            return State.from_dict(doc), version
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"state {self.path}: corrupt state document ({e})") from None
+
+    def load(self) -> tuple[State, int]:
+        return self._read()
+
+    @contextlib.contextmanager
+    def _flock(self, timeout: float) -> Iterator[None]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"state {self.path}: cannot open lock file: {e.strerror}") from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(
+                            f"state {self.path}: locked by another keymgr process"
+                        ) from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)
+
+    _held = False
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
+        if self._held:
+            yield
+            return
+        with self._flock(timeout):
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+
+    def commit(self, state: State, token: int) -> int:
+        with self.exclusive():
+            _, current = self._read()
+            if current != token:
+                raise ConflictError(
+                    f"state {self.path}: changed by another writer (version {current}, "
+                    f"expected {token})"
+                )
+            doc = {"version": token + 1, **state.to_dict()}
+            data = (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
+            crashpoint("store.before_write")
+            try:
+                atomic_write(self.path, data, 0o600)
+            except OSError as e:
+                raise StoreError(f"state {self.path}: cannot write: {e.strerror}") from None
+            crashpoint("store.after_write")
+            return token + 1
+
+    def fingerprint(self) -> object:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _file_path(url: str, base: Path) -> Path:
+    if url.startswith("file://"):
+        rest = url[len("file://") :]
+        if not rest.startswith("/"):
+            raise ValueError(f"{url!r}: use file:///absolute/path or file:relative/path")
+        return Path(rest)
+    rest = url[len("file:") :] if url.startswith("file:") else url
+    p = Path(rest)
+    return p if p.is_absolute() else base / p
+
+
+def check_state_url(url: str, base: Path) -> str:
+    """Validate a ``[daemon] state`` URL and make a relative file path absolute."""
+    scheme = url.split(":", 1)[0] if "://" in url or url.startswith("file:") else "file"
+    if scheme == "file":
+        return f"file:{_file_path(url, base)}"
+    if scheme in _SHARED:
+        return url
+    known = "".join(f", {s}://..." for s in _SHARED)
+    raise ValueError(f"unsupported state store {url!r} (file:PATH{known})")
+
+
+#: Shared stores (s3, vault) register here when their module is available.
+_SHARED: dict[str, str] = {}
+
+
+def open_store(url: str) -> StateStore:
+    if url.startswith("file:"):
+        return FileStore(Path(url[len("file:") :]))
+    scheme = url.split(":", 1)[0]
+    target = _SHARED.get(scheme)
+    if target is None:
+        raise StoreError(f"unsupported state store {url!r}")
+    import importlib
+
+    mod, _, attr = target.partition(":")
+    store: StateStore = getattr(importlib.import_module(mod), attr)(url)
+    return store

@@ -1,0 +1,82 @@
+"""Durations ("30d", "1h30m") and RFC 3339 timestamps.
+
+All times inside keymgr are timezone-aware UTC datetimes truncated to whole
+seconds, so that state documents, audit events and ``--at`` round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+_PART = re.compile(r"(\d+)([wdhms])")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``90s``, ``15m``, ``1h30m``, ``30d``, ``2w``; ValueError otherwise.
+
+    A bare number is refused on purpose: ``"300"`` is ambiguous between seconds
+    and minutes for the operator reading the config.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration string like '30d', got {text!r}")
+    s = text.strip().lower()
+    if not s:
+        raise ValueError("empty duration")
+    pos = 0
+    total = 0
+    seen: set[str] = set()
+    for m in _PART.finditer(s):
+        if m.start() != pos or m.group(2) in seen:
+            raise ValueError(f"bad duration {text!r} (use e.g. 90s, 15m, 1h30m, 30d)")
+        seen.add(m.group(2))
+        total += int(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s):
+        raise ValueError(f"bad duration {text!r} (use e.g. 90s, 15m, 1h30m, 30d)")
+    return timedelta(seconds=total)
+
+
+def format_duration(td: timedelta) -> str:
+    """Compact human form, the inverse of :func:`parse_duration` (``-`` if negative)."""
+    secs = int(td.total_seconds())
+    sign = "-" if secs < 0 else ""
+    secs = abs(secs)
+    if secs == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if secs >= size:
+            parts.append(f"{secs // size}{unit}")
+            secs %= size
+    return sign + "".join(parts)
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp with an explicit offset; returns UTC.
+
+    A naive timestamp is refused: guessing the zone is how drills go wrong.
+    """
+    s = text.strip()
+    if s.endswith(("Z", "z")):
+        s = s[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError(f"bad time {text!r} (RFC 3339, e.g. 2026-01-31T12:00:00Z)") from None
+    if dt.tzinfo is None or "T" not in s.upper():
+        raise ValueError(f"bad time {text!r} (RFC 3339 with a zone, e.g. 2026-01-31T12:00:00Z)")
+    return dt.astimezone(UTC).replace(microsecond=0)
+
+
+def format_time(dt: datetime | None) -> str | None:
+    """RFC 3339 UTC with a ``Z`` suffix, or None."""
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utcnow() -> datetime:
+    """The only clock read in keymgr's shell (the planner never reads a clock)."""
+    return datetime.now(UTC).replace(microsecond=0)

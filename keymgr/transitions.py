@@ -1,0 +1,171 @@
+"""Pure state transitions: (state, outcome, now) -> (new state, audit events).
+
+The reconciler and the planner's simulation tests share these functions, so the
+rules that change state are written once. Each function records exactly one
+audit event per key-state change (invariant 7); the event dicts are completed
+(``ts``, ``actor``, ``seq``, ``prev``, ``hash``) by :mod:`keymgr.audit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from keymgr.model import (
+    ACTIVE,
+    DESTROYED,
+    EXPIRED,
+    PENDING,
+    PUBLISHED,
+    RETIRED,
+    REVOKED,
+    Key,
+    PublisherRecord,
+    State,
+)
+
+Event = dict[str, Any]
+Result = tuple[State, list[Event]]
+
+
+def _event(name: str, ring: str | None, key: Key | None, now: datetime, **extra: Any) -> Event:
+    ev: Event = {"event": name, "ts": now, "ring": ring}
+    if key is not None:
+        ev["kid"] = key.kid
+        ev["backend"] = key.backend
+        ev["alg"] = key.alg
+    ev.update({k: v for k, v in extra.items() if v is not None})
+    return ev
+
+
+def _tick(state: State, now: datetime) -> State:
+    if state.clock is None or now > state.clock:
+        return replace(state, clock=now)
+    return state
+
+
+def _set_key(state: State, ring: str, key: Key, now: datetime) -> State:
+    return _tick(state.with_ring(state.ring(ring).with_key(key)), now)
+
+
+def _get(state: State, ring: str, kid: str) -> Key:
+    k = state.ring(ring).key(kid)
+    if k is None:
+        raise KeyError(f"ring {ring!r} has no key {kid!r}")
+    return k
+
+
+def add_key(
+    state: State,
+    ring: str,
+    kid: str,
+    public_jwk: dict[str, str],
+    alg: str,
+    backend: str,
+    now: datetime,
+    reason: str,
+    adopted: bool = False,
+) -> Result:
+    """Record a freshly generated (or adopted orphan) key as ``pending``."""
+    if state.ring(ring).key(kid) is not None:
+        raise KeyError(f"ring {ring!r} already records key {kid!r}")
+    key = Key(
+        kid=kid, alg=alg, backend=backend, state=PENDING, public_jwk=public_jwk, created_at=now
+    )
+    name = "key.adopted" if adopted else "key.generated"
+    return _set_key(state, ring, key, now), [_event(name, ring, key, now, reason=reason)]
+
+
+def publisher_confirmed(
+    state: State,
+    publisher: str,
+    sha256: str,
+    kids: frozenset[str],
+    now: datetime,
+    written: bool,
+) -> Result:
+    """A publisher read back exactly the document we meant it to serve."""
+    pubs = dict(state.publishers)
+    pubs[publisher] = PublisherRecord(sha256=sha256, kids=kids, confirmed_at=now)
+    new = _tick(replace(state, publishers=pubs), now)
+    ev = _event(
+        "jwks.published",
+        None,
+        None,
+        now,
+        publisher=publisher,
+        sha256=sha256,
+        keys=len(kids),
+        written=written,
+    )
+    return new, [ev]
+
+
+def mark_published(state: State, ring: str, kid: str, now: datetime) -> Result:
+    key = _get(state, ring, kid)
+    if key.state != PENDING:
+        raise ValueError(f"key {kid}: cannot publish a {key.state} key")
+    key = replace(key, state=PUBLISHED, published_at=now)
+    return _set_key(state, ring, key, now), [_event("key.published", ring, key, now)]
+
+
+def promote(
+    state: State, ring: str, kid: str, retire: str | None, now: datetime, reason: str
+) -> Result:
+    """Make ``kid`` the signer and retire the previous one in the same commit."""
+    key = _get(state, ring, kid)
+    if key.state != PUBLISHED:
+        raise ValueError(f"key {kid}: cannot promote a {key.state} key")
+    events: list[Event] = []
+    r = state.ring(ring)
+    if retire is not None:
+        old = _get(state, ring, retire)
+        if old.state != ACTIVE:
+            raise ValueError(f"key {retire}: cannot retire a {old.state} key")
+        old = replace(old, state=RETIRED, retired_at=now)
+        r = r.with_key(old)
+        events.append(_event("key.retired", ring, old, now, reason=f"superseded by {kid}"))
+    if r.active is not None:
+        raise ValueError(f"ring {ring}: {r.active.kid} is still active")
+    key = replace(key, state=ACTIVE, activated_at=now)
+    r = replace(r.with_key(key), rotate_at=None, emergency=False)
+    events.insert(0, _event("key.promoted", ring, key, now, reason=reason))
+    return _tick(state.with_ring(r), now), events
+
+
+def expire(state: State, ring: str, kid: str, now: datetime) -> Result:
+    key = _get(state, ring, kid)
+    if key.state != RETIRED:
+        raise ValueError(f"key {kid}: cannot expire a {key.state} key")
+    key = replace(key, state=EXPIRED, expired_at=now)
+    return _set_key(state, ring, key, now), [_event("key.expired", ring, key, now)]
+
+
+def destroy(state: State, ring: str, kid: str, now: datetime) -> Result:
+    key = _get(state, ring, kid)
+    if key.state not in (EXPIRED, REVOKED):
+        raise ValueError(f"key {kid}: cannot destroy a {key.state} key")
+    key = replace(key, state=DESTROYED, destroyed_at=now)
+    return _set_key(state, ring, key, now), [_event("key.destroyed", ring, key, now)]
+
+
+def revoke(state: State, kid: str, now: datetime, reason: str | None) -> Result:
+    found = state.find(kid)
+    if found is None:
+        raise KeyError(kid)
+    ring, key = found
+    if key.state in (DESTROYED, REVOKED):
+        raise ValueError(f"key {kid} is already {key.state}")
+    key = replace(key, state=REVOKED, revoked_at=now, reason=reason)
+    r = ring.with_key(key)
+    return _tick(state.with_ring(r), now), [
+        _event("key.revoked", ring.name, key, now, reason=reason)
+    ]
+
+
+def request_rotation(state: State, ring: str, now: datetime, emergency: bool) -> Result:
+    r = state.ring(ring)
+    r = replace(r, rotate_at=now, emergency=r.emergency or emergency)
+    ev = _event("rotate.requested", ring, None, now, emergency=emergency)
+    return _tick(state.with_ring(r), now), [ev]

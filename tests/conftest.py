@@ -1,0 +1,83 @@
+"""Shared fixtures: a keymgr home in a temp dir, driven through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Home:
+    """A directory made by ``keymgr init``, plus helpers to run the CLI in it."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "keymgr.toml"
+
+    @property
+    def jwks_path(self) -> Path:
+        return self.dir / "public" / ".well-known" / "jwks.json"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYMGR_")}
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "keymgr.cli", "--config", str(self.config), *args],
+            capture_output=True, text=True, cwd=self.dir, env=env or self.env(),
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"keymgr {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.run("status", "--json", check=True).stdout)
+
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.dir / "state.json").read_text())
+
+    def jwks(self) -> dict[str, Any]:
+        return json.loads(self.jwks_path.read_text())
+
+    def set_ring(self, ring: str = "default", **fields: str) -> None:
+        """Rewrite fields of ``[keyrings.RING]`` in the config (string values)."""
+        lines = self.config.read_text().splitlines()
+        out, in_ring = [], False
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("["):
+                in_ring = stripped == f"[keyrings.{ring}]"
+            key = stripped.split("=", 1)[0].strip()
+            if in_ring and key in fields:
+                line = f'{key} = "{fields.pop(key)}"'
+            out.append(line)
+        assert not fields, f"fields not found in [keyrings.{ring}]: {fields}"
+        self.config.write_text("\n".join(out) + "\n")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    h = Home(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return h
