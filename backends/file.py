@@ -74,9 +74,11 @@ class FileBackend(Backend):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        for field in sorted(set(options) - _OPTIONS):
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
             raise ConfigError(
-                f"backends.{name}.{field}: unknown option (known: {', '.join(sorted(_OPTIONS))})"
+                f"backends.{name}.{unknown[0]}: unknown option "
+                f"(known: {', '.join(sorted(_OPTIONS))})"
             )
         path = self._path_option(options, "path", config_dir, required=True)
         assert path is not None  # required=True never returns None
@@ -186,7 +188,7 @@ class FileBackend(Backend):
                 continue
             try:
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+                os.chmod(d, 0o700)  # exactly 0700, whatever the umask masked off
                 _fsync_dir(d.parent)
             except OSError as e:
                 raise BackendError(

@@ -168,15 +168,20 @@ def b64url_decode(s: str) -> bytes:
     """Strict inverse of :func:`b64url`.
 
     The stdlib decoder silently skips characters outside the alphabet; here
-    padding, whitespace and the standard alphabet's ``+``/``/`` are errors, so
-    a damaged value fails loudly instead of decoding to something else.
+    padding, whitespace, the standard alphabet's ``+``/``/`` and non-zero
+    unused trailing bits are errors, so a damaged value fails loudly instead
+    of decoding to something else (or to the same bytes as another string).
     """
     if not _B64URL_RE.fullmatch(s) or len(s) % 4 == 1:
         raise ValueError("invalid base64url value")
     try:
-        return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        data = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
     except binascii.Error:  # pragma: no cover - excluded by the checks above
         raise ValueError("invalid base64url value") from None
+    # Non-zero unused trailing bits would let two strings decode alike.
+    if b64url(data) != s:
+        raise ValueError("non-canonical base64url value")
+    return data
 
 
 def _uint(n: int) -> bytes:
@@ -334,7 +339,7 @@ def make_signer(private_key: PrivateKey, alg: str) -> Signer:
     if isinstance(private_key, ed25519.Ed25519PrivateKey):
         # The bound method already has the exact Signer shape: no wrapper cost.
         return private_key.sign
-    raise ValueError(f"cannot sign with {_describe(private_key)}")  # pragma: no cover
+    raise ValueError(f"{alg} signing needs a private key, got {type(private_key).__name__}")
 
 
 def _json(obj: Mapping[str, Any]) -> bytes:

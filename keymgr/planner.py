@@ -10,7 +10,7 @@ way a Kubernetes controller reconciles desired against observed state).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -148,9 +148,17 @@ def _confirmed_everywhere(state: State, pol: Policy, kid: str) -> bool:
     return True
 
 
-def _visible_anywhere(state: State, kid: str) -> bool:
-    """Could any publisher still be serving ``kid``? (conservative: all records)."""
-    return any(kid in rec.kids for rec in state.publishers.values())
+def _visible_anywhere(state: State, kid: str, in_use: Collection[str] | None) -> bool:
+    """Could a publisher we manage still be serving ``kid``?
+
+    A publisher removed from the config is no longer ours to confirm; its last
+    record must not block destruction forever.
+    """
+    return any(
+        kid in rec.kids
+        for name, rec in state.publishers.items()
+        if in_use is None or name in in_use
+    )
 
 
 # --- the planner -------------------------------------------------------------
@@ -159,13 +167,14 @@ def _visible_anywhere(state: State, kid: str) -> bool:
 def plan(state: State, policies: Mapping[str, Policy], now: datetime) -> Plan:
     due: list[Action] = []
     upcoming: dict[str, Upcoming | None] = {}
-    for p in publishers_in_use(policies):
+    in_use = publishers_in_use(policies)
+    for p in in_use:
         want = frozenset(k.kid for k in desired_keys(state, policies, p))
         rec = state.publishers.get(p)
         if (rec is None and want) or (rec is not None and (rec.stale or rec.kids != want)):
             due.append(Publish(p))
     for name, pol in policies.items():
-        ring_due, nxt = plan_ring(state, state.ring(name), pol, now)
+        ring_due, nxt = plan_ring(state, state.ring(name), pol, now, in_use)
         due.extend(ring_due)
         upcoming[name] = nxt
     return Plan(due=tuple(due), upcoming=upcoming)
@@ -194,7 +203,7 @@ def successor_times(ring: Ring, pol: Policy, active: Key) -> tuple[datetime, dat
 
 
 def plan_ring(
-    state: State, ring: Ring, pol: Policy, now: datetime
+    state: State, ring: Ring, pol: Policy, now: datetime, in_use: Collection[str] | None = None
 ) -> tuple[list[Action], Upcoming | None]:
     due: list[Action] = []
     later: list[Upcoming] = []
@@ -257,11 +266,11 @@ def plan_ring(
             assert k.expired_at is not None
             at = k.expired_at + pol.destroy_after
             if now >= at:
-                if not _visible_anywhere(state, k.kid):
+                if not _visible_anywhere(state, k.kid, in_use):
                     due.append(Destroy(ring.name, k.kid))
             else:
                 later.append(Upcoming("destroy", k.kid, at))
-        elif k.state == REVOKED and not _visible_anywhere(state, k.kid):
+        elif k.state == REVOKED and not _visible_anywhere(state, k.kid, in_use):
             due.append(Destroy(ring.name, k.kid))
 
     return due, _earliest(later)
