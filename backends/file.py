@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError
+from keymgr.fsutil import atomic_write, fsync_dir
 
 MASTER_KEY_ENV = "KEYMGR_MASTER_KEY"
 MASTER_KEY_SIZE = 32
@@ -55,15 +56,6 @@ _MAX_RSA_BITS = 16384
 
 def _aad(ring: str, kid: str, alg: str) -> bytes:
     return _AAD_PREFIX + b"\0".join(s.encode("utf-8") for s in (ring, kid, alg))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a create/rename/unlink inside ``path`` durable across a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileBackend(Backend):
@@ -189,7 +181,7 @@ class FileBackend(Backend):
             try:
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.chmod(d, 0o700)  # exactly 0700, whatever the umask masked off
-                _fsync_dir(d.parent)
+                fsync_dir(d.parent)
             except OSError as e:
                 raise BackendError(
                     f"backends.{self.name}: cannot create directory {d} ({e.strerror or e})"
@@ -232,27 +224,14 @@ class FileBackend(Backend):
             raise BackendError(
                 f"backends.{self.name}: key file {target} already exists; refusing to overwrite"
             )
-        tmp: str | None = None
         try:
-            # mkstemp opens with O_CREAT|O_EXCL and mode 0600.
-            fd, tmp = tempfile.mkstemp(
-                prefix=f"{_TMP_PREFIX}{kid}{KEY_SUFFIX}.", suffix=_TMP_SUFFIX, dir=ring_dir
-            )
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            tmp = None
-            _fsync_dir(ring_dir)
+            # Temp file ".KID.key.PID.tmp" (destroy() also sweeps crash leftovers);
+            # exclusive: a link, never a replace, so a live key is never clobbered.
+            atomic_write(target, body, 0o600, exclusive=True)
         except OSError as e:
             raise BackendError(
                 f"backends.{self.name}: cannot write key file {target} ({e.strerror or e})"
             ) from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def _load(self, ring: str, kid: str) -> tuple[str, jose.PrivateKey]:
         """Decrypt and verify a key file; cached, so each file is decrypted once."""
@@ -381,7 +360,7 @@ class FileBackend(Backend):
                 for victim in [path, *leftovers]:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(victim)
-                _fsync_dir(ring_dir)
+                fsync_dir(ring_dir)
             except OSError as e:
                 raise BackendError(
                     f"backends.{self.name}: cannot remove key file {path} ({e.strerror or e})"
