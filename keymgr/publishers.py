@@ -99,6 +99,7 @@ class FilePublisher(Publisher):
 
 _PUBLISHERS: dict[str, str] = {
     "file": "keymgr.publishers:FilePublisher",
+    "s3": "keymgr.s3:S3Publisher",
 }
 
 

@@ -164,6 +164,11 @@ class Reconciler:
                     try:
                         state, token = self.commit(new, events, token)
                     except ConflictError:
+                        # Another writer won the race: forget our wave and plan
+                        # again from what it committed. Keys we generated in this
+                        # wave were never recorded or used: destroy them now
+                        # rather than leave orphans for a later generate.
+                        self.discard_generated(events)
                         state, token = self.load()
                         state = self.observe(state)
                         continue
@@ -179,6 +184,21 @@ class Reconciler:
                 result.failures.append("reconcile did not settle (internal limit reached)")
             result.plan = plan(state, self.config.policies, max(clock(), state.clock or clock()))
         return result
+
+    def discard_generated(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev["event"] != "key.generated":
+                continue
+            try:
+                self.backend(ev["backend"]).destroy(ev["ring"], ev["kid"])
+                log.warning(
+                    "key.discarded",
+                    ring=ev["ring"],
+                    kid=ev["kid"],
+                    reason="lost a state commit race; key never recorded",
+                )
+            except KeymgrError as e:  # left as an orphan for the next generate
+                log.warning("key.discard_failed", ring=ev["ring"], kid=ev["kid"], error=str(e))
 
     def record_failure(self, action: Action, err: KeymgrError, now: datetime) -> None:
         kind = "publish.failed" if isinstance(err, PublishError) else "backend.failed"

@@ -157,7 +157,10 @@ def check_state_url(url: str, base: Path) -> str:
 
 
 #: Shared stores (s3, vault) register here when their module is available.
-_SHARED: dict[str, str] = {}
+_SHARED: dict[str, str] = {
+    "s3": "keymgr.s3:S3Store",
+    "vault": "keymgr.vault:VaultKVStore",
+}
 
 
 def open_store(url: str) -> StateStore:

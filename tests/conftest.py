@@ -14,6 +14,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Real servers (moto for KMS and S3, OpenBao dev server), started on free
+# loopback ports by session fixtures; each module is skipped when absent.
+pytest_plugins = [p for p in ("tests.servers_moto", "tests.servers_bao")
+                  if (REPO / "tests" / (p.split(".")[1] + ".py")).exists()]
+
 
 @dataclass
 class Home:
