@@ -12,6 +12,7 @@ import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 from keymgr.errors import ConfigError
@@ -65,6 +66,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list_keys(self, ring: str) -> list[str]:
         """Kids of the keys this backend holds for ``ring`` (created by keymgr)."""
+
+    def paths(self) -> dict[str, Path]:
+        """Local files/dirs this backend owns, by option name (for collision checks)."""
+        return {}
 
     def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Raise BackendError when the backend cannot be reached or used."""

@@ -78,6 +78,11 @@ class FileBackend(Backend):
         self._master_key_file = self._path_option(
             options, "master_key_file", config_dir, required=False
         )
+        if self._master_key_file is not None and _inside(self._master_key_file, self._path):
+            raise ConfigError(
+                f"backends.{name}.master_key_file: must not be inside the key directory "
+                f"{self._path} (a copy of that directory alone must reveal nothing)"
+            )
         rsa_bits = options.get("rsa_bits", 3072)
         if isinstance(rsa_bits, bool) or not isinstance(rsa_bits, int):
             raise ConfigError(f"backends.{name}.rsa_bits: expected an integer, got {rsa_bits!r}")
@@ -92,6 +97,12 @@ class FileBackend(Backend):
         # (ring, kid) -> (alg, private key); decrypted keys never leave memory.
         self._keys: dict[tuple[str, str], tuple[str, jose.PrivateKey]] = {}
         self._signers: dict[tuple[str, str, str], Signer] = {}
+
+    def paths(self) -> dict[str, Path]:
+        out = {"path": self._path}
+        if self._master_key_file is not None:
+            out["master_key_file"] = self._master_key_file
+        return out
 
     def _path_option(
         self, options: Mapping[str, Any], field: str, config_dir: str, *, required: bool
@@ -421,3 +432,7 @@ def _decode_b64_key(text: bytes) -> bytes | None:
     except (binascii.Error, ValueError):
         return None
     return key if len(key) == MASTER_KEY_SIZE else None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())

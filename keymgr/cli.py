@@ -122,12 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KeymgrError as e:
-        print(f"keymgr: error: {e}", file=sys.stderr)
+        print(f"keymgr: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+
+
+def _one_line(text: str) -> str:
+    """Errors are one line, even when a name in them holds a newline."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _manager(args: argparse.Namespace) -> Any:
@@ -203,7 +208,7 @@ def _print_pass(res: Any) -> int:
     for ev in res.events:
         print(describe(ev))
     for f in res.failures:
-        print(f"keymgr: error: {f}", file=sys.stderr)
+        print(f"keymgr: error: {_one_line(f)}", file=sys.stderr)
     return EXIT_OK if res.ok else EXIT_FAILED
 
 

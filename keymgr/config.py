@@ -24,7 +24,10 @@ from keymgr.planner import Policy
 from keymgr.publishers import Publisher, publisher_class
 from keymgr.timefmt import parse_duration
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PORT_RE = re.compile(r"[0-9]{1,5}")
+#: A host name (RFC 1123), an IPv4 address, or a bracketed IPv6 address.
+HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 DEFAULT_CONFIG = "keymgr.toml"
 
 DAEMON_FIELDS = {
@@ -108,13 +111,13 @@ class _Ctx:
                 raise self.err(f"{prefix}{k}", "unknown field")
 
     def name(self, name: str, field: str) -> None:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise self.err(field, f"bad name {name!r} (letters, digits, '_', '.', '-')")
 
 
 def _listen(ctx: _Ctx, raw: str) -> tuple[str, int]:
     host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not HOST_RE.fullmatch(host) or not PORT_RE.fullmatch(port) or int(port) > 65535:
         raise ctx.err("daemon.listen", f"expected HOST:PORT, got {raw!r}")
     return host.strip("[]"), int(port)
 
@@ -198,6 +201,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         raise ctx.err("keyrings", "at least one key ring is required")
     for name, tbl in rings.items():
         policies[name] = _ring(ctx, name, tbl, backends, publishers)
+    _check_collisions(ctx, path, daemon, backends, publishers)
     return Config(
         path=path, daemon=daemon, backends=backends, publishers=publishers, policies=policies
     )
@@ -264,3 +268,33 @@ def _ring(
         publishers=tuple(pubs),
         **durations,
     )
+
+
+def _check_collisions(
+    ctx: _Ctx,
+    path: Path,
+    daemon: DaemonConfig,
+    backends: Mapping[str, Backend],
+    publishers: Mapping[str, Publisher],
+) -> None:
+    """Refuse two roles on one file: a JWKS written over the master key loses every key."""
+    files: list[tuple[str, Path]] = [("(the config file itself)", path)]
+    if daemon.state.startswith("file:"):
+        state = Path(daemon.state[len("file:") :])
+        files += [("daemon.state", state), ("daemon.state", state.with_name(state.name + ".lock"))]
+    files.append(("daemon.audit_log", daemon.audit_log))
+    dirs: list[tuple[str, Path]] = []
+    for name, b in backends.items():
+        for opt, p in b.paths().items():
+            (dirs if opt == "path" else files).append((f"backends.{name}.{opt}", p))
+    for name, pub in publishers.items():
+        files.extend((f"publishers.{name}.{opt}", p) for opt, p in pub.paths().items())
+    seen: dict[Path, str] = {}
+    for field, p in files:
+        r = p.resolve()
+        if r in seen and seen[r] != field:
+            raise ctx.err(field, f"{p} is also used by {seen[r]}")
+        seen[r] = field
+        for dfield, d in dirs:
+            if r == d.resolve() or r.is_relative_to(d.resolve()):
+                raise ctx.err(field, f"{p} is inside the key directory of {dfield}")

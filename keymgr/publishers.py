@@ -23,6 +23,10 @@ class Publisher(abc.ABC):
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         self.name = name
 
+    def paths(self) -> dict[str, Path]:
+        """Local files this publisher writes, by option name (for collision checks)."""
+        return {}
+
     @abc.abstractmethod
     def read(self) -> bytes | None:
         """What the target serves now, or None when there is nothing yet."""
@@ -73,6 +77,9 @@ class FilePublisher(Publisher):
             raise ConfigError(f"publishers.{name}.cache_control: must be a string")
         #: Documented for the static server in front of the file (see deploy/nginx).
         self.cache_control = cc
+
+    def paths(self) -> dict[str, Path]:
+        return {"path": self.path}
 
     def read(self) -> bytes | None:
         try:

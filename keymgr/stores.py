@@ -137,10 +137,12 @@ class FileStore(StateStore):
 def _file_path(url: str, base: Path) -> Path:
     if url.startswith("file://"):
         rest = url[len("file://") :]
-        if not rest.startswith("/"):
+        if not rest.startswith("/") or rest.endswith("/"):
             raise ValueError(f"{url!r}: use file:///absolute/path or file:relative/path")
         return Path(rest)
     rest = url[len("file:") :] if url.startswith("file:") else url
+    if not rest or rest.endswith("/"):
+        raise ValueError(f"{url!r}: expected a file path, e.g. file:state.json")
     p = Path(rest)
     return p if p.is_absolute() else base / p
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+#: Ten years: longer periods are typos, and would overflow datetime arithmetic.
+MAX_DURATION_SECONDS = 3650 * 86400
 _UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _PART = re.compile(r"(\d+)([wdhms])")
 
@@ -35,6 +37,8 @@ def parse_duration(text: str) -> timedelta:
         pos = m.end()
     if pos != len(s):
         raise ValueError(f"bad duration {text!r} (use e.g. 90s, 15m, 1h30m, 30d)")
+    if total > MAX_DURATION_SECONDS:
+        raise ValueError(f"duration {text!r} is longer than 3650d")
     return timedelta(seconds=total)
 
 
