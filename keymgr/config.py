@@ -36,6 +36,7 @@ DAEMON_FIELDS = {
     "reconcile_interval": "60s",
     "listen": "127.0.0.1:9464",
     "log_level": "info",
+    "lease_ttl": "30s",
 }
 RING_FIELDS = {
     "backend",
@@ -55,6 +56,7 @@ class DaemonConfig:
     reconcile_interval: timedelta
     listen: tuple[str, int]
     log_level: str
+    lease_ttl: timedelta
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     interval = ctx.duration(merged, "reconcile_interval", "daemon.reconcile_interval")
     if interval < timedelta(seconds=1):
         raise ctx.err("daemon.reconcile_interval", "must be at least 1s")
+    lease_ttl = ctx.duration(merged, "lease_ttl", "daemon.lease_ttl")
+    if lease_ttl < timedelta(seconds=3):
+        raise ctx.err("daemon.lease_ttl", "must be at least 3s")
     if merged["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise ctx.err("daemon.log_level", "must be one of debug, info, warning, error")
     from keymgr.stores import check_state_url
@@ -169,6 +174,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         reconcile_interval=interval,
         listen=_listen(ctx, merged["listen"]),
         log_level=merged["log_level"].lower(),
+        lease_ttl=lease_ttl,
     )
 
     backends: dict[str, Backend] = {}

@@ -41,6 +41,8 @@ class KeyManager:
         self.actor = actor or f"cli:{cli_actor()}"
         self.reconciler = Reconciler(config, self.store, self.audit, self.actor)
         self._sign_cache: dict[str, _SignCache] = {}
+        #: Set by the daemon (keymgr.metrics.Metrics) to count and time sign calls.
+        self.metrics: Any = None
 
     @classmethod
     def from_config(cls, path: str | Path, actor: str | None = None) -> KeyManager:
@@ -167,6 +169,17 @@ class KeyManager:
         now: datetime | None = None,
     ) -> str:
         """A compact JWS signed by the ring's active key; ``ttl`` adds iat and exp."""
+        if self.metrics is not None:
+            t0 = time.perf_counter()
+            token = self._sign(ring, claims, ttl, now)
+            self.metrics.sign_calls.labels(ring).inc()
+            self.metrics.sign_latency.labels(ring).observe(time.perf_counter() - t0)
+            return token
+        return self._sign(ring, claims, ttl, now)
+
+    def _sign(
+        self, ring: str, claims: Mapping[str, Any], ttl: timedelta | None, now: datetime | None
+    ) -> str:
         entry = self._signing_key(ring)
         if ttl is not None:
             iat = int(now.timestamp()) if now is not None else int(time.time())

@@ -71,6 +71,7 @@ def cli_actor() -> str:
 class PassResult:
     events: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    failed: list[tuple[Action, KeymgrError]] = field(default_factory=list)
     plan: Plan | None = None
 
     @property
@@ -159,6 +160,7 @@ class Reconciler:
                     except KeymgrError as e:
                         failed.add(action)
                         result.failures.append(str(e))
+                        result.failed.append((action, e))
                         self.record_failure(action, e, now)
                 if events:
                     try:

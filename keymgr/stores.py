@@ -45,6 +45,14 @@ class StateStore(abc.ABC):
         """Cheap value that changes whenever the document may have changed."""
         return None
 
+    def read_lease(self) -> tuple[dict[str, Any] | None, Token]:
+        """The replicas' lease record (a small document beside the state) and its token."""
+        raise StoreError(f"state {self.url}: this store does not support leases")
+
+    def write_lease(self, doc: dict[str, Any], token: Token) -> Token:
+        """Compare-and-swap the lease record; ConflictError when another replica wrote it."""
+        raise StoreError(f"state {self.url}: this store does not support leases")
+
 
 class FileStore(StateStore):
     """``file:PATH``: lock file + atomic rename + fsync."""
@@ -124,6 +132,34 @@ class FileStore(StateStore):
             except OSError as e:
                 raise StoreError(f"state {self.path}: cannot write: {e.strerror}") from None
             crashpoint("store.after_write")
+            return token + 1
+
+    # -- lease: its own small file and lock, so renewing never waits for a pass --
+
+    @property
+    def _lease_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lease")
+
+    def read_lease(self) -> tuple[dict[str, Any] | None, int]:
+        try:
+            doc = json.loads(self._lease_path.read_bytes())
+            return doc, int(doc["version"])
+        except FileNotFoundError:
+            return None, 0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"lease {self._lease_path}: unreadable ({e})") from None
+
+    def write_lease(self, doc: dict[str, Any], token: int) -> int:
+        lock = FileStore(self._lease_path)
+        with lock._flock(timeout=5.0):
+            _, current = self.read_lease()
+            if current != token:
+                raise ConflictError(f"lease {self._lease_path}: changed by another replica")
+            data = json.dumps({**doc, "version": token + 1}).encode()
+            try:
+                atomic_write(self._lease_path, data, 0o600)
+            except OSError as e:
+                raise StoreError(f"lease {self._lease_path}: cannot write: {e.strerror}") from None
             return token + 1
 
     def fingerprint(self) -> object:

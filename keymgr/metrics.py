@@ -1,0 +1,119 @@
+"""Prometheus metrics of the daemon, on prometheus-client's own registry.
+
+Counters move as things happen; key states, active-key age and the next
+transition are computed at scrape time from the last state the daemon saw, so
+a scrape never touches the store or a backend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from keymgr.model import STATES, State
+from keymgr.planner import Plan
+
+
+class _StateCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        keys = GaugeMetricFamily("keymgr_keys", "Keys per ring and state", labels=["ring", "state"])
+        age = GaugeMetricFamily(
+            "keymgr_active_key_age_seconds",
+            "Seconds since the ring's signer was promoted",
+            labels=["ring"],
+        )
+        nxt = GaugeMetricFamily(
+            "keymgr_next_transition_timestamp_seconds",
+            "When the ring's next transition is due (Unix time)",
+            labels=["ring", "action"],
+        )
+        state, plan = self.m.snapshot
+        now = time.time()
+        if state is not None:
+            for name, ring in sorted(state.rings.items()):
+                counts = dict.fromkeys(STATES, 0)
+                for k in ring.keys:
+                    counts[k.state] += 1
+                for st, n in counts.items():
+                    keys.add_metric([name, st], n)
+                active = ring.active
+                if active is not None and active.activated_at is not None:
+                    age.add_metric([name], now - active.activated_at.timestamp())
+        if plan is not None:
+            for name, u in sorted(plan.upcoming.items()):
+                if u is not None:
+                    nxt.add_metric([name, u.action], u.at.timestamp())
+        yield keys
+        yield age
+        yield nxt
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "keymgr_reconciles", "Reconcile passes by result", ["result"], registry=r
+        )
+        self.transitions = Counter(
+            "keymgr_transitions", "Audit events of applied transitions", ["event"], registry=r
+        )
+        self.publish_failures = Counter(
+            "keymgr_publish_failures", "Failed publishes", ["publisher"], registry=r
+        )
+        self.backend_failures = Counter(
+            "keymgr_backend_failures", "Failed backend calls", ["backend"], registry=r
+        )
+        self.jwks_publishes = Counter(
+            "keymgr_jwks_publishes",
+            "Confirmed publishes: written, or skipped because the target already matched",
+            ["publisher", "result"],
+            registry=r,
+        )
+        self.sign_calls = Counter(
+            "keymgr_sign_calls", "Tokens signed in this process", ["ring"], registry=r
+        )
+        self.sign_latency = Histogram(
+            "keymgr_sign_duration_seconds",
+            "Time to sign one token",
+            ["ring"],
+            registry=r,
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.last_success = Gauge(
+            "keymgr_last_reconcile_success_timestamp_seconds",
+            "Unix time of the last successful reconcile",
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "keymgr_lease_held", "1 while this replica holds the lease", registry=r
+        )
+        self.ready = Gauge("keymgr_ready", "1 while /readyz answers 200", registry=r)
+        self.snapshot: tuple[State | None, Plan | None] = (None, None)
+        r.register(_StateCollector(self))
+
+    def observe_pass(self, result: Any, config: Any) -> None:
+        """Count one reconcile pass (a keymgr.reconciler.PassResult)."""
+        self.reconciles.labels("ok" if result.ok else "failed").inc()
+        if result.ok:
+            self.last_success.set(datetime.now(UTC).timestamp())
+        for ev in result.events:
+            self.transitions.labels(ev["event"]).inc()
+            if ev["event"] == "jwks.published":
+                self.jwks_publishes.labels(
+                    ev.get("publisher", ""), "written" if ev.get("written") else "unchanged"
+                ).inc()
+        for action, _err in result.failed:
+            if action.name == "publish":
+                self.publish_failures.labels(action.publisher).inc()
+            else:
+                pol = config.policies.get(getattr(action, "ring", ""))
+                self.backend_failures.labels(pol.backend if pol else "").inc()
