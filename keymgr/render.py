@@ -12,37 +12,47 @@ def _when(at: str | None) -> str:
     if at is None:
         return "-"
     delta = parse_time(at) - utcnow()
-    rel = "now" if delta.total_seconds() <= 0 else f"in {format_duration(delta)}"
+    rel = "due now" if delta.total_seconds() <= 0 else f"in {format_duration(delta)}"
     return f"{at} ({rel})"
+
+
+_STAGES = (
+    ("created_at", "generated"),
+    ("published_at", "published"),
+    ("activated_at", "active"),
+    ("retired_at", "retired"),
+    ("expired_at", "expired"),
+    ("destroyed_at", "destroyed"),
+    ("revoked_at", "REVOKED"),
+)
+
+
+def _short(at: str) -> str:
+    return at.replace("T", " ").rstrip("Z")
+
+
+def timeline(key: dict[str, Any]) -> str:
+    """One key's life as text: each stage it reached, oldest first."""
+    steps = sorted((key[f], i, label) for i, (f, label) in enumerate(_STAGES) if key.get(f))
+    return " -> ".join(f"{label} {_short(at)}" for at, _, label in steps)
 
 
 def status_text(doc: dict[str, Any], state: State) -> str:
     out: list[str] = []
     for ring, info in doc["rings"].items():
         out.append(f"ring {ring}")
-        out.append(f"  {'KID':<44} {'STATE':<10} {'ALG':<6} {'BACKEND':<10} SINCE")
-        for k in info["keys"]:
-            since = next(
-                (
-                    k[f]
-                    for f in (
-                        "revoked_at",
-                        "destroyed_at",
-                        "expired_at",
-                        "retired_at",
-                        "activated_at",
-                        "published_at",
-                        "created_at",
-                    )
-                    if k.get(f)
-                ),
-                "-",
-            )
-            out.append(
-                f"  {k['kid']:<44} {k['state']:<10} {k['alg']:<6} {k['backend']:<10} {since}"
-            )
         if not info["keys"]:
             out.append("  (no keys yet)")
+        else:
+            out.append(f"  {'KID':<44} {'STATE':<10} {'ALG':<6} {'BACKEND':<10} SINCE")
+            for k in info["keys"]:
+                since = next((k[f] for f, _ in reversed(_STAGES) if k.get(f)), "-")
+                out.append(
+                    f"  {k['kid']:<44} {k['state']:<10} {k['alg']:<6} {k['backend']:<10} {since}"
+                )
+            out.append("  timeline:")
+            for k in info["keys"]:
+                out.append(f"    {k['kid'][:10]}  {timeline(k)}")
         nxt = info["next"]
         if nxt:
             kid = f" {nxt['kid']}" if nxt.get("kid") else ""
