@@ -326,6 +326,12 @@ class FileBackend(Backend):
                 f"backends.{self.name}: unsupported algorithm {alg!r} "
                 f"(supported: {', '.join(sorted(self.algorithms))})"
             )
+        # Prove the master key on a key the ring already has (decrypted once,
+        # then cached): with a wrong master key, a new key would be one that
+        # the right master key can never open, and the old ones unusable.
+        existing = self.list_keys(ring)
+        if existing:
+            self._load(ring, existing[0])
         key = jose.generate_private_key(alg, self._rsa_bits)
         jwk = jose.public_jwk(key.public_key())
         kid = jose.thumbprint(jwk)

@@ -74,8 +74,13 @@ class AuditLog:
 
     # -- reading ----------------------------------------------------------
 
-    def tail(self) -> Tail:
-        """The last complete line's (seq, hash), read from the end of the file."""
+    def tail(self, drop_torn: bool = False) -> Tail:
+        """The last complete line's (seq, hash), read from the end of the file.
+
+        ``drop_torn`` looks past an incomplete last line (an interrupted
+        append) instead of refusing it, so that a repair can first check the
+        rest of the log agrees with the state before it cuts anything.
+        """
         try:
             with open(self.path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -98,7 +103,11 @@ class AuditLog:
             return Tail(0, GENESIS)
         except OSError as e:
             raise AuditError(f"audit log {self.path}: cannot read: {e.strerror}") from None
-        if not data.endswith(b"\n"):
+        if not data.endswith(b"\n") and drop_torn:
+            lines = lines[:-1]
+            if not lines:
+                return Tail(0, GENESIS)
+        elif not data.endswith(b"\n"):
             raise AuditError(
                 f"audit log {self.path}: last line is incomplete (torn write); "
                 "run 'keymgr audit verify'"
@@ -161,14 +170,6 @@ class AuditLog:
         except FileNotFoundError:
             return
 
-    def record(self, events: Iterable[dict[str, Any]], actor: str) -> None:
-        """Append events that change no state (failures, daemon start/stop)."""
-        evs = list(events)
-        if not evs:
-            return
-        t = self.tail()
-        self._append(seal(evs, t.seq, t.hash, actor))
-
     def prepare(self, state: State, events: list[dict[str, Any]], actor: str) -> State:
         """The state to commit: ``events`` sealed into its anchor's outbox."""
         t = self.tail()
@@ -179,26 +180,33 @@ class AuditLog:
         return replace(state, audit=AuditAnchor(seq=seq, hash=prev, outbox=tuple(sealed)))
 
     def flush(self, state: State) -> None:
-        """Append whatever of the anchor's outbox the log does not hold yet."""
-        self._repair_torn_tail()
+        """Append whatever of the anchor's outbox the log does not hold yet.
+
+        Nothing is cut or appended unless the log, torn tail aside, agrees
+        with the state: a truncated or replaced log is left as evidence.
+        """
         outbox = list(state.audit.outbox)
-        t = self.tail()
+        t = self.tail(drop_torn=True)
         if not outbox:
             if t.seq < state.audit.seq:
                 raise self._mismatch(t, state.audit)
+            self._repair_torn_tail()
             return
         if t.seq >= outbox[-1]["seq"]:
+            self._repair_torn_tail()
             return
         missing = [ev for ev in outbox if ev["seq"] > t.seq]
         if missing[0]["seq"] != t.seq + 1 or missing[0]["prev"] != t.hash:
             raise self._mismatch(t, state.audit)
+        self._repair_torn_tail()
         crashpoint("audit.before_flush")
         self._append(missing)
 
     def _mismatch(self, t: Tail, anchor: AuditAnchor) -> AuditError:
         return AuditError(
             f"audit log {self.path}: ends at seq {t.seq} but the state anchors seq "
-            f"{anchor.seq}: the log was truncated or replaced; run 'keymgr audit verify'"
+            f"{anchor.seq}: the log was truncated or replaced, or another replica writes "
+            "this state to another log; run 'keymgr audit verify'"
         )
 
     # -- verification -------------------------------------------------------
@@ -233,6 +241,11 @@ class AuditLog:
                 )
             if chain_hash(prev, ev) != ev["hash"]:
                 raise AuditError(f"{where}: hash mismatch (line edited)")
+            if seq + 1 > anchor.seq:
+                raise AuditError(
+                    f"{where}: beyond the head anchored in state (seq {anchor.seq}): "
+                    "not written by keymgr"
+                )
             prev = ev["hash"]
             seq += 1
             if seq == anchor.seq:
@@ -240,12 +253,13 @@ class AuditLog:
                     raise AuditError(f"{where}: differs from the head anchored in state")
                 anchored = True
         if not anchored:
-            # Events still in the outbox (crash before the append) are not lost:
-            # the next reconcile appends them. Anything else missing is truncation.
+            gone = f"audit log {self.path}: line {seq + 1} missing: the log ends at seq {seq}"
             if seq + 1 in pending and pending[seq + 1]["prev"] == prev:
-                return seq
-            raise AuditError(
-                f"audit log {self.path}: ends at seq {seq} (line {seq}) but the state "
-                f"anchors seq {anchor.seq}: truncated"
-            )
+                # A crash between the state commit and the append, or lines
+                # removed since: either way the state still holds them.
+                raise AuditError(
+                    f"{gone} but the state anchors seq {anchor.seq}; the missing events are "
+                    "still in the state's outbox and 'keymgr reconcile' appends them"
+                )
+            raise AuditError(f"{gone} but the state anchors seq {anchor.seq}: truncated")
         return seq

@@ -3,12 +3,15 @@ console output on a TTY. Separate from the audit log, which is evidence."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-import structlog
+# structlog is imported where it is used, not here: with its asyncio support it
+# costs ~100 ms, most of the start-up budget of a CLI command that never logs
+# (see configure() and get_logger()).
 
 #: Keys that must never reach a log line, whatever a caller passes.
 _SECRET_KEYS = frozenset(
@@ -39,21 +42,42 @@ def drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 
 
 def configure(level: str = "info", cli: bool = False, json_logs: bool | None = None) -> None:
-    """CLI commands log warnings and up to stderr; the daemon logs to stdout."""
+    """The daemon logs to stdout. CLI commands log only critical lines to stderr:
+    a failed command reports itself in exactly one error line (its exit path),
+    and a second copy from the log would break that contract.
+
+    For the CLI, while nothing has imported structlog yet, the setup is only
+    recorded, and applied the moment anything imports structlog (an import
+    hook) or a :func:`get_logger` logger is first used: ``keymgr status``
+    never pays for structlog's import, and nothing can log unconfigured."""
+    global _pending
+    if cli and "structlog" not in sys.modules:
+        _pending = (level, cli, json_logs)
+        if _HOOK not in sys.meta_path:
+            sys.meta_path.insert(0, _HOOK)
+        return
+    _pending = None
+    _configure(level, cli, json_logs)
+
+
+def _configure(level: str, cli: bool, json_logs: bool | None) -> None:
+    import structlog
+
     stream = sys.stderr if cli else sys.stdout
     if json_logs is None:
         json_logs = not stream.isatty()
-    lvl = logging.WARNING if cli else getattr(logging, level.upper(), logging.INFO)
+    lvl = logging.CRITICAL if cli else getattr(logging, level.upper(), logging.INFO)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_logs
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             drop_secrets,
             renderer,
         ],
@@ -61,3 +85,105 @@ def configure(level: str = "info", cli: bool = False, json_logs: bool | None = N
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    if not cli:
+        _bridge_stdlib(stream, lvl, renderer, stamp)
+
+
+class _KeymgrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installed, so a reconfigure replaces it."""
+
+
+def _bridge_stdlib(stream: Any, lvl: int, renderer: Any, stamp: Any) -> None:
+    """Send the daemon's library loggers (APScheduler, boto, hvac) through the same
+    renderer, so stdout stays one format (JSON lines) for journald or the kubelet.
+
+    Only named library loggers get the handler, never the root logger: a
+    process embedding keymgr keeps its own logging setup.
+    """
+    import structlog
+
+    handler = _KeymgrHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                stamp,
+                drop_secrets,
+            ],
+        )
+    )
+    for name in _LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        for old in [h for h in lib.handlers if isinstance(h, _KeymgrHandler)]:
+            lib.removeHandler(old)
+        lib.addHandler(handler)
+        lib.propagate = False
+        # APScheduler logs every job run at INFO; its warnings are what matter.
+        lib.setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+
+
+#: Loggers of the libraries the daemon drives.
+_LIBRARY_LOGGERS = ("apscheduler", "botocore", "boto3", "urllib3", "hvac")
+
+
+# -- deferred configuration ------------------------------------------------------
+
+_pending: tuple[str, bool, bool | None] | None = None
+
+
+def _apply_pending() -> None:
+    global _pending
+    if _pending is not None:
+        args, _pending = _pending, None
+        _configure(*args)
+
+
+class _ConfigureOnImport:
+    """A ``sys.meta_path`` finder that finishes a deferred :func:`configure` right
+    after structlog's own module has run, before the importer gets it back."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "structlog":
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return None  # found some other way: get_logger() still applies it
+        exec_module = loader.exec_module
+
+        def exec_then_configure(module: Any) -> None:
+            exec_module(module)
+            _apply_pending()
+
+        setattr(loader, "exec_module", exec_then_configure)  # noqa: B010
+        return spec
+
+
+_HOOK = _ConfigureOnImport()
+
+
+class _LazyLogger:
+    """``structlog.get_logger(name)``, imported and configured on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logger: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._logger is None:
+            import structlog
+
+            _apply_pending()
+            self._logger = structlog.get_logger(self._name)
+        return getattr(self._logger, attr)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger that imports structlog only when it first logs."""
+    return _LazyLogger(name)

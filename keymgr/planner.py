@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from keymgr.model import (
+    ACTIVE,
     EXPIRED,
     IN_JWKS,
     PENDING,
@@ -152,10 +153,12 @@ def _visible_anywhere(state: State, kid: str, in_use: Collection[str] | None) ->
     """Could a publisher we manage still be serving ``kid``?
 
     A publisher removed from the config is no longer ours to confirm; its last
-    record must not block destruction forever.
+    record must not block destruction forever. A stale record says only what was
+    served once: a write whose read-back failed may have put any key there since,
+    so until a publish is confirmed again every key counts as visible on it.
     """
     return any(
-        kid in rec.kids
+        rec.stale or kid in rec.kids
         for name, rec in state.publishers.items()
         if in_use is None or name in in_use
     )
@@ -188,10 +191,6 @@ def _earliest(cands: Iterable[Upcoming]) -> Upcoming | None:
     return best
 
 
-def _newest(keys: list[Key]) -> Key | None:
-    return max(keys, key=lambda k: (k.created_at, k.kid)) if keys else None
-
-
 def successor_times(ring: Ring, pol: Policy, active: Key) -> tuple[datetime, datetime]:
     """(when to generate the successor, earliest promotion ignoring publication)."""
     assert active.activated_at is not None
@@ -208,9 +207,21 @@ def plan_ring(
     due: list[Action] = []
     later: list[Upcoming] = []
 
-    active = ring.active
-    pending = _newest(ring.in_state(PENDING))
-    published = _newest(ring.in_state(PUBLISHED))
+    # One pass over the keys (a plan visits every ring of the config):
+    # the first active key, and the newest pending and published ones.
+    active = pending = published = None
+    for k in ring.keys:
+        st = k.state
+        if st == ACTIVE:
+            if active is None:
+                active = k
+        elif st == PENDING:
+            if pending is None or (k.created_at, k.kid) > (pending.created_at, pending.kid):
+                pending = k
+        elif st == PUBLISHED and (
+            published is None or (k.created_at, k.kid) > (published.created_at, published.kid)
+        ):
+            published = k
 
     if pending is not None and _confirmed_everywhere(state, pol, pending.kid):
         due.append(MarkPublished(ring.name, pending.kid))

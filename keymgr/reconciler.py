@@ -22,8 +22,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-import structlog
-
 from backends import Backend
 from keymgr import jwks, transitions
 from keymgr.audit import AuditLog
@@ -37,6 +35,7 @@ from keymgr.errors import (
 )
 from keymgr.faults import crashpoint
 from keymgr.jose import alg_family, curve_for
+from keymgr.logs import get_logger
 from keymgr.model import HAS_PRIVATE, State
 from keymgr.planner import (
     Action,
@@ -54,7 +53,11 @@ from keymgr.planner import (
 from keymgr.stores import StateStore, Token
 from keymgr.timefmt import format_time
 
-log = structlog.get_logger("keymgr.reconcile")
+FAILURE_EVENTS = frozenset({"publish.failed", "backend.failed"})
+#: What an operational log line repeats of an audit event (never key material).
+LOG_FIELDS = ("ring", "kid", "publisher", "backend", "reason")
+
+log = get_logger("keymgr.reconcile")
 
 MAX_WAVES = 32
 
@@ -133,19 +136,26 @@ class Reconciler:
 
     # -- the pass ----------------------------------------------------------
 
-    def run(self, clock: Callable[[], datetime]) -> PassResult:
+    def run(
+        self, clock: Callable[[], datetime], check: Callable[[State], object] | None = None
+    ) -> PassResult:
+        """One pass; ``check`` may refuse it (by raising) once the state is loaded."""
         result = PassResult()
         with self.store.exclusive():
             state, token = self.load()
+            if check is not None:
+                check(state)
             self.check_rings(state)
             state = self.observe(state)
             failed: set[Action] = set()
+            planned: tuple[State, datetime] | None = None
             for _ in range(MAX_WAVES):
                 now = clock()
                 if state.clock is not None and now < state.clock:
                     now = state.clock
                 p = plan(state, self.config.policies, now)
                 result.plan = p
+                planned = (state, now)
                 wave = [a for a in p.due if a not in failed]
                 if not wave:
                     break
@@ -161,7 +171,9 @@ class Reconciler:
                         failed.add(action)
                         result.failures.append(str(e))
                         result.failed.append((action, e))
-                        self.record_failure(action, e, now)
+                        # Committed with the wave, so the anchor covers it:
+                        # removing a failure from the log is then detectable.
+                        events.append(self.failure_event(action, e, now))
                 if events:
                     try:
                         state, token = self.commit(new, events, token)
@@ -176,15 +188,19 @@ class Reconciler:
                         continue
                     result.events.extend(state.audit.outbox)
                     for ev in state.audit.outbox:
-                        log.info(
-                            ev["event"],
-                            ring=ev.get("ring"),
-                            kid=ev.get("kid"),
-                            reason=ev.get("reason"),
-                        )
+                        if ev["event"] in FAILURE_EVENTS:
+                            continue  # logged as an error when it happened
+                        fields = {f: ev[f] for f in LOG_FIELDS if ev.get(f) is not None}
+                        log.info(ev["event"], **fields)
             else:
                 result.failures.append("reconcile did not settle (internal limit reached)")
-            result.plan = plan(state, self.config.policies, max(clock(), state.clock or clock()))
+            now = clock()
+            if state.clock is not None and now < state.clock:
+                now = state.clock
+            # The last plan already is this one when nothing changed since (the
+            # steady state): planning 10,000 rings twice per pass is waste.
+            if planned is None or planned[0] is not state or planned[1] != now:
+                result.plan = plan(state, self.config.policies, now)
         return result
 
     def discard_generated(self, events: list[dict[str, Any]]) -> None:
@@ -202,7 +218,7 @@ class Reconciler:
             except KeymgrError as e:  # left as an orphan for the next generate
                 log.warning("key.discard_failed", ring=ev["ring"], kid=ev["kid"], error=str(e))
 
-    def record_failure(self, action: Action, err: KeymgrError, now: datetime) -> None:
+    def failure_event(self, action: Action, err: KeymgrError, now: datetime) -> dict[str, Any]:
         kind = "publish.failed" if isinstance(err, PublishError) else "backend.failed"
         ev: dict[str, Any] = {
             "event": kind,
@@ -214,11 +230,25 @@ class Reconciler:
         }
         if isinstance(action, Publish):
             ev["publisher"] = action.publisher
-        log.error(kind, ring=ev["ring"], kid=ev["kid"], action=action.name, error=str(err))
-        try:
-            self.audit.record([ev], self.actor)
-        except KeymgrError as e:  # the failure itself is already reported
-            log.error("audit.failed", error=str(e))
+        fields = {f: ev[f] for f in ("ring", "kid", "publisher") if ev.get(f) is not None}
+        log.error(kind, action=action.name, error=str(err), **fields)
+        return ev
+
+    def record(self, events: list[dict[str, Any]]) -> None:
+        """Commit events that change no key (daemon start, config reload).
+
+        They go through the state like every other event, so that the anchor
+        covers them and their removal from the log shows in ``audit verify``.
+        A lost CAS race is retried against the newer state.
+        """
+        for _ in range(5):
+            state, token = self.load()
+            try:
+                self.commit(state, events, token)
+                return
+            except ConflictError:
+                continue
+        raise ConflictError("state store: could not record an audit event (busy)")
 
     # -- actions -----------------------------------------------------------
 

@@ -1,0 +1,708 @@
+"""The timing rules of design.md, one by one, on hand-built in-memory states.
+
+Each test either asks the pure planner directly (``plan(state, policies, now)``)
+or runs ``Sim``: the reconciler's loop (plan, execute a wave with Publish first,
+apply the outcome through ``keymgr.transitions``, repeat until nothing is due)
+over in-memory publishers and an in-memory key backend. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from keymgr import jwks, transitions
+from keymgr.model import (
+    ACTIVE,
+    DESTROYED,
+    EXPIRED,
+    IN_JWKS,
+    PENDING,
+    PUBLISHED,
+    RETIRED,
+    REVOKED,
+    Key,
+    PublisherRecord,
+    Ring,
+    State,
+)
+from keymgr.planner import (
+    Action,
+    Destroy,
+    Expire,
+    Generate,
+    MarkPublished,
+    Policy,
+    Promote,
+    Publish,
+    Upcoming,
+    desired_keys,
+    plan,
+    publishers_in_use,
+)
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+SEC = timedelta(seconds=1)
+MIN = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+P = 30 * DAY
+A = HOUR
+G = DAY
+D = 7 * DAY
+
+
+def policy(
+    ring: str = "api",
+    *,
+    period: timedelta = P,
+    ahead: timedelta = A,
+    grace: timedelta = G,
+    destroy_after: timedelta = D,
+    publishers: tuple[str, ...] = ("site", "cdn"),
+) -> Policy:
+    return Policy(
+        ring=ring,
+        backend="mem",
+        algorithm="EdDSA",
+        rotation_period=period,
+        publish_ahead=ahead,
+        retire_grace=grace,
+        destroy_after=destroy_after,
+        publishers=publishers,
+    )
+
+
+def policies(*pols: Policy) -> dict[str, Policy]:
+    return {p.ring: p for p in (pols or (policy(),))}
+
+
+def jwk(kid: str) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": f"x-{kid}"}
+
+
+def key(kid: str, state: str, created: datetime, **times: datetime) -> Key:
+    return Key(
+        kid=kid,
+        alg="EdDSA",
+        backend="mem",
+        state=state,
+        public_jwk=jwk(kid),
+        created_at=created,
+        **times,
+    )
+
+
+def build(
+    *keys: Key,
+    ring: str = "api",
+    pols: dict[str, Policy] | None = None,
+    listed: dict[str, Iterable[str]] | None = None,
+    stale: Iterable[str] = (),
+) -> State:
+    """A state holding ``keys`` in ``ring``; by default every publisher confirmed
+    exactly the keys that belong in its JWKS (``listed`` overrides per publisher)."""
+    pols = pols or policies()
+    state = State(rings={ring: Ring(name=ring, keys=keys)})
+    listed = dict(listed or {})
+    recs = {}
+    for p in publishers_in_use(pols):
+        kids = listed.get(p)
+        if kids is None:
+            kids = [k.kid for k in desired_keys(state, pols, p)]
+        recs[p] = PublisherRecord(
+            sha256="0" * 64, kids=frozenset(kids), confirmed_at=T0, stale=p in stale
+        )
+    return replace(state, publishers=recs)
+
+
+class Failed(Exception):
+    """A simulated backend or publisher error."""
+
+
+class Sim:
+    """The reconciler's loop over the pure core, with in-memory publishers and backend.
+
+    ``served`` is what each publisher really serves: it changes only when a Publish
+    writes. ``fail`` makes a publisher fail: "reject" (nothing written), "down"
+    (nothing written and unreadable) or "unconfirmed" (written, read-back failed).
+    """
+
+    def __init__(
+        self, *pols: Policy, state: State | None = None, now: datetime = T0
+    ) -> None:
+        self.policies = policies(*pols)
+        self.state = state or State()
+        self.now = now
+        self.served: dict[str, frozenset[str]] = {
+            p: (rec.kids if (rec := self.state.publishers.get(p)) else frozenset())
+            for p in publishers_in_use(self.policies)
+        }
+        self.backend: set[str] = {
+            k.kid for r in self.state.rings.values() for k in r.keys if k.state != DESTROYED
+        }
+        self.fail: dict[str, str] = {}
+        self.backend_down = False
+        self.log: list[tuple[datetime, str]] = []
+        self.serial = 0
+
+    # -- operator ----------------------------------------------------------
+
+    def rotate(self, ring: str = "api", *, emergency: bool = False) -> None:
+        self.state, _ = transitions.request_rotation(self.state, ring, self.now, emergency)
+
+    def revoke(self, kid: str) -> None:
+        self.state, evs = transitions.revoke(self.state, kid, self.now, "test")
+        self.log.extend((self.now, f"{e['event']} {e['kid']}") for e in evs)
+
+    # -- the pass ----------------------------------------------------------
+
+    def run(self, at: datetime | None = None) -> list[str]:
+        """One reconcile pass at ``at``; returns the key events it recorded."""
+        if at is not None:
+            assert at >= self.now
+            self.now = at
+        start = len(self.log)
+        self.observe()
+        failed: set[Action] = set()
+        for _ in range(32):
+            wave = [a for a in plan(self.state, self.policies, self.now).due if a not in failed]
+            if not wave:
+                return [e for _, e in self.log[start:]]
+            wave.sort(key=lambda a: not isinstance(a, Publish))
+            seen = self.state
+            for action in wave:
+                try:
+                    self.execute(action, seen)
+                except Failed:
+                    failed.add(action)
+        raise AssertionError("the pass did not settle")
+
+    def observe(self) -> None:
+        pubs = dict(self.state.publishers)
+        for p, rec in pubs.items():
+            if self.fail.get(p) == "down" or self.served[p] != rec.kids:
+                pubs[p] = replace(rec, stale=True)
+        self.state = replace(self.state, publishers=pubs)
+
+    def execute(self, action: Action, seen: State) -> None:
+        s, now = self.state, self.now
+        if isinstance(action, Publish):
+            keys = desired_keys(seen, self.policies, action.publisher)
+            data = jwks.encode(jwks.document(keys))
+            kids = frozenset(k.kid for k in keys)
+            mode = self.fail.get(action.publisher)
+            if mode == "unconfirmed":
+                self.served[action.publisher] = kids
+            if mode is not None:
+                raise Failed(action.publisher)
+            self.served[action.publisher] = kids
+            s, evs = transitions.publisher_confirmed(
+                s, action.publisher, jwks.digest(data), kids, now, True
+            )
+        elif isinstance(action, Generate):
+            if self.backend_down:
+                raise Failed("backend")
+            self.serial += 1
+            kid = f"{action.ring}-{self.serial}"
+            self.backend.add(kid)
+            s, evs = transitions.add_key(
+                s, action.ring, kid, jwk(kid), "EdDSA", "mem", now, action.reason
+            )
+        elif isinstance(action, MarkPublished):
+            s, evs = transitions.mark_published(s, action.ring, action.kid, now)
+        elif isinstance(action, Promote):
+            s, evs = transitions.promote(
+                s, action.ring, action.kid, action.retire, now, action.reason
+            )
+        elif isinstance(action, Expire):
+            s, evs = transitions.expire(s, action.ring, action.kid, now)
+        elif isinstance(action, Destroy):
+            if self.backend_down:
+                raise Failed("backend")
+            serving = sorted(p for p, kids in self.served.items() if action.kid in kids)
+            assert not serving, f"destroyed {action.kid} while {serving} still serve it"
+            self.backend.discard(action.kid)
+            s, evs = transitions.destroy(s, action.ring, action.kid, now)
+        else:  # pragma: no cover
+            raise AssertionError(action)
+        self.state = s
+        self.log.extend((now, f"{e['event']} {e['kid']}") for e in evs if "kid" in e)
+
+    # -- looking -----------------------------------------------------------
+
+    def key(self, kid: str) -> Key:
+        found = self.state.find(kid)
+        assert found is not None, kid
+        return found[1]
+
+    def ring(self, name: str = "api") -> Ring:
+        return self.state.ring(name)
+
+    def plan(self, at: datetime) -> tuple[Action, ...]:
+        return plan(self.state, self.policies, at).due
+
+    def upcoming(self, at: datetime, ring: str = "api") -> Upcoming | None:
+        return plan(self.state, self.policies, at).upcoming[ring]
+
+    def wake_until(self, end: datetime) -> None:
+        """The daemon: sleep until the plan's next_at, reconcile, repeat."""
+        self.run()
+        while True:
+            nxt = plan(self.state, self.policies, self.now).next_at
+            if nxt is None or nxt > end:
+                return
+            assert nxt > self.now
+            self.run(nxt)
+
+
+def bootstrapped(*pols: Policy) -> Sim:
+    sim = Sim(*pols)
+    sim.run(T0)
+    return sim
+
+
+# --- bootstrap ---------------------------------------------------------------
+
+
+def test_bootstrap_plans_a_generate_for_an_empty_ring() -> None:
+    p = plan(State(), policies(), T0)
+    assert p.due == (Generate("api", "bootstrap"),)
+    assert p.upcoming == {"api": None}
+
+
+def test_bootstrap_generates_publishes_and_promotes_at_once() -> None:
+    sim = Sim()
+    assert sim.run(T0) == ["key.generated api-1", "key.published api-1", "key.promoted api-1"]
+    k = sim.key("api-1")
+    assert k.state == ACTIVE
+    assert k.created_at == k.published_at == k.activated_at == T0
+    assert sim.served == {"site": {"api-1"}, "cdn": {"api-1"}}
+
+
+def test_bootstrap_waits_for_every_publisher() -> None:
+    sim = Sim()
+    sim.fail["cdn"] = "reject"
+    assert sim.run(T0) == ["key.generated api-1"]
+    assert sim.key("api-1").state == PENDING
+    assert sim.ring().active is None
+    del sim.fail["cdn"]
+    assert sim.run(T0 + HOUR) == ["key.published api-1", "key.promoted api-1"]
+
+
+# --- successor generation ------------------------------------------------------
+
+
+def test_successor_generated_exactly_at_activated_plus_P_minus_A() -> None:
+    sim = bootstrapped()
+    gen_at = T0 + P - A
+    assert sim.plan(gen_at - SEC) == ()
+    assert sim.upcoming(gen_at - SEC) == Upcoming("generate", None, gen_at)
+    assert sim.plan(gen_at) == (Generate("api", "scheduled"),)
+
+    assert sim.run(gen_at - SEC) == []
+    assert sim.run(gen_at) == ["key.generated api-2", "key.published api-2"]
+    assert sim.key("api-2").published_at == gen_at
+    assert sim.key("api-1").state == ACTIVE
+    assert sim.served == {"site": {"api-1", "api-2"}, "cdn": {"api-1", "api-2"}}
+
+
+def test_successor_generated_at_once_when_publish_ahead_equals_period() -> None:
+    sim = bootstrapped(policy(period=DAY, ahead=DAY))
+    assert sim.key("api-1").state == ACTIVE
+    # The successor is due the moment the first key became active.
+    assert sim.ring().in_state(PUBLISHED)[0].published_at == T0
+    assert sim.run(T0 + DAY - SEC) == []
+    assert sim.run(T0 + DAY)[:2] == ["key.promoted api-2", "key.retired api-1"]
+
+
+# --- promotion -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("published_at", "promote_at"),
+    [
+        # published early: activated_at + P is the later bound
+        (T0 + P - 3 * A, T0 + P),
+        # published exactly on schedule: both bounds coincide
+        (T0 + P - A, T0 + P),
+        # published late (e.g. a publisher was down): published_at + A is later
+        (T0 + P - A + 20 * MIN, T0 + P + 20 * MIN),
+        (T0 + P + 5 * HOUR, T0 + P + 5 * HOUR + A),
+    ],
+)
+def test_promotion_at_later_of_activated_plus_P_and_published_plus_A(
+    published_at: datetime, promote_at: datetime
+) -> None:
+    state = build(
+        key("k1", ACTIVE, T0, published_at=T0, activated_at=T0),
+        key("k2", PUBLISHED, published_at, published_at=published_at),
+    )
+    pols = policies()
+    before = plan(state, pols, promote_at - SEC)
+    assert before.due == ()
+    assert before.upcoming["api"] == Upcoming("promote", "k2", promote_at)
+    assert plan(state, pols, promote_at).due == (Promote("api", "k2", "k1", "scheduled"),)
+
+
+def test_promotion_waits_A_after_a_publisher_recovers() -> None:
+    sim = bootstrapped()
+    gen_at = T0 + P - A
+    sim.fail["cdn"] = "reject"
+    assert sim.run(gen_at) == ["key.generated api-2"]
+    # The schedule says promote at T0 + P, but cdn never confirmed api-2.
+    assert sim.run(T0 + P) == []
+    assert sim.run(T0 + P + 6 * HOUR) == []
+    assert sim.key("api-2").state == PENDING
+    assert sim.key("api-1").state == ACTIVE
+    del sim.fail["cdn"]
+    recovered = T0 + P + 7 * HOUR
+    assert sim.run(recovered) == ["key.published api-2"]
+    assert sim.key("api-2").published_at == recovered
+    assert sim.run(recovered + A - SEC) == []
+    assert sim.run(recovered + A)[:2] == ["key.promoted api-2", "key.retired api-1"]
+
+
+def test_unconfirmed_write_never_leads_to_promotion() -> None:
+    sim = bootstrapped()
+    sim.fail["cdn"] = "unconfirmed"  # the document is written, the read-back fails
+    sim.run(T0 + P - A)
+    assert "api-2" in sim.served["cdn"]
+    for t in (T0 + P, T0 + P + A, T0 + P + 10 * DAY):
+        sim.run(t)
+        assert sim.key("api-2").state == PENDING
+        assert sim.key("api-1").state == ACTIVE
+
+
+def test_promotion_needs_fresh_confirmation_from_a_stale_publisher() -> None:
+    state = build(
+        key("k1", ACTIVE, T0, published_at=T0, activated_at=T0),
+        key("k2", PUBLISHED, T0 + P - A, published_at=T0 + P - A),
+        stale={"cdn"},
+    )
+    assert plan(state, policies(), T0 + P).due == (Publish("cdn"),)
+
+
+# --- retirement, expiry, destruction ------------------------------------------------
+
+
+def test_retired_key_expires_exactly_at_retired_plus_G() -> None:
+    t = T0 + P
+    state = build(
+        key("k1", RETIRED, T0, published_at=T0, activated_at=T0, retired_at=t),
+        key("k2", ACTIVE, t - A, published_at=t - A, activated_at=t),
+    )
+    pols = policies()
+    before = plan(state, pols, t + G - SEC)
+    assert before.due == ()
+    assert before.upcoming["api"] == Upcoming("expire", "k1", t + G)
+    assert plan(state, pols, t + G).due == (Expire("api", "k1"),)
+
+    sim = Sim(state=state, now=t)
+    assert sim.run(t + G - SEC) == []
+    assert "k1" in sim.served["site"]
+    assert sim.run(t + G) == ["key.expired k1"]
+    assert sim.served == {"site": {"k2"}, "cdn": {"k2"}}
+
+
+def _expired_k1(listed: dict[str, Iterable[str]] | None = None, **kw: object) -> State:
+    t = T0 + P + G
+    return build(
+        key("k1", EXPIRED, T0, published_at=T0, activated_at=T0, retired_at=T0 + P, expired_at=t),
+        key("k2", ACTIVE, T0 + P - A, published_at=T0 + P - A, activated_at=T0 + P),
+        listed=listed,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_expired_key_destroyed_exactly_at_expired_plus_D() -> None:
+    state = _expired_k1()
+    t = T0 + P + G
+    pols = policies()
+    before = plan(state, pols, t + D - SEC)
+    assert before.due == ()
+    assert before.upcoming["api"] == Upcoming("destroy", "k1", t + D)
+    assert plan(state, pols, t + D).due == (Destroy("api", "k1"),)
+
+
+def test_expired_key_with_zero_destroy_after_goes_once_unpublished() -> None:
+    sim = bootstrapped(policy(destroy_after=timedelta(0)))
+    sim.wake_until(T0 + P)
+    assert sim.run(T0 + P + G) == ["key.expired api-1", "key.destroyed api-1"]
+    assert "api-1" not in sim.backend
+
+
+def test_expired_key_not_destroyed_while_a_publisher_record_lists_it() -> None:
+    t = T0 + P + G
+    state = _expired_k1(listed={"site": ["k2"], "cdn": ["k1", "k2"]})
+    due = plan(state, policies(), t + D + 30 * DAY).due
+    assert Publish("cdn") in due
+    assert not [a for a in due if isinstance(a, Destroy)]
+
+    sim = Sim(state=state, now=t)
+    sim.fail["cdn"] = "reject"
+    assert sim.run(t + D) == []
+    assert sim.key("k1").state == EXPIRED
+    del sim.fail["cdn"]
+    assert sim.run(t + D + HOUR) == ["key.destroyed k1"]
+    assert sim.served == {"site": {"k2"}, "cdn": {"k2"}}
+
+
+def test_expired_key_not_destroyed_while_any_record_lists_it_even_another_rings() -> None:
+    pols = policies(policy(), policy("web", publishers=("www",)))
+    state = _expired_k1(pols=pols, listed={"www": ["k1"]})
+    due = plan(state, pols, T0 + P + G + D).due
+    assert not [a for a in due if isinstance(a, Destroy)]
+
+
+# --- rotate, rotate --emergency, revoke ------------------------------------------------
+
+
+def test_rotate_moves_generation_to_now_but_promotion_waits_A() -> None:
+    sim = bootstrapped()
+    t = T0 + 5 * DAY
+    sim.now = t
+    sim.rotate()
+    assert sim.plan(t) == (Generate("api", "rotate"),)
+    assert sim.run(t) == ["key.generated api-2", "key.published api-2"]
+    assert sim.upcoming(t) == Upcoming("promote", "api-2", t + A)
+    assert sim.run(t + A - SEC) == []
+    assert sim.plan(t + A) == (Promote("api", "api-2", "api-1", "rotate"),)
+    assert sim.run(t + A) == ["key.promoted api-2", "key.retired api-1"]
+    assert sim.ring().rotate_at is None
+    assert sim.upcoming(t + A) == Upcoming("expire", "api-1", t + A + G)
+    assert sim.run(t + A + G) == ["key.expired api-1"]
+    assert sim.upcoming(t + A + G) == Upcoming("destroy", "api-1", t + A + G + D)
+    assert sim.run(t + A + G + D) == ["key.destroyed api-1"]
+    # The new key gets a full period from its own activation.
+    assert sim.upcoming(t + A + G + D) == Upcoming("generate", None, (t + A) + P - A)
+
+
+def test_rotate_with_a_publisher_down_still_waits_A_after_confirmation() -> None:
+    sim = bootstrapped()
+    t = T0 + 5 * DAY
+    sim.now = t
+    sim.rotate()
+    sim.fail["site"] = "down"
+    assert sim.run(t) == ["key.generated api-2"]
+    del sim.fail["site"]
+    assert sim.run(t + 3 * HOUR) == ["key.published api-2"]
+    assert sim.run(t + 3 * HOUR + A - SEC) == []
+    assert sim.run(t + 3 * HOUR + A)[0] == "key.promoted api-2"
+
+
+def test_emergency_rotation_promotes_as_soon_as_published() -> None:
+    sim = bootstrapped()
+    t = T0 + 5 * DAY
+    sim.now = t
+    sim.rotate(emergency=True)
+    assert sim.plan(t) == (Generate("api", "emergency"),)
+    assert sim.run(t) == [
+        "key.generated api-2",
+        "key.published api-2",
+        "key.promoted api-2",
+        "key.retired api-1",
+    ]
+    assert sim.key("api-2").activated_at == t
+    assert sim.ring().emergency is False and sim.ring().rotate_at is None
+    # The old key still serves its tokens' lifetime.
+    assert sim.served["site"] == {"api-1", "api-2"}
+    assert sim.upcoming(t) == Upcoming("expire", "api-1", t + G)
+
+
+def test_emergency_rotation_promotes_a_waiting_successor_at_once() -> None:
+    sim = bootstrapped()
+    sim.run(T0 + P - A)
+    assert sim.key("api-2").state == PUBLISHED
+    t = T0 + P - A + 10 * MIN
+    sim.now = t
+    sim.rotate(emergency=True)
+    assert sim.plan(t) == (Promote("api", "api-2", "api-1", "emergency"),)
+
+
+def test_emergency_rotation_still_needs_every_publisher() -> None:
+    sim = bootstrapped()
+    t = T0 + 5 * DAY
+    sim.now = t
+    sim.rotate(emergency=True)
+    sim.fail["cdn"] = "unconfirmed"
+    assert sim.run(t) == ["key.generated api-2"]
+    assert sim.key("api-1").state == ACTIVE
+    del sim.fail["cdn"]
+    assert sim.run(t + MIN)[:2] == ["key.published api-2", "key.promoted api-2"]
+
+
+def test_revoking_the_active_key_replaces_it_at_once() -> None:
+    sim = bootstrapped()
+    t = T0 + 5 * DAY
+    sim.now = t
+    sim.revoke("api-1")
+    assert sim.plan(t) == (Publish("site"), Publish("cdn"), Generate("api", "replace"))
+    events = sim.run(t)
+    assert events == [
+        "key.generated api-2",
+        "key.destroyed api-1",
+        "key.published api-2",
+        "key.promoted api-2",
+    ]
+    assert sim.ring().active == sim.key("api-2")
+    assert sim.key("api-2").activated_at == t
+    assert sim.served == {"site": {"api-2"}, "cdn": {"api-2"}}
+    assert "api-1" not in sim.backend
+    assert sim.plan(t) == ()
+    assert sim.upcoming(t) == Upcoming("generate", None, t + P - A)
+
+
+def test_revoking_the_active_key_promotes_a_waiting_successor() -> None:
+    sim = bootstrapped()
+    t = T0 + P - A + 10 * MIN
+    sim.run(T0 + P - A)
+    sim.now = t
+    sim.revoke("api-1")
+    assert Promote("api", "api-2", None, "replace") in sim.plan(t)
+    sim.run(t)
+    assert sim.ring().active == sim.key("api-2")
+
+
+def test_revoked_key_destroyed_only_once_no_publisher_record_lists_it() -> None:
+    t = T0 + DAY
+    k0 = key("k0", REVOKED, T0, published_at=T0, activated_at=T0, revoked_at=t)
+    k1 = key("k1", ACTIVE, t, published_at=t, activated_at=t)
+    listed = build(k0, k1, listed={"site": ["k1"], "cdn": ["k0", "k1"]})
+    due = plan(listed, policies(), t).due
+    assert due == (Publish("cdn"),)
+
+    unlisted = build(k0, k1)
+    assert plan(unlisted, policies(), t).due == (Destroy("api", "k0"),)
+
+    sim = Sim(state=listed, now=t)
+    sim.fail["cdn"] = "reject"
+    assert sim.run(t) == []
+    assert sim.key("k0").state == REVOKED
+    assert "k0" in sim.backend
+    del sim.fail["cdn"]
+    assert sim.run(t + MIN) == ["key.destroyed k0"]
+
+
+def test_revoked_pending_key_not_destroyed_while_a_publisher_still_serves_it() -> None:
+    """A write whose read-back failed leaves a publisher serving more than its record.
+
+    api-2 is generated and written to ``site``, but the read-back fails, so the
+    record still says {api-1}. The operator revokes api-2; ``site`` then goes down.
+    ``observe`` marks the record stale: the planner knows the record no longer
+    says what ``site`` serves, yet it trusts the stale record's kids and destroys
+    api-2 while ``site`` still serves it (invariant 4).
+    """
+    sim = bootstrapped(policy(publishers=("site",)))
+    gen_at = T0 + P - A
+    sim.fail["site"] = "unconfirmed"
+    assert sim.run(gen_at) == ["key.generated api-2"]
+    assert sim.served["site"] == {"api-1", "api-2"}
+    assert sim.state.publishers["site"].kids == {"api-1"}
+    sim.now = gen_at + MIN
+    sim.revoke("api-2")
+    sim.fail["site"] = "down"
+    sim.run(gen_at + 2 * MIN)
+    assert sim.key("api-2").state == REVOKED  # kept until site no longer serves it
+    del sim.fail["site"]
+    sim.run(gen_at + HOUR)
+    assert sim.key("api-2").state == DESTROYED
+    assert sim.served["site"] == {"api-1", "api-3"}
+
+
+# --- publishers ------------------------------------------------------------------------
+
+
+def test_stale_publisher_record_makes_publish_due() -> None:
+    k1 = key("k1", ACTIVE, T0, published_at=T0, activated_at=T0)
+    assert plan(build(k1), policies(), T0 + HOUR).due == ()
+    assert plan(build(k1, stale={"site"}), policies(), T0 + HOUR).due == (Publish("site"),)
+
+
+def test_publisher_without_record_gets_published() -> None:
+    k1 = key("k1", ACTIVE, T0, published_at=T0, activated_at=T0)
+    state = replace(build(k1), publishers={})
+    assert plan(state, policies(), T0).due == (Publish("site"), Publish("cdn"))
+
+
+def test_pending_key_confirmed_everywhere_is_marked_published() -> None:
+    k1 = key("k1", ACTIVE, T0, published_at=T0, activated_at=T0)
+    k2 = key("k2", PENDING, T0 + P - A)
+    assert plan(build(k1, k2, listed={"site": ["k1"], "cdn": ["k1"]}), policies(), T0).due == (
+        Publish("site"),
+        Publish("cdn"),
+    )
+    half = build(k1, k2, listed={"site": ["k1", "k2"], "cdn": ["k1"]})
+    assert plan(half, policies(), T0 + P - A).due == (Publish("cdn"),)
+    both = build(k1, k2)
+    assert plan(both, policies(), T0 + P - A).due == (MarkPublished("api", "k2"),)
+
+
+def test_shared_publisher_serves_every_ring_that_uses_it() -> None:
+    pols = (policy("api", publishers=("site",)), policy("web", publishers=("site", "cdn")))
+    sim = Sim(*pols)
+    sim.run(T0)
+    assert sim.served == {"site": {"api-1", "web-2"}, "cdn": {"web-2"}}
+    doc = jwks.document(desired_keys(sim.state, sim.policies, "site"))
+    assert [j["kid"] for j in doc["keys"]] == ["api-1", "web-2"]
+    assert all(set(j) == {"kty", "crv", "x", "kid", "alg", "use"} for j in doc["keys"])
+
+
+# --- Plan.upcoming --------------------------------------------------------------------
+
+
+def test_upcoming_is_the_earliest_transition_per_ring() -> None:
+    sim = Sim(policy("api"), policy("web", period=7 * DAY, ahead=2 * HOUR))
+    sim.run(T0)
+    p = plan(sim.state, sim.policies, T0)
+    assert p.upcoming == {
+        "api": Upcoming("generate", None, T0 + P - A),
+        "web": Upcoming("generate", None, T0 + 7 * DAY - 2 * HOUR),
+    }
+    assert p.next_at == T0 + 7 * DAY - 2 * HOUR
+
+
+def test_upcoming_with_nothing_time_based_left() -> None:
+    assert plan(State(), {}, T0).next_at is None
+    # A ring whose signer was revoked while the backend is down: only a retry helps.
+    sim = bootstrapped()
+    sim.backend_down = True
+    sim.revoke("api-1")
+    sim.run(T0 + HOUR)
+    assert sim.ring().active is None
+    assert sim.plan(T0 + HOUR) == (Generate("api", "replace"), Destroy("api", "api-1"))
+    assert sim.upcoming(T0 + HOUR) is None
+
+
+def test_daemon_waking_at_next_at_follows_the_timeline() -> None:
+    """Sleeping until ``Plan.next_at`` and reconciling reproduces design.md's timeline."""
+    sim = Sim()
+    sim.wake_until(T0 + 2 * P + G + D)
+    timeline = [(t - T0, e) for t, e in sim.log]
+    assert timeline == [
+        (timedelta(0), "key.generated api-1"),
+        (timedelta(0), "key.published api-1"),
+        (timedelta(0), "key.promoted api-1"),
+        (P - A, "key.generated api-2"),
+        (P - A, "key.published api-2"),
+        (P, "key.promoted api-2"),
+        (P, "key.retired api-1"),
+        (P + G, "key.expired api-1"),
+        (P + G + D, "key.destroyed api-1"),
+        (2 * P - A, "key.generated api-3"),
+        (2 * P - A, "key.published api-3"),
+        (2 * P, "key.promoted api-3"),
+        (2 * P, "key.retired api-2"),
+        (2 * P + G, "key.expired api-2"),
+        (2 * P + G + D, "key.destroyed api-2"),
+    ]
+    assert {k.kid: k.state for k in sim.ring().keys} == {
+        "api-1": DESTROYED,
+        "api-2": DESTROYED,
+        "api-3": ACTIVE,
+    }
+    assert all(k.state in IN_JWKS or k.kid not in sim.served["site"] for k in sim.ring().keys)
