@@ -2,17 +2,31 @@
 
 APScheduler 3.x drives the work. Its defaults would drop a date job missed while
 the process was down (1 s misfire grace), so every job runs with
-``coalesce=True``, ``max_instances=1`` and a misfire grace of a day, and the
-schedule is rebuilt from stored state at start and after every pass: one job on
-the fixed interval, one date job exactly at the next due transition.
+``coalesce=True``, ``max_instances=1`` and a misfire grace of a day. Three jobs:
 
-Several replicas may share one state store: a tick first takes or renews the
-lease, and only the holder reconciles. Every replica keeps checking its store
-and backends, so a standby is ready to take over within one lease period.
+- ``heartbeat`` every ``min(reconcile_interval, lease_ttl / 3)``: checks the store
+  and backends (for ``/readyz``), takes or renews the lease, refreshes the
+  metrics snapshot. It never waits for a pass, so a long pass cannot lose the
+  lease, and a standby notices an expired lease within a third of its TTL.
+- ``reconcile`` every ``reconcile_interval``: one pass, by the lease holder only.
+- ``next-due``: a date job exactly at the next transition the last pass planned,
+  rebuilt after every pass, so transitions happen on time whatever the interval.
+
+All passes go through :meth:`Daemon.request_pass`, which runs them one at a
+time: a request that arrives while a pass runs is queued (coalesced) and run
+right after it, never dropped and never run concurrently.
+
+Several replicas may share one state store: only the holder of the lease
+(:mod:`keymgr.lease`) reconciles; the others keep checking and take over within
+``lease_ttl + lease_ttl / 3`` (plus one second of timestamp granularity) after
+the holder stopped renewing, or at their next heartbeat after a graceful stop.
+A store without the lease API falls back on its own pass lock (see
+:meth:`Daemon._lease_mode`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -26,14 +40,19 @@ import structlog
 from keymgr import sdnotify
 from keymgr.config import Config, load_config
 from keymgr.errors import KeymgrError
-from keymgr.lease import Lease
+from keymgr.lease import Lease, supports_lease
 from keymgr.manager import KeyManager
 from keymgr.metrics import Metrics
+from keymgr.model import State
+from keymgr.planner import Plan, plan
 from keymgr.timefmt import format_time, utcnow
 
 log = structlog.get_logger("keymgr.daemon")
 
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 86400}
+#: A pass or heartbeat running longer than this counts as hung: the watchdog
+#: stops pinging and /healthz fails, so systemd or the kubelet restarts us.
+MIN_STUCK_AFTER = 600.0
 
 
 class Daemon:
@@ -48,67 +67,98 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = False
+        #: Held for a whole pass, and while the config is swapped on reload.
         self.tick_lock = threading.Lock()
+        #: Serialises lease reads/writes between the heartbeat and a pass.
+        self.lease_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued = False
+        self._running = False
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults=JOB_DEFAULTS)
+        self.started = time.monotonic()
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        self.last_heartbeat: float | None = None
+        self.pass_started: float | None = None
         self.checks: dict[str, str] = {}
+        self._first_beat = True
         self.health: Any = None
+        self.metrics.ready.set_function(lambda: 1.0 if self.ready()[0] else 0.0)
 
-    # -- the tick: checks, lease, reconcile ---------------------------------
+    # -- lease -----------------------------------------------------------------
 
-    def tick(self) -> None:
-        if not self.tick_lock.acquire(blocking=False):
-            return  # a pass is running; the interval job will come back
-        try:
-            self._tick()
-        finally:
-            self.tick_lock.release()
+    def _lease_mode(self) -> str:
+        """``lease`` (the store has the lease API), ``pass-lock`` or ``single``.
 
-    def _tick(self) -> None:
-        mgr = self.manager
-        self.checks = self.run_checks(mgr)
-        try:
-            held = self.lease.acquire(utcnow())
-        except KeymgrError as e:
-            held = False
-            self.checks["lease"] = str(e)
+        A store without ``read_lease``/``write_lease`` cannot elect a holder.
+        If it still serialises passes itself (``exclusive()``, as the S3 store
+        does with its own expiring lock object), every replica may reconcile:
+        passes take turns and the CAS keeps the document consistent. Otherwise
+        only one replica may run against it (logged at start).
+        """
+        store = self.manager.store
+        if supports_lease(store):
+            return "lease"
+        from keymgr.stores import StateStore
+
+        if type(store).exclusive is not StateStore.exclusive:
+            return "pass-lock"
+        return "single"
+
+    def renew_lease(self) -> tuple[bool, str | None]:
+        """Take or renew the lease: (may reconcile now, error reaching the lease)."""
+        error = None
+        with self.lease_lock:
+            if self._lease_mode() != "lease":
+                held = True
+            else:
+                try:
+                    held = self.lease.acquire(utcnow())
+                except KeymgrError as e:
+                    held, error = False, str(e)
         self.metrics.lease_held.set(1 if held else 0)
-        if not held:
-            self.metrics.snapshot = (self._state_or_none(mgr), None)
+        return held, error
+
+    # -- heartbeat: checks, lease, metrics snapshot -----------------------------
+
+    def heartbeat(self) -> None:
+        if self.stop.is_set():
             return
-        try:
-            res = mgr.reconcile()
-        except KeymgrError as e:
-            self.last_error = str(e)
-            self.metrics.reconciles.labels("failed").inc()
-            log.error("reconcile.failed", error=str(e))
-            return
-        self.metrics.observe_pass(res, mgr.config)
-        self.metrics.snapshot = (self._state_or_none(mgr), res.plan)
-        if res.ok:
-            self.last_ok = time.monotonic()
-            self.last_error = None
-        else:
-            self.last_error = res.failures[0]
-            for f in res.failures:
-                log.error("reconcile.failed", error=f)
-        nxt = res.plan.next_at if res.plan is not None else None
-        if nxt is not None:
+        mgr = self.manager
+        was_held = self.lease.held(utcnow())
+        checks, state = self.run_checks(mgr)
+        held, error = self.renew_lease()
+        if error is not None:
+            checks["lease"] = error
+        # Published together, after the lease decision: /readyz must never see
+        # fresh checks with a stale "not the holder" and answer ready too early.
+        self.checks = checks
+        self.last_heartbeat = time.monotonic()
+        if state is not None:
+            self.metrics.snapshot = (state, self._plan(mgr, state))
+        lease_mode = self._lease_mode() == "lease"
+        if held and (self._first_beat or (lease_mode and not was_held)):
+            if lease_mode:
+                log.info("lease.acquired", replica=self.lease.holder)
+            # In a worker of its own: this job must keep renewing the lease
+            # while the pass runs.
             self.scheduler.add_job(
-                self.tick,
+                self.request_pass,
                 "date",
-                run_date=nxt + timedelta(seconds=0.2),
-                id="next-due",
+                run_date=datetime.now().astimezone(),
+                id="takeover",
                 replace_existing=True,
             )
-            log.debug("next.scheduled", at=format_time(nxt))
+        elif was_held and not held:
+            log.warning("lease.lost", replica=self.lease.holder)
+        self._first_beat = False
 
-    def run_checks(self, mgr: KeyManager) -> dict[str, str]:
+    def run_checks(self, mgr: KeyManager) -> tuple[dict[str, str], State | None]:
         """Reachability of the store and of every backend a ring uses ("ok" or the error)."""
         out: dict[str, str] = {}
+        state: State | None = None
         try:
-            mgr.store.load()
+            state = mgr.store.load()[0]
             out["store"] = "ok"
         except KeymgrError as e:
             out["store"] = str(e)
@@ -118,61 +168,231 @@ class Daemon:
                 out[f"backend:{name}"] = "ok"
             except KeymgrError as e:
                 out[f"backend:{name}"] = str(e)
-        return out
+        return out, state
 
     @staticmethod
-    def _state_or_none(mgr: KeyManager) -> Any:
+    def _plan(mgr: KeyManager, state: State) -> Plan | None:
+        now = utcnow()
+        if state.clock is not None and now < state.clock:
+            now = state.clock
+        try:
+            return plan(state, mgr.config.policies, now)
+        except (KeyError, ValueError, AssertionError):  # a state this config cannot plan
+            return None
+
+    # -- passes ------------------------------------------------------------------
+
+    def request_pass(self) -> None:
+        """Run a pass now, or right after the one in progress: never two at once.
+
+        Called from scheduler worker threads (interval job, next-due job,
+        reload, lease takeover). Requests that arrive during a pass collapse
+        into one more pass after it, so a transition that falls due while a
+        pass runs is not lost until the next interval.
+        """
+        with self._queue_lock:
+            self._queued = True
+            if self._running:
+                return
+            self._running = True
+        try:
+            while not self.stop.is_set():
+                with self._queue_lock:
+                    if not self._queued:
+                        break
+                    self._queued = False
+                self._pass()
+        finally:
+            with self._queue_lock:
+                self._running = False
+
+    def _pass(self) -> None:
+        with self.tick_lock:
+            if self.stop.is_set():
+                return
+            mgr = self.manager
+            held, error = self.renew_lease()
+            if not held:
+                if error is not None:
+                    self.checks = {**self.checks, "lease": error}
+                return
+            self.pass_started = time.monotonic()
+            try:
+                res = mgr.reconcile()
+            except KeymgrError as e:
+                self.last_error = str(e)
+                self.metrics.reconciles.labels("failed").inc()
+                log.error("reconcile.failed", error=str(e))
+                return
+            finally:
+                self.pass_started = None
+            self.metrics.observe_pass(res, mgr.config)
+            state = self._state_or_none(mgr)
+            if state is not None:
+                self.metrics.snapshot = (state, res.plan)
+            if res.ok:
+                self.last_ok = time.monotonic()
+                self.last_error = None
+            else:
+                # Each failed action was logged with its ring and kid by the
+                # reconciler; this line sums the pass up.
+                self.last_error = res.failures[0]
+                log.error("reconcile.failed", failures=len(res.failures), error=res.failures[0])
+            nxt = res.plan.next_at if res.plan is not None else None
+            if nxt is not None and not self.stop.is_set():
+                self.scheduler.add_job(
+                    self.request_pass,
+                    "date",
+                    run_date=nxt + timedelta(seconds=0.2),
+                    id="next-due",
+                    replace_existing=True,
+                )
+                log.debug("next.scheduled", at=format_time(nxt))
+            status = "last pass ok" if res.ok else f"last pass failed: {self.last_error}"
+            when = f"; next transition {format_time(nxt)}" if nxt is not None else ""
+            sdnotify.notify(f"STATUS={status}{when}"[:500])
+
+    @staticmethod
+    def _state_or_none(mgr: KeyManager) -> State | None:
         try:
             return mgr.state()
         except KeymgrError:
             return None
 
-    # -- probes --------------------------------------------------------------
+    # -- probes ------------------------------------------------------------------
+
+    def stuck_after(self) -> float:
+        return max(MIN_STUCK_AFTER, 5 * self.config.daemon.reconcile_interval.total_seconds())
 
     def alive(self) -> tuple[bool, dict[str, Any]]:
+        """Scheduler running, heartbeats coming, no pass hung (``/healthz``, watchdog)."""
+        now = time.monotonic()
+        limit = self.stuck_after()
+        info: dict[str, Any] = {}
         ok = self.scheduler.running and not self.stop.is_set()
-        return ok, {"scheduler": "running" if ok else "stopped"}
+        info["scheduler"] = "running" if ok else "stopped"
+        beat = self.last_heartbeat if self.last_heartbeat is not None else self.started
+        if now - beat > limit:
+            ok = False
+            info["heartbeat"] = f"none for {now - beat:.0f}s"
+        started = self.pass_started
+        if started is not None and now - started > limit:
+            ok = False
+            info["pass"] = f"running for {now - started:.0f}s"
+        return ok, info
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        failing = {k: v for k, v in self.checks.items() if v != "ok"}
-        info: dict[str, Any] = {"checks": self.checks, "lease_held": self.lease.held(utcnow())}
-        if not self.checks:
+        checks = self.checks
+        failing = {k: v for k, v in checks.items() if v != "ok"}
+        held = self.lease.held(utcnow()) if self._lease_mode() == "lease" else True
+        info: dict[str, Any] = {"checks": checks, "lease_held": held}
+        if not checks or self.last_heartbeat is None:
             return False, {**info, "reason": "starting"}
         if failing:
             return False, {**info, "reason": "unreachable: " + ", ".join(sorted(failing))}
-        if info["lease_held"]:
+        if held:
             horizon = 3 * self.config.daemon.reconcile_interval.total_seconds() + 30
             if self.last_ok is None or time.monotonic() - self.last_ok > horizon:
-                return False, {**info, "reason": self.last_error or "no successful reconcile yet"}
+                if self.last_ok is None and self.last_error is None:
+                    return False, {**info, "reason": "no reconcile yet"}
+                return False, {**info, "reason": self.last_error or "no successful reconcile"}
         return True, info
 
-    # -- lifecycle -------------------------------------------------------------
+    # -- audit events of the daemon itself ----------------------------------------
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Record a daemon event through the state, never forking the hash chain.
+
+        Replicas on one host share the audit log: the store's exclusive lock
+        (the file store's flock) serialises this commit with every pass and
+        with the other replicas; committing it (rather than appending it)
+        anchors it, so its removal from the log is detectable.
+        ``tick_lock`` keeps it off this process's own running pass: the
+        stores' re-entrancy marks are per object, not per thread, so another
+        thread would walk straight past the lock the pass holds. Never call
+        this while holding ``tick_lock``.
+        """
+        mgr = self.manager
+        try:
+            with self.tick_lock, mgr.store.exclusive():
+                mgr.reconciler.record([{"ts": utcnow(), **event}])
+        except KeymgrError as e:
+            log.error("audit.failed", audit_event=event.get("event"), error=str(e))
+
+    # -- lifecycle ---------------------------------------------------------------
 
     def reload(self) -> None:
+        """SIGHUP: load and check the config; apply it whole, or keep the old one."""
+        from keymgr.health import HealthServer
+        from keymgr.logs import configure
+
+        old = self.config
+        health: Any = None
         try:
-            config = load_config(self.config.path)
+            config = load_config(old.path)
             manager = KeyManager(config, actor="daemon")
+            # A ring dropped while state holds its live keys would fail every
+            # pass: refuse it now, while the old config still works.
+            with contextlib.suppress(KeymgrError):
+                state = manager.store.load()[0]
+                manager.reconciler.check_rings(state)
+            if config.daemon.listen != old.daemon.listen:
+                host, port = config.daemon.listen
+                try:
+                    health = HealthServer(host, port, self.metrics, self.alive, self.ready)
+                except OSError as e:
+                    raise KeymgrError(
+                        f"{config.path}: daemon.listen {host}:{port}: cannot listen: {e.strerror}"
+                    ) from None
         except KeymgrError as e:
             log.error("config.rejected", error=str(e), keeping="previous config")
-            self.manager.audit.record(
-                [{"event": "config.rejected", "ts": utcnow(), "reason": str(e)}], "daemon"
-            )
+            self.record({"event": "config.rejected", "reason": str(e)})
             return
-        with self.tick_lock:
+        with self.tick_lock, self.lease_lock:
             manager.metrics = self.metrics
+            if manager.store.url != self.manager.store.url:
+                with contextlib.suppress(KeymgrError):
+                    self.lease.release()
+                self.lease = Lease(manager.store, config.daemon.lease_ttl, self.lease.holder)
+            else:
+                self.lease.store = manager.store
+                self.lease.ttl = config.daemon.lease_ttl
             self.config, self.manager = config, manager
-            self.lease.store = manager.store
-        manager.audit.record(
-            [{"event": "config.loaded", "ts": utcnow(), "reason": "SIGHUP"}], "daemon"
+        if health is not None:
+            self.health.close()
+            self.health = health
+        configure(config.daemon.log_level)
+        self._schedule_periodic(reschedule=True)
+        self.record({"event": "config.loaded", "reason": "SIGHUP"})
+        log.info(
+            "config.loaded",
+            path=str(config.path),
+            rings=len(config.policies),
+            listen=_addr(config.daemon.listen[0], self.health.port),
         )
-        log.info("config.loaded", path=str(config.path), rings=len(config.policies))
         self.scheduler.add_job(
-            self.tick,
+            self.request_pass,
             "date",
             run_date=datetime.now().astimezone(),
             id="reload",
             replace_existing=True,
         )
+
+    def _schedule_periodic(self, reschedule: bool = False) -> None:
+        cfg = self.config.daemon
+        interval = cfg.reconcile_interval.total_seconds()
+        # Standbys check often enough to take over within a third of the TTL.
+        beat = min(interval, cfg.lease_ttl.total_seconds() / 3)
+        now = datetime.now().astimezone()
+        if reschedule:
+            self.scheduler.reschedule_job("heartbeat", trigger="interval", seconds=beat)
+            self.scheduler.reschedule_job("reconcile", trigger="interval", seconds=interval)
+            return
+        self.scheduler.add_job(
+            self.heartbeat, "interval", seconds=beat, id="heartbeat", next_run_time=now
+        )
+        # The first pass is started by the first heartbeat, once it holds the lease.
+        self.scheduler.add_job(self.request_pass, "interval", seconds=interval, id="reconcile")
 
     def run(self) -> int:
         from keymgr.health import HealthServer
@@ -197,60 +417,70 @@ class Daemon:
             raise KeymgrError(
                 f"daemon.listen {cfg.listen[0]}:{cfg.listen[1]}: cannot listen: {e.strerror}"
             ) from None
-        self.manager.audit.record(
-            [{"event": "daemon.started", "ts": utcnow(), "reason": f"replica {self.lease.holder}"}],
-            "daemon",
-        )
-        interval = cfg.reconcile_interval.total_seconds()
-        # Standbys poll often enough to take over within one lease period.
-        tick_every = min(interval, cfg.lease_ttl.total_seconds() / 3)
+        mode = self._lease_mode()
+        self.record({"event": "daemon.started", "reason": f"replica {self.lease.holder}"})
         log.info(
             "daemon.started",
             config=str(self.config.path),
-            interval=interval,
-            listen=f"{cfg.listen[0]}:{self.health.port}",
+            interval=cfg.reconcile_interval.total_seconds(),
+            listen=_addr(cfg.listen[0], self.health.port),
             replica=self.lease.holder,
+            lease=mode,
         )
-        self.scheduler.add_job(
-            self.tick,
-            "interval",
-            seconds=tick_every,
-            id="interval",
-            next_run_time=datetime.now().astimezone(),
-        )
+        if mode == "single":
+            log.warning(
+                "lease.unsupported",
+                state=self.manager.store.url,
+                reason="this state store has no lease: run a single replica against it",
+            )
+        self._schedule_periodic()
         wd = sdnotify.watchdog_interval()
         if wd is not None:
             self.scheduler.add_job(self.watchdog, "interval", seconds=wd, id="watchdog")
         self.scheduler.start()
-        sdnotify.notify("READY=1\nSTATUS=reconciling")
+        sdnotify.notify("READY=1\nSTATUS=started")
         while not self.stop.is_set():
             self.wake.wait()
             self.wake.clear()
             if self.reload_requested and not self.stop.is_set():
                 self.reload_requested = False
-                sdnotify.notify("RELOADING=1")
+                sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
                 self.reload()
                 sdnotify.notify("READY=1")
         sdnotify.notify("STOPPING=1")
         log.info("daemon.stopping")
         self.scheduler.shutdown(wait=True)  # lets a running pass finish
-        try:
-            self.lease.release()
-        except KeymgrError as e:
-            log.warning("lease.release_failed", error=str(e))
+        with self.lease_lock:
+            try:
+                self.lease.release()
+            except KeymgrError as e:
+                log.warning("lease.release_failed", error=str(e))
         self.health.close()
-        self.manager.audit.record([{"event": "daemon.stopped", "ts": utcnow()}], "daemon")
+        self.record({"event": "daemon.stopped"})
         log.info("daemon.stopped")
         return 0
 
     def watchdog(self) -> None:
-        """Ping only while the scheduler's workers are not stuck in one pass."""
-        sdnotify.notify("WATCHDOG=1")
+        """Ping systemd only while :meth:`alive` holds, so a hung pass gets us restarted."""
+        ok, info = self.alive()
+        if ok:
+            sdnotify.notify("WATCHDOG=1")
+        else:
+            log.error("watchdog.withheld", **info)
+
+
+def _addr(host: str, port: int) -> str:
+    """``HOST:PORT`` as written in the config (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def run(config_path: Path) -> int:
+    from prometheus_client import disable_created_metrics
+
     from keymgr.logs import configure
 
     cfg = load_config(config_path)
     configure(cfg.daemon.log_level)
+    # One ``*_created`` series per counter child doubles the scrape for no use here.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     return Daemon(cfg).run()

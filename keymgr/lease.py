@@ -1,9 +1,13 @@
 """Leader lease for several replicas sharing one state store.
 
-Only the holder of an unexpired lease reconciles; the others stay ready and take
-over within one lease period when the holder stops renewing. The lease is a
-small record in the same store, written by the store's own compare-and-swap: no
-home-made consensus. Expiry compares wall clocks, so the TTL must exceed the
+Only the holder of an unexpired lease reconciles; the others stay ready. Every
+replica runs a heartbeat every ``min(reconcile_interval, ttl / 3)``: the holder
+renews, the standbys look. When the holder stops renewing, its lease runs out
+within ``ttl`` and a standby takes it at its next heartbeat: at most ``ttl`` +
+one heartbeat (+1 s, timestamps being whole seconds) after a crash, one
+heartbeat after a graceful :meth:`Lease.release`. The lease is a small record
+in the same store, written by the store's own compare-and-swap: no home-made
+consensus. Expiry compares wall clocks, so the TTL must exceed the
 replicas' clock skew by a wide margin (the default is 30 s).
 """
 
@@ -18,6 +22,11 @@ from datetime import datetime, timedelta
 from keymgr.errors import ConflictError
 from keymgr.stores import StateStore
 from keymgr.timefmt import format_time, parse_time
+
+
+def supports_lease(store: StateStore) -> bool:
+    """Whether ``store`` implements the lease record (``read_lease``/``write_lease``)."""
+    return type(store).read_lease is not StateStore.read_lease
 
 
 def replica_id() -> str:

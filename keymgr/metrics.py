@@ -96,7 +96,7 @@ class Metrics:
         self.lease_held = Gauge(
             "keymgr_lease_held", "1 while this replica holds the lease", registry=r
         )
-        self.ready = Gauge("keymgr_ready", "1 while /readyz answers 200", registry=r)
+        self.ready = Gauge("keymgr_ready", "1 while /readyz would answer 200", registry=r)
         self.snapshot: tuple[State | None, Plan | None] = (None, None)
         r.register(_StateCollector(self))
 
