@@ -182,8 +182,8 @@ class Reconciler:
                         # again from what it committed. Keys we generated in this
                         # wave were never recorded or used: destroy them now
                         # rather than leave orphans for a later generate.
-                        self.discard_generated(events)
                         state, token = self.load()
+                        self.discard_generated(events, state)
                         state = self.observe(state)
                         continue
                     result.events.extend(state.audit.outbox)
@@ -203,9 +203,11 @@ class Reconciler:
                 result.plan = plan(state, self.config.policies, now)
         return result
 
-    def discard_generated(self, events: list[dict[str, Any]]) -> None:
+    def discard_generated(self, events: list[dict[str, Any]], winner: State) -> None:
+        """Destroy keys generated in a wave whose commit lost, unless the winner
+        recorded them (a writer without a pass lock may have adopted them)."""
         for ev in events:
-            if ev["event"] != "key.generated":
+            if ev["event"] != "key.generated" or winner.find(ev["kid"]) is not None:
                 continue
             try:
                 self.backend(ev["backend"]).destroy(ev["ring"], ev["kid"])

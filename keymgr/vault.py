@@ -21,21 +21,31 @@ in a message: reasons are built from the server's error list or the transport
 error class, and scrubbed of every credential this client holds.
 
 :class:`VaultKVStore` keeps keymgr's state as one field of a KV v2 secret and
-uses KV's own check-and-set (``cas``) for every commit.
+uses KV's own check-and-set (``cas``) for every commit; a pass lock and the
+replicas' lease are two small secrets beside it, written with ``cas`` too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import re
+import secrets
+import socket
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlsplit
+
+import structlog
 
 from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.faults import crashpoint
@@ -55,6 +65,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = structlog.get_logger("keymgr.vault")
 
 AUTH_METHODS = ("token", "approle", "kubernetes")
 DEFAULT_TIMEOUT = 10.0
@@ -291,6 +303,8 @@ class VaultClient:
         self._token: str | None = None
         # Every credential value this client ever held, to scrub from messages.
         self._secrets: set[str] = set()
+        # The Date header of the last answer, per thread (see last_server_time).
+        self._seen = threading.local()
 
     @property
     def url(self) -> str:
@@ -302,7 +316,25 @@ class VaultClient:
         with self._lock:
             if self._session is None:
                 self._session = _make_session(self.settings)
+                self._session.hooks["response"].append(self._note_date)
             return self._session
+
+    def _note_date(self, resp: Any, *args: Any, **kwargs: Any) -> None:
+        self._seen.date = resp.headers.get("Date")
+
+    def last_server_time(self) -> datetime | None:
+        """The server's clock (HTTP ``Date``, 1 s resolution) at this thread's last answer.
+
+        Lets the KV store judge a lock's age on the server's clock alone, so
+        clock skew between replicas cannot make a live lock look expired.
+        """
+        text = getattr(self._seen, "date", None)
+        if not text:
+            return None
+        try:
+            return parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
 
     # -- auth ---------------------------------------------------------------
 
@@ -443,7 +475,7 @@ class VaultClient:
             if isinstance(e, hvac_exc.ParamValidationError):
                 return VaultCallError(None, self.scrub(str(e.args[0] if e.args else e)))
             status = _STATUS_BY_NAME.get(type(e).__name__)
-            errors = tuple(str(x) for x in (e.errors or ()))
+            errors = tuple(_clean_error(str(x)) for x in (e.errors or ()))
             detail = "; ".join(errors)
             if not detail and isinstance(e.text, str) and not e.text.lstrip().startswith("{"):
                 detail = e.text.strip()
@@ -462,6 +494,10 @@ class VaultClient:
                 None, self.scrub(f"TLS error with {self.url} ({m.group(1) if m else 'handshake'})")
             )
         if isinstance(e, requests.exceptions.ConnectionError):
+            if "timed out" in str(e):
+                return VaultCallError(
+                    None, f"no answer from {self.url} within {self.settings.timeout:g}s (timed out)"
+                )
             m = _ERRNO_RE.search(str(e))
             detail = m.group(1).strip() if m else "connection failed"
             return VaultCallError(None, self.scrub(f"cannot connect to {self.url} ({detail})"))
@@ -472,6 +508,22 @@ class VaultClient:
         raise e
 
 
+_MULTI_RE = re.compile(r"^\s*\d+ errors? occurred:\s*")
+
+
+def _clean_error(text: str) -> str:
+    """One server error as one phrase.
+
+    Vault wraps some errors in Go's multierror text ("1 error occurred:\\n\\t*
+    permission denied\\n\\n"): the header and bullets are dropped.
+    """
+    m = _MULTI_RE.match(text)
+    if m is None:
+        return " ".join(text.split())
+    items = [" ".join(p.split()) for p in text[m.end() :].split("\n\t* ")]
+    return "; ".join(i.lstrip("* ").strip() for i in items if i.strip())
+
+
 def _make_session(s: VaultSettings) -> requests.Session:
     import requests
     from requests.adapters import HTTPAdapter
@@ -480,7 +532,9 @@ def _make_session(s: VaultSettings) -> requests.Session:
     retry = Retry(
         total=s.retries,
         connect=s.retries,
-        read=0,  # a request the server may have acted on is never replayed
+        # A request the server may have acted on is never replayed. False (not
+        # 0) so a read timeout surfaces as itself, not as a "connection error".
+        read=False,
         redirect=0,
         status=s.retries,
         other=0,
@@ -492,6 +546,20 @@ def _make_session(s: VaultSettings) -> requests.Session:
     )
     session = requests.Session()
     session.verify = s.verify
+    if s.verify is False and s.url.startswith("https:"):
+        # Said once here, not by urllib3 on every request (a warning per
+        # signature would bury everything else in the log).
+        import warnings
+
+        from urllib3.exceptions import InsecureRequestWarning
+
+        host = urlsplit(s.url).hostname or ""
+        warnings.filterwarnings(
+            "ignore",
+            message=f"Unverified HTTPS request is being made to host '{re.escape(host)}'",
+            category=InsecureRequestWarning,
+        )
+        log.warning("vault.tls_verify_disabled", url=s.url)
     adapter = HTTPAdapter(max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -500,11 +568,19 @@ def _make_session(s: VaultSettings) -> requests.Session:
 
 # --------------------------------------------------------------------------- KV v2 store
 
+#: Store-only URL parameters (the rest are the client options above).
+STORE_OPTIONS: frozenset[str] = frozenset({"lock_ttl"})
+DEFAULT_LOCK_TTL = 20.0
+_LOCK_TTL_RANGE = (2.0, 3600.0)
+LOCK_SUFFIX = ".lock"
+LEASE_SUFFIX = ".lease"
+
 
 def _query_options(url: str, query: str) -> dict[str, Any]:
     where = f"state {url} parameter"
     pairs = parse_qsl(query, keep_blank_values=True)
     seen: dict[str, Any] = {}
+    known = CLIENT_OPTIONS | STORE_OPTIONS
     for key, value in pairs:
         if key in seen:
             raise ConfigError(f"{where} {key}: given twice")
@@ -512,13 +588,11 @@ def _query_options(url: str, query: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{where} token: a token never goes in the state URL; use token_file or VAULT_TOKEN"
             )
-        if key not in CLIENT_OPTIONS:
-            raise ConfigError(
-                f"{where} {key}: unknown (known: {', '.join(sorted(CLIENT_OPTIONS))})"
-            )
+        if key not in known:
+            raise ConfigError(f"{where} {key}: unknown (known: {', '.join(sorted(known))})")
         conv: Any = value
         try:
-            if key == "timeout":
+            if key in ("timeout", "lock_ttl"):
                 conv = float(value)
             elif key == "retries":
                 conv = int(value)
@@ -532,17 +606,80 @@ def _query_options(url: str, query: str) -> dict[str, Any]:
     return seen
 
 
+def _kv_time(text: Any) -> datetime | None:
+    """A KV ``created_time`` (RFC 3339, nanoseconds) as an aware datetime, or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    m = _KV_TIME_RE.fullmatch(text)
+    if m is None:
+        return None
+    try:
+        return datetime.fromisoformat(f"{m.group(1)}{(m.group(2) or '')[:7]}+00:00")
+    except ValueError:
+        return None
+
+
+_KV_TIME_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z")
+
+
+@dataclass
+class _Doc:
+    """One small KV v2 secret as read: its JSON field, KV version and server-side age."""
+
+    doc: dict[str, Any] | None
+    version: int
+    #: Seconds since this version was written, on the server's clock (None: unknown).
+    age: float | None
+
+
+class _PassLock:
+    """The pass lock this process holds: its KV version, renewed in the background."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.renewed = time.monotonic()
+        self.lost: str | None = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+
 class VaultKVStore(StateStore):
     """``vault://MOUNT/PATH``: the state document in a KV v2 secret, written with ``cas``.
 
     The document is one field (``state``) holding the same JSON as the file
     store (``{"version": N, ...}``); N is the KV version the write creates, and
-    the KV version is the compare-and-swap token. Connection and auth come from
-    ``VAULT_*`` environment variables and optional query parameters with the
-    backend's option names (``?auth=approle&role_id=...&secret_id_file=...``).
+    the KV version is the compare-and-swap token: ``cas=0`` creates, ``cas=N``
+    updates, and Vault refuses the loser of a race, which becomes
+    :class:`ConflictError` so the caller re-reads. Connection and auth come
+    from ``VAULT_*`` environment variables and optional query parameters with
+    the backend's option names (``?auth=approle&role_id=...&secret_id_file=...``).
+
+    Two small secrets live beside it, both written with ``cas`` too:
+
+    - ``PATH.lock``: held for a whole pass (:meth:`exclusive`). CAS alone keeps
+      the document consistent, but a pass has side effects before its commit:
+      without the lock, two processes generating at once each see the other's
+      fresh, not yet recorded transit key as an orphan and adopt or destroy it
+      while the other is about to record it. The lock expires on the server's
+      clock (a holder that died frees it after ``lock_ttl``), and is renewed in
+      the background while held; a pass that lost it refuses to commit.
+    - ``PATH.lease``: the daemon replicas' lease record (:mod:`keymgr.lease`).
     """
 
     FIELD = "state"
+    #: ``KeyManager.sign`` asks for :meth:`fingerprint` (one metadata read) at
+    #: most once a second, not before every signature: a read per signature
+    #: would double the Vault requests of a busy signer, whose transit backend
+    #: makes exactly one. Why a one-second window is safe: ``KeyManager._check_fresh``.
+    fingerprint_window: ClassVar[float] = 1.0
+
+    @staticmethod
+    def check_url(url: str) -> None:
+        """Validate the URL at config load (no I/O); ValueError names the problem."""
+        try:
+            VaultKVStore(url)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("daemon.state: ")) from None
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -552,14 +689,30 @@ class VaultKVStore(StateStore):
             raise ConfigError(f"daemon.state: {url!r}: expected vault://MOUNT/PATH")
         if not _MOUNT_RE.fullmatch(mount) or not _MOUNT_RE.fullmatch(path):
             raise ConfigError(f"daemon.state: {url!r}: bad mount or path")
+        if parts.fragment:
+            raise ConfigError(f"daemon.state: {url!r}: unexpected '#' fragment")
         self.mount = mount
         self.path = path
         self.url = f"vault://{mount}/{path}"
         options = _query_options(self.url, parts.query)
+        lock_ttl = options.pop("lock_ttl", DEFAULT_LOCK_TTL)
+        low, high = _LOCK_TTL_RANGE
+        if not math.isfinite(lock_ttl) or not low <= lock_ttl <= high:
+            raise ConfigError(
+                f"state {self.url} parameter lock_ttl: must be between {low:g} and {high:g} "
+                f"seconds, got {lock_ttl:g}"
+            )
+        self.lock_ttl: float = lock_ttl
         self._vault = vault_client(options, f"state {self.url}", None, sep=" parameter ")
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lock = threading.RLock()
+        self._held: _PassLock | None = None
+        self._depth = 0
 
     def _error(self, op: str, e: VaultCallError) -> StoreError:
         return StoreError(f"state {self.url}: {op}: {e.reason}")
+
+    # -- the state document ---------------------------------------------------
 
     def load(self) -> tuple[State, int]:
         mount, path = self.mount, self.path
@@ -578,11 +731,12 @@ class VaultKVStore(StateStore):
             version = int(data["metadata"]["version"])
             doc = json.loads(data["data"][self.FIELD])
             doc.pop("version")
-            return State.from_dict(doc), version
+            state = State.from_dict(doc)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StoreError(
                 f"state {self.url}: read: corrupt state document ({type(e).__name__}: {e})"
             ) from None
+        return state, version
 
     def _absent(self) -> tuple[State, int]:
         """No readable latest version: a fresh store, unless it was deleted."""
@@ -614,36 +768,223 @@ class VaultKVStore(StateStore):
         return data if isinstance(data, dict) else {}
 
     def commit(self, state: State, token: int) -> int:
+        held = self._held
+        if held is not None and held.lost is not None:
+            # Another process may be acting on the same keys now: do not
+            # record anything this pass did (its keys become orphans).
+            raise StoreError(f"state {self.url}: commit: pass lock lost ({held.lost}); not writing")
         version = int(token)
         doc = {"version": version + 1, **state.to_dict()}
         text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
-        mount, path = self.mount, self.path
         crashpoint("store.before_write")
         try:
-            resp = self._vault.call(
-                lambda c: c.secrets.kv.v2.create_or_update_secret(
-                    path=path, secret={self.FIELD: text}, cas=version, mount_point=mount
-                )
-            )
+            new = self._write(self.path, {self.FIELD: text}, version)
         except VaultCallError as e:
-            if e.status == 400 and any("check-and-set" in x for x in e.errors):
+            if _is_cas_failure(e):
                 raise ConflictError(
                     f"state {self.url}: commit: changed by another writer "
                     f"(expected version {version})"
                 ) from None
             raise self._error("commit", e) from None
         crashpoint("store.after_write")
-        try:
-            return int(resp["data"]["version"])
-        except (KeyError, TypeError, ValueError):
-            return version + 1
+        return new or version + 1
 
     def fingerprint(self) -> object:
-        """The KV version and update time (one metadata read); None when unknown."""
+        """The current KV version (one metadata read; see :attr:`fingerprint_window`).
+
+        Any error, or no document yet, gives None: the caller re-reads the
+        state, which reports the real failure.
+        """
         try:
             meta = self._metadata("read metadata")
         except StoreError:
             return None
-        if not meta:
+        version = int((meta or {}).get("current_version") or 0)
+        return version or None
+
+    # -- small CAS documents (lock, lease) -------------------------------------
+
+    def _write(self, path: str, data: dict[str, Any], cas: int) -> int | None:
+        """One KV v2 write with ``cas``; the new KV version (None if the answer lacks it)."""
+        mount = self.mount
+        resp = self._vault.call(
+            lambda c: c.secrets.kv.v2.create_or_update_secret(
+                path=path, secret=data, cas=cas, mount_point=mount
+            )
+        )
+        try:
+            return int(resp["data"]["version"])
+        except (KeyError, TypeError, ValueError):
             return None
-        return (meta.get("current_version"), meta.get("updated_time"))
+
+    def _read_doc(self, suffix: str, field: str, op: str) -> _Doc:
+        """Read ``PATH<suffix>``; a missing or deleted secret is ``doc=None`` with its version."""
+        mount, path = self.mount, self.path + suffix
+        try:
+            resp = self._vault.call(
+                lambda c: c.secrets.kv.v2.read_secret_version(
+                    path=path, mount_point=mount, raise_on_deleted_version=False
+                )
+            )
+            server_now = self._vault.last_server_time()
+        except VaultCallError as e:
+            if e.status == 404 and not e.errors:
+                return _Doc(None, 0, None)
+            raise self._error(op, e) from None
+        try:
+            data = resp["data"]
+            meta = data["metadata"]
+            version = int(meta["version"])
+            if meta.get("deletion_time") or not data.get("data"):
+                return _Doc(None, version, None)
+            doc = json.loads(data["data"][field])
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StoreError(
+                f"state {self.url}: {op}: unreadable {path} ({type(e).__name__}: {e})"
+            ) from None
+        created = _kv_time(meta.get("created_time"))
+        age = (server_now - created).total_seconds() if server_now and created else None
+        return _Doc(doc, version, age)
+
+    def _write_doc(self, suffix: str, field: str, doc: dict[str, Any], cas: int, op: str) -> int:
+        try:
+            new = self._write(self.path + suffix, {field: json.dumps(doc)}, cas)
+        except VaultCallError as e:
+            if _is_cas_failure(e):
+                raise ConflictError(
+                    f"state {self.url}: {op}: changed by another process (expected version {cas})"
+                ) from None
+            raise self._error(op, e) from None
+        return new or cas + 1
+
+    # -- the replicas' lease (keymgr.lease) ---------------------------------------
+
+    def read_lease(self) -> tuple[dict[str, Any] | None, int]:
+        d = self._read_doc(LEASE_SUFFIX, "lease", "read lease")
+        return d.doc, d.version
+
+    def write_lease(self, doc: dict[str, Any], token: int) -> int:
+        return self._write_doc(LEASE_SUFFIX, "lease", doc, int(token), "write lease")
+
+    # -- the pass lock -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold ``PATH.lock`` for a pass (re-entrant within this object).
+
+        Waits up to ``timeout`` seconds for another process's pass to end; a
+        lock left by a process that died is taken over once it is older than
+        its TTL (20 s by default, below the callers' 30 s timeout).
+        """
+        with self._lock:
+            nested = self._depth > 0
+            if nested:
+                self._depth += 1
+        if nested:
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._depth -= 1
+            return
+        held = self._acquire(timeout)
+        with self._lock:
+            self._held, self._depth = held, 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held, self._depth = None, 0
+            self._release(held)
+
+    def _lock_doc(self) -> dict[str, Any]:
+        return {"holder": self.owner, "ttl": self.lock_ttl}
+
+    def _acquire(self, timeout: float) -> _PassLock:
+        start = time.monotonic()
+        deadline = start + timeout
+        # (version, first seen): a lock whose version has not moved for its
+        # TTL on our own clock is dead too, even if the server sent no Date.
+        seen: tuple[int, float] | None = None
+        while True:
+            cur = self._read_doc(LOCK_SUFFIX, "lock", "lock")
+            now = time.monotonic()
+            holder = None if cur.doc is None else cur.doc.get("holder")
+            free = holder is None
+            if not free:
+                ttl = _ttl_of(cur.doc, self.lock_ttl)
+                if seen is None or seen[0] != cur.version:
+                    seen = (cur.version, now)
+                stale = now - seen[1] > ttl
+                free = stale or (cur.age is not None and cur.age > ttl)
+            if free:
+                try:
+                    version = self._write_doc(
+                        LOCK_SUFFIX, "lock", self._lock_doc(), cur.version, "lock"
+                    )
+                except ConflictError:
+                    seen = None  # someone else took it: look again
+                else:
+                    if holder is not None:
+                        log.warning("lock.taken_over", state=self.url, holder=holder)
+                    return self._start(version)
+            if now >= deadline:
+                raise StoreError(
+                    f"state {self.url}: lock: held by another keymgr process ({holder}) "
+                    f"for more than {now - start:.0f}s"
+                )
+            time.sleep(random.uniform(0.05, 0.25))  # noqa: S311 - jitter, not crypto
+
+    def _start(self, version: int) -> _PassLock:
+        held = _PassLock(version)
+        thread = threading.Thread(
+            target=self._renew_loop, args=(held,), name="keymgr-vault-lock", daemon=True
+        )
+        held.thread = thread
+        thread.start()
+        return held
+
+    def _renew_loop(self, held: _PassLock) -> None:
+        while not held.stop.wait(self.lock_ttl / 3):
+            try:
+                held.version = self._write_doc(
+                    LOCK_SUFFIX, "lock", self._lock_doc(), held.version, "renew lock"
+                )
+            except ConflictError:
+                held.lost = "taken over by another process"
+                return
+            except StoreError as e:
+                if time.monotonic() - held.renewed > self.lock_ttl:
+                    held.lost = f"not renewed for {self.lock_ttl:g}s: {e}"
+                    return
+                continue
+            held.renewed = time.monotonic()
+
+    def _release(self, held: _PassLock) -> None:
+        held.stop.set()
+        if held.thread is not None:
+            held.thread.join(timeout=self._vault.settings.timeout * 2)
+        if held.lost is not None:
+            return
+        free = {"holder": None, "ttl": self.lock_ttl}
+        try:
+            self._write_doc(LOCK_SUFFIX, "lock", free, held.version, "unlock")
+        except StoreError as e:  # it expires on its own
+            log.warning("lock.release_failed", state=self.url, error=str(e))
+
+    def __repr__(self) -> str:
+        return f"VaultKVStore({self.url!r})"
+
+
+def _ttl_of(doc: Mapping[str, Any] | None, default: float) -> float:
+    """The TTL the holder wrote into its lock (its renewal cadence), else ours."""
+    value = None if doc is None else doc.get("ttl")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return default
+
+
+def _is_cas_failure(e: VaultCallError) -> bool:
+    return e.status == 400 and any("check-and-set" in x for x in e.errors)
