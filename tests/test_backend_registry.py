@@ -43,5 +43,5 @@ def test_third_party_backend_found_through_its_entry_point(monkeypatch) -> None:
 
     monkeypatch.setattr("importlib.metadata.entry_points", eps)
     assert backend_class("example-hsm", "backends.hsm.type").__name__ == "FileBackend"
-    with pytest.raises(KeymgrError, match="backends.nope.type"):
+    with pytest.raises(KeymgrError, match=r"backends\.nope\.type"):
         backend_class("nope", "backends.nope.type")
