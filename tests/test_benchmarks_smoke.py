@@ -1,0 +1,72 @@
+"""Every benchmark script still runs: each at tiny sizes with ``--smoke``.
+
+No timing is asserted (the machine may be loaded); the scripts assert their
+own functional checks (tokens verify, one request per signature, ...). The
+figures themselves come from running the scripts without ``--smoke``; see
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke", "--json", str(out), *args],
+        capture_output=True, text=True, timeout=120,
+        env={"KEYMGR_BENCH_CACHE": str(tmp_path / "cache"),
+             **{k: v for k, v in os.environ.items()
+                if not k.startswith(("KEYMGR_", "AWS_", "VAULT_"))}},
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_bench_sign_local(tmp_path):
+    rows = _run("bench_sign_local.py", tmp_path)["sign_local"]
+    assert [r["alg"] for r in rows] == ["ES256", "RS256-2048", "RS256-3072", "PS256-2048", "EdDSA"]
+    assert all(r["keymgr_us"] > 0 and r["vs_bare"] > 0 for r in rows)
+
+
+def test_bench_reconcile(tmp_path):
+    rows = _run("bench_reconcile.py", tmp_path)["reconcile"]
+    assert [r["rings"] for r in rows] == [20, 60]
+    assert all(r["rotating_rings"] > 0 for r in rows)
+
+
+def test_bench_startup(tmp_path):
+    res = _run("bench_startup.py", tmp_path)["startup"]
+    assert res["heavy"] == [], res["heavy"]  # `keymgr status` stays lean
+    assert res["rss_mb"] > 0
+
+
+def test_bench_jwks(tmp_path):
+    rows = _run("bench_jwks.py", tmp_path)["jwks"]
+    steady, replay = rows[1], rows[2]
+    assert not steady["file_rewritten"] and "PutObject" not in steady["s3"]
+    assert not replay["file_rewritten"] and "PutObject" not in replay["s3"]
+    assert replay["counter"] and all(k.endswith("unchanged") for k in replay["counter"])
+
+
+def _has_bao() -> bool:
+    return (Path(sys.executable).parent / "bao").exists() or shutil.which("bao") is not None
+
+
+@pytest.mark.skipif(not _has_bao(), reason="OpenBao (bao) not installed")
+def test_bench_sign_remote(tmp_path):
+    rows = _run("bench_sign_remote.py", tmp_path)["sign_remote"]
+    assert {r["backend"] for r in rows} == {"kms", "vault"}
+    for r in rows:
+        assert r["one_per_signature"], r

@@ -1,0 +1,146 @@
+"""The fast paths added for performance (issue 6) give exactly what the slow ones did."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from keymgr import jose
+from keymgr.manager import KeyManager
+from keymgr.stores import FileStore
+from keymgr.timefmt import format_time, parse_time
+
+T0 = datetime(2031, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512"])
+def test_ecdsa_signer_raw_signatures_verify(alg):
+    # ~1 signature in 128 has a short r or s: 1500 of them cover those cases.
+    key = jose.generate_private_key(alg)
+    sign = jose.make_signer(key, alg)
+    size = jose.ec_coordinate_size(jose.curve_for(alg))
+    digest = jose.hash_for(alg)
+    short = 0
+    for i in range(1500):
+        data = f"input {i}".encode()
+        raw = sign(data)
+        assert len(raw) == 2 * size
+        r, s = int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big")
+        short += r.bit_length() <= 8 * size - 8 or s.bit_length() <= 8 * size - 8
+        key.public_key().verify(encode_dss_signature(r, s), data, ec.ECDSA(digest))
+    assert short > 0
+
+
+def test_compact_json_is_json_dumps():
+    samples = [
+        {"sub": "alice", "iat": 1, "exp": 2},
+        {"name": "Zoë ✓ \u2028", "nested": {"a": [1, 2.5, None, True, False]}, "e": {}},
+        {"f": 1e100, "g": -0.0, "h": 12345678901234567890, 1: "int key", None: "null key"},
+        [],
+        "plain",
+    ]
+    for obj in samples:
+        assert jose.compact_json(obj) == json.dumps(obj, separators=(",", ":"))
+    with pytest.raises(TypeError):
+        jose.compact_json({"when": datetime.now()})
+
+
+def test_b64url_bytes_is_b64url():
+    for n in range(70):
+        data = bytes(random.randrange(256) for _ in range(n))
+        assert jose.b64url_bytes(data) == jose.b64url(data).encode()
+
+
+def test_time_fast_paths_round_trip():
+    rng = random.Random(7)
+    base = datetime(1000, 1, 1, tzinfo=UTC)
+    for _ in range(20000):
+        dt = base + timedelta(seconds=rng.randrange(9000 * 365 * 86400))
+        text = format_time(dt)
+        assert text == dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+        back = parse_time(text)
+        assert back == dt and back.tzinfo is not None and back.utcoffset() == timedelta(0)
+    # Not the canonical shape: the general path, same answers as before.
+    assert parse_time("2031-01-01T000000.1Z") == datetime(2031, 1, 1, tzinfo=UTC)
+    assert parse_time("2031-01-01T02:00:00+02:00") == datetime(2031, 1, 1, tzinfo=UTC)
+    for bad in ("2031-02-30T00:00:00Z", "2031-01-01T24:00:00Z", "2031-01-01 00:00:00"):
+        with pytest.raises(ValueError):
+            parse_time(bad)
+    odd = datetime(2031, 1, 1, 5, 0, 0, 999, tzinfo=UTC)
+    assert format_time(odd) == "2031-01-01T05:00:00Z"
+
+
+def _home(tmp_path: Path) -> Path:
+    (tmp_path / "master.key").write_text("A" * 43 + "=\n")
+    cfg = tmp_path / "keymgr.toml"
+    cfg.write_text(
+        """
+[daemon]
+state = "file:state.json"
+[backends.local]
+type = "file"
+path = "keys"
+master_key_file = "master.key"
+[publishers.site]
+type = "file"
+path = "jwks.json"
+[keyrings.api]
+backend = "local"
+algorithm = "ES256"
+rotation_period = "30d"
+publish_ahead = "1h"
+retire_grace = "1d"
+destroy_after = "7d"
+publishers = ["site"]
+"""
+    )
+    return cfg
+
+
+def test_sign_follows_a_promotion_made_by_another_process(tmp_path):
+    cfg = _home(tmp_path)
+    signer = KeyManager.from_config(cfg)
+    assert signer.reconcile(T0).ok
+    kid1 = jwt.get_unverified_header(signer.sign("api", {"n": 1}))["kid"]
+    other = KeyManager.from_config(cfg)  # its own store object, as another process has
+    assert other.rotate("api", emergency=True, now=T0 + timedelta(hours=1)).ok
+    kid2 = other.state().ring("api").active.kid
+    assert kid2 != kid1
+    deadline = time.monotonic() + 2
+    seen = kid1
+    while seen != kid2 and time.monotonic() < deadline:
+        seen = jwt.get_unverified_header(signer.sign("api", {"n": 2}))["kid"]
+    assert seen == kid2
+    # The window is one fingerprint check (1 ms for the file store), not more.
+    assert signer.store.fingerprint_window <= 0.001
+
+
+def test_sign_sees_own_changes_at_once(tmp_path):
+    cfg = _home(tmp_path)
+    km = KeyManager.from_config(cfg)
+    assert km.reconcile(T0).ok
+    kid1 = jwt.get_unverified_header(km.sign("api", {}))["kid"]
+    assert km.rotate("api", emergency=True, now=T0 + timedelta(hours=1)).ok
+    kid2 = jwt.get_unverified_header(km.sign("api", {}))["kid"]  # no wait at all
+    assert kid2 == km.state().ring("api").active.kid != kid1
+
+
+def test_file_store_reparses_changed_bytes(tmp_path):
+    cfg = _home(tmp_path)
+    km = KeyManager.from_config(cfg)
+    assert km.reconcile(T0).ok
+    store = FileStore(tmp_path / "state.json")
+    s1, v1 = store.load()
+    s2, v2 = store.load()
+    assert s2 is s1 and v2 == v1  # same bytes: the parse is reused
+    assert KeyManager.from_config(cfg).rotate("api", now=T0 + timedelta(hours=1)).ok
+    s3, v3 = store.load()
+    assert v3 > v1 and s3 is not s1 and s3.ring("api").rotate_at is not None
