@@ -156,16 +156,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from keymgr.config import load_config, resolve_config_path
 
         cfg = load_config(resolve_config_path(getattr(args, "config", None)))
+        _warn(cfg)
         print(
             f"{cfg.path}: ok ({len(cfg.policies)} key ring(s), {len(cfg.backends)} "
             f"backend(s), {len(cfg.publishers)} publisher(s))"
         )
         return EXIT_OK
     if c == "run":
-        from keymgr.config import resolve_config_path
+        from keymgr.config import load_config, resolve_config_path
         from keymgr.daemon import run
 
-        return run(resolve_config_path(getattr(args, "config", None)))
+        path = resolve_config_path(getattr(args, "config", None))
+        _warn(load_config(path))
+        return run(path)
 
     m = _manager(args)
     if c == "reconcile":
@@ -186,7 +189,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if c == "status":
         doc = m.status()
         if args.json:
-            print(json.dumps(doc, indent=2))
+            from keymgr.render import json_text
+
+            print(json_text(doc))
         else:
             from keymgr.render import status_text
 
@@ -200,6 +205,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if c == "audit":
         return _audit(m, args)
     raise AssertionError(c)
+
+
+def _warn(cfg: Any) -> None:
+    """Settings that load but may break the rollover promise: one stderr line each."""
+    from keymgr.config import config_warnings
+
+    for w in config_warnings(cfg):
+        print(f"keymgr: warning: {_one_line(w)}", file=sys.stderr)
 
 
 def _print_pass(res: Any) -> int:
@@ -227,7 +240,8 @@ def _sign(m: Any, args: argparse.Namespace) -> int:
 
 def _audit(m: Any, args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
-        n = m.audit.verify(m.state().audit)
+        with m.store.exclusive():  # not between a pass's commit and its append
+            n = m.audit.verify(m.state().audit)
         print(f"{m.audit.path}: ok ({n} events, chain intact, head anchored in state)")
         return EXIT_OK
     for ev in m.audit.events():

@@ -8,6 +8,7 @@ kind of surprise that breaks a rotation months later.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -20,10 +21,13 @@ from typing import Any
 from backends import Backend, backend_class
 from keymgr.errors import ConfigError
 from keymgr.jose import ALGORITHMS
+from keymgr.model import gc_paused
 from keymgr.planner import Policy
 from keymgr.publishers import Publisher, publisher_class
-from keymgr.timefmt import parse_duration
+from keymgr.timefmt import format_duration, parse_duration
 
+#: ``max-age=N`` / ``s-maxage=N`` in a Cache-Control value (a CDN honours s-maxage).
+MAX_AGE_RE = re.compile(r"(?:^|,)\s*(?:s-maxage|max-age)\s*=\s*\"?(\d+)\"?\s*(?=,|$)", re.I)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PORT_RE = re.compile(r"[0-9]{1,5}")
 #: A host name (RFC 1123), an IPv4 address, or a bracketed IPv6 address.
@@ -66,6 +70,8 @@ class Config:
     backends: Mapping[str, Backend]
     publishers: Mapping[str, Publisher]
     policies: Mapping[str, Policy]
+    #: Per publisher, its ``cache_control`` option as configured (None when absent).
+    cache_control: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -135,7 +141,8 @@ def load_config(path: Path | str) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
+        with gc_paused():
+            doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
@@ -190,6 +197,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
             raise ConfigError(f"{path}: {e}") from None
 
     publishers: dict[str, Publisher] = {}
+    cache_control: dict[str, str | None] = {}
     for name, tbl in ctx.table(doc, "publishers", "publishers").items():
         where = f"publishers.{name}"
         ctx.name(name, where)
@@ -200,6 +208,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
             publishers[name] = pcls(name, tbl, str(base))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        cache_control[name] = _cache_control(publishers[name], tbl)
 
     policies: dict[str, Policy] = {}
     rings = ctx.table(doc, "keyrings", "keyrings")
@@ -209,8 +218,52 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         policies[name] = _ring(ctx, name, tbl, backends, publishers)
     _check_collisions(ctx, path, daemon, backends, publishers)
     return Config(
-        path=path, daemon=daemon, backends=backends, publishers=publishers, policies=policies
+        path=path,
+        daemon=daemon,
+        backends=backends,
+        publishers=publishers,
+        policies=policies,
+        cache_control=cache_control,
     )
+
+
+def _cache_control(pub: Publisher, options: Mapping[str, Any]) -> str | None:
+    """The Cache-Control a publisher's JWKS is served with: its ``cache_control``.
+
+    The value the publisher resolved (which includes its default, e.g. the S3
+    publisher's) wins over the raw option; any publisher type may have one.
+    """
+    for v in (getattr(pub, "cache_control", None), options.get("cache_control")):
+        if isinstance(v, str):
+            return v
+    return None
+
+
+def max_age(cache_control: str | None) -> timedelta | None:
+    """The longest ``max-age`` / ``s-maxage`` of a Cache-Control value, if any."""
+    ages = [int(m) for m in MAX_AGE_RE.findall(cache_control or "")]
+    return timedelta(seconds=max(ages)) if ages else None
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that load but break the rollover promise: one line each.
+
+    A verifier (or CDN) may cache the JWKS for the publisher's Cache-Control
+    max-age; a ring whose ``publish_ahead`` is shorter can start signing with a
+    key those caches do not hold yet, and verifiers reject its tokens.
+    """
+    out = []
+    for ring, pol in cfg.policies.items():
+        for name in pol.publishers:
+            age = max_age(cfg.cache_control.get(name))
+            if age is not None and pol.publish_ahead < age:
+                out.append(
+                    f"{cfg.path}: keyrings.{ring}.publish_ahead: "
+                    f"{format_duration(pol.publish_ahead)} is shorter than the Cache-Control "
+                    f"max-age of publishers.{name} ({format_duration(age)}): verifiers may "
+                    "still cache the old JWKS when a new key starts signing"
+                )
+    return out
 
 
 def _ring(

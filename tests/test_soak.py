@@ -1,0 +1,181 @@
+"""Rollover soak, short form, and the publish_ahead vs Cache-Control warning.
+
+``benchmarks/soak.py`` runs the real daemon with periods of seconds, an issuer
+signing continuously through the Python API, and independent verifiers
+(PyJWT ``PyJWKClient``, jwcrypto ``JWKSet``, npm ``jose``
+``createRemoteJWKSet``) fetching the JWKS over HTTP and caching it as long as
+the rules allow. Here it runs:
+
+- on the file backend for >= 10 rotations with faults (daemon SIGKILLed and
+  restarted, JWKS target made unwritable), and must see no rejection at all
+  and every post-fault check pass;
+- misconfigured (publish_ahead shorter than the verifiers' cache), where it
+  must see rejections: proof that the harness can fail.
+
+The long form is documented in ``benchmarks/soak.py`` and README "Guarantees".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Home
+
+REPO = Path(__file__).resolve().parent.parent
+SOAK = REPO / "benchmarks" / "soak.py"
+
+
+def run_soak(tmp_path: Path, *args: str, timeout: float) -> tuple[str, dict[str, Any], int]:
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(SOAK), *args, "--workdir", str(tmp_path / "w"), "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert report.exists(), f"soak wrote no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stdout, json.loads(report.read_text()), proc.returncode
+
+
+@pytest.mark.slow
+def test_soak_file_backend_faults_no_rejection(tmp_path: Path) -> None:
+    missing = [t for t in ("node", "npm") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: the npm jose verifier cannot run")
+    out, r, rc = run_soak(
+        tmp_path, "--backend", "file", "--rotations", "10", "--period", "4", "--faults",
+        timeout=240,
+    )  # fmt: skip
+    names = {v["name"] for v in r["verifiers"]}
+    assert names == {"pyjwt", "jwcrypto", "jose"}, out
+    assert r["rotations"] >= 10, out
+    assert r["rejections"] == 0, out
+    for v in r["verifiers"]:
+        assert v["done"] and v["kids_seen"] >= 11, out
+        # Nearly every token was checked twice (a token is skipped only if the
+        # machine was so busy that it expired before its turn).
+        assert v["fresh"] >= 0.95 * r["tokens_issued"] and v["late"] >= 0.9 * v["fresh"], out
+    kinds = {f["kind"] for f in r["faults"]}
+    assert {"kill", "block"} <= kinds, out
+    assert all(f["ok"] for f in r["faults"]), out
+    assert all(c["ok"] for c in r["checks"]), out
+    assert r["daemon"]["sigkills"] >= 1 and not r["daemon"]["unexpected_exits"], out
+    # Every rotated key was served about publish_ahead before its first use (up
+    # to 1 s less: keymgr records whole seconds; the watcher polls every 50 ms),
+    # and no key left the JWKS before all of its tokens had expired.
+    k = r["keymgr_settings"]
+    assert r["publication_to_first_use"]["min"] >= k["publish_ahead"] - 1.5, out
+    assert r["last_expiry_to_unpublication"]["min"] > 0, out
+    assert not r["private_members_published"] and not r["failures"], out
+    assert r["passed"] and rc == 0, out
+
+
+@pytest.mark.slow
+def test_soak_misconfigured_shows_rejections(tmp_path: Path) -> None:
+    out, r, rc = run_soak(tmp_path, "--misconfigure", "--rotations", "2", "--no-node", timeout=150)
+    k = r["keymgr_settings"]
+    assert k["publish_ahead"] < k["verifier_cache_max"], out
+    assert r["rotations"] >= 2, out
+    assert r["rejections"] > 0, out
+    reasons = " ".join(reason for v in r["verifiers"] for reason in v["reasons"])
+    assert "signing key" in reasons or "Missing Key" in reasons, out
+    # `config check` warned about exactly this.
+    assert len(r["config_warnings"]) == 1 and "publish_ahead" in r["config_warnings"][0], out
+    assert r["passed"] and rc == 0, out
+
+
+# ------------------------------------------------------------------ the config warning
+
+
+def set_cache_control(home: Home, value: str | None) -> None:
+    text = home.config.read_text()
+    marker = 'path = "public/.well-known/jwks.json"'
+    assert marker in text
+    if value is not None:
+        text = text.replace(marker, f'{marker}\ncache_control = "{value}"', 1)
+    home.config.write_text(text)
+
+
+def warnings_of(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("keymgr: warning:")]
+
+
+@pytest.mark.parametrize(
+    ("publish_ahead", "cache_control", "warns"),
+    [
+        ("1h", "public, max-age=7200", True),
+        ("1h", "public, max-age=3600", False),  # equal is enough
+        ("1h", "public, max-age=300", False),
+        ("5m", "public, max-age=60, s-maxage=600", True),  # a CDN keeps it for s-maxage
+        ("1h", "no-store", False),
+        ("1h", None, False),
+    ],
+)
+def test_config_check_warns_when_publish_ahead_shorter_than_max_age(
+    home: Home, publish_ahead: str, cache_control: str | None, warns: bool
+) -> None:
+    home.set_ring(publish_ahead=publish_ahead)
+    set_cache_control(home, cache_control)
+    proc = home.run("config", "check")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok (1 key ring(s), 1 backend(s), 1 publisher(s))")
+    found = warnings_of(proc.stderr)
+    if not warns:
+        assert proc.stderr == "", proc.stderr
+        return
+    assert len(found) == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    w = found[0]
+    assert str(home.config) in w and "keyrings.default.publish_ahead" in w, w
+    assert "publishers.site" in w and publish_ahead in w, w
+
+
+def test_config_check_warns_for_s3_default_cache_control(home: Home) -> None:
+    """Generic: any publisher's cache_control counts, including the S3 default (max-age=300)."""
+    home.config.write_text(
+        home.config.read_text()
+        + '\n[publishers.cdn]\ntype = "s3"\nbucket = "example-jwks"\nkey = "jwks.json"\n'
+    )
+    home.set_ring(publish_ahead="1m")
+    text = home.config.read_text().replace('publishers = ["site"]', 'publishers = ["site", "cdn"]')
+    home.config.write_text(text)
+    proc = home.run("config", "check")
+    assert proc.returncode == 0, proc.stderr
+    found = warnings_of(proc.stderr)
+    assert len(found) == 1 and "publishers.cdn" in found[0] and "(5m)" in found[0], proc.stderr
+
+
+def test_daemon_start_warns_and_runs(home: Home) -> None:
+    home.set_ring(publish_ahead="1m")
+    set_cache_control(home, "public, max-age=600")
+    text = home.config.read_text().replace('listen = "127.0.0.1:9464"', 'listen = "127.0.0.1:0"')
+    home.config.write_text(text)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keymgr.cli", "--config", str(home.config), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=home.dir,
+        env=home.env(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("keymgr: warning:") and "publish_ahead" in line, line
+        deadline = time.monotonic() + 30
+        while not home.jwks_path.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the daemon did not publish"
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        rc = proc.wait(timeout=30)
+    assert rc == 0
