@@ -345,8 +345,9 @@ class Daemon:
                         f"{config.path}: daemon.listen {host}:{port}: cannot listen: {e.strerror}"
                     ) from None
         except KeymgrError as e:
-            log.error("config.rejected", error=str(e), keeping="previous config")
+            # Audit first: whoever reacts to the log line finds the event recorded.
             self.record({"event": "config.rejected", "reason": str(e)})
+            log.error("config.rejected", error=str(e), keeping="previous config")
             return
         with self.tick_lock, self.lease_lock:
             manager.metrics = self.metrics

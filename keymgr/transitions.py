@@ -9,7 +9,7 @@ audit event per key-state change (invariant 7); the event dicts are completed
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from keymgr.model import (
@@ -30,7 +30,7 @@ Result = tuple[State, list[Event]]
 
 
 def _event(name: str, ring: str | None, key: Key | None, now: datetime, **extra: Any) -> Event:
-    ev: Event = {"event": name, "ts": now, "ring": ring}
+    ev: Event = {"event": name, "ts": _floor(now), "ring": ring}
     if key is not None:
         ev["kid"] = key.kid
         ev["backend"] = key.backend
@@ -39,7 +39,21 @@ def _event(name: str, ring: str | None, key: Key | None, now: datetime, **extra:
     return ev
 
 
+def _floor(now: datetime) -> datetime:
+    return now.replace(microsecond=0)
+
+
+def _ceil(now: datetime) -> datetime:
+    """Round up to the second: the times that gate promotion (published_at) and
+    expiry (retired_at) must never be recorded before the real instant, or the
+    planner, comparing whole seconds, promotes or unpublishes up to 1 s early
+    (found by the soak harness). Drills with ``--at`` use whole seconds: no change."""
+    whole = _floor(now)
+    return whole if whole == now else whole + timedelta(seconds=1)
+
+
 def _tick(state: State, now: datetime) -> State:
+    now = _floor(now)
     if state.clock is None or now > state.clock:
         return replace(state, clock=now)
     return state
@@ -71,7 +85,12 @@ def add_key(
     if state.ring(ring).key(kid) is not None:
         raise KeyError(f"ring {ring!r} already records key {kid!r}")
     key = Key(
-        kid=kid, alg=alg, backend=backend, state=PENDING, public_jwk=public_jwk, created_at=now
+        kid=kid,
+        alg=alg,
+        backend=backend,
+        state=PENDING,
+        public_jwk=public_jwk,
+        created_at=_floor(now),
     )
     name = "key.adopted" if adopted else "key.generated"
     return _set_key(state, ring, key, now), [_event(name, ring, key, now, reason=reason)]
@@ -87,7 +106,7 @@ def publisher_confirmed(
 ) -> Result:
     """A publisher read back exactly the document we meant it to serve."""
     pubs = dict(state.publishers)
-    pubs[publisher] = PublisherRecord(sha256=sha256, kids=kids, confirmed_at=now)
+    pubs[publisher] = PublisherRecord(sha256=sha256, kids=kids, confirmed_at=_floor(now))
     new = _tick(replace(state, publishers=pubs), now)
     ev = _event(
         "jwks.published",
@@ -106,7 +125,7 @@ def mark_published(state: State, ring: str, kid: str, now: datetime) -> Result:
     key = _get(state, ring, kid)
     if key.state != PENDING:
         raise ValueError(f"key {kid}: cannot publish a {key.state} key")
-    key = replace(key, state=PUBLISHED, published_at=now)
+    key = replace(key, state=PUBLISHED, published_at=_ceil(now))
     return _set_key(state, ring, key, now), [_event("key.published", ring, key, now)]
 
 
@@ -123,12 +142,17 @@ def promote(
         old = _get(state, ring, retire)
         if old.state != ACTIVE:
             raise ValueError(f"key {retire}: cannot retire a {old.state} key")
-        old = replace(old, state=RETIRED, retired_at=now)
+        old = replace(old, state=RETIRED, retired_at=_ceil(now))
         r = r.with_key(old)
         events.append(_event("key.retired", ring, old, now, reason=f"superseded by {kid}"))
     if r.active is not None:
         raise ValueError(f"ring {ring}: {r.active.kid} is still active")
-    key = replace(key, state=ACTIVE, activated_at=now)
+    # A key promoted within the second it was published (bootstrap, emergency)
+    # has published_at rounded up past ``now``: never record it active earlier.
+    activated = _floor(now)
+    if key.published_at is not None and key.published_at > activated:
+        activated = key.published_at
+    key = replace(key, state=ACTIVE, activated_at=activated)
     r = replace(r.with_key(key), rotate_at=None, emergency=False)
     events.insert(0, _event("key.promoted", ring, key, now, reason=reason))
     return _tick(state.with_ring(r), now), events
@@ -138,7 +162,7 @@ def expire(state: State, ring: str, kid: str, now: datetime) -> Result:
     key = _get(state, ring, kid)
     if key.state != RETIRED:
         raise ValueError(f"key {kid}: cannot expire a {key.state} key")
-    key = replace(key, state=EXPIRED, expired_at=now)
+    key = replace(key, state=EXPIRED, expired_at=_floor(now))
     return _set_key(state, ring, key, now), [_event("key.expired", ring, key, now)]
 
 
@@ -146,7 +170,7 @@ def destroy(state: State, ring: str, kid: str, now: datetime) -> Result:
     key = _get(state, ring, kid)
     if key.state not in (EXPIRED, REVOKED):
         raise ValueError(f"key {kid}: cannot destroy a {key.state} key")
-    key = replace(key, state=DESTROYED, destroyed_at=now)
+    key = replace(key, state=DESTROYED, destroyed_at=_floor(now))
     return _set_key(state, ring, key, now), [_event("key.destroyed", ring, key, now)]
 
 
@@ -157,7 +181,7 @@ def revoke(state: State, kid: str, now: datetime, reason: str | None) -> Result:
     ring, key = found
     if key.state in (DESTROYED, REVOKED):
         raise ValueError(f"key {kid} is already {key.state}")
-    key = replace(key, state=REVOKED, revoked_at=now, reason=reason)
+    key = replace(key, state=REVOKED, revoked_at=_floor(now), reason=reason)
     r = ring.with_key(key)
     return _tick(state.with_ring(r), now), [
         _event("key.revoked", ring.name, key, now, reason=reason)
@@ -166,6 +190,6 @@ def revoke(state: State, kid: str, now: datetime, reason: str | None) -> Result:
 
 def request_rotation(state: State, ring: str, now: datetime, emergency: bool) -> Result:
     r = state.ring(ring)
-    r = replace(r, rotate_at=now, emergency=r.emergency or emergency)
+    r = replace(r, rotate_at=_floor(now), emergency=r.emergency or emergency)
     ev = _event("rotate.requested", ring, None, now, emergency=emergency)
     return _tick(state.with_ring(r), now), [ev]

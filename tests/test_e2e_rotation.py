@@ -441,7 +441,7 @@ def test_revoke_unpublishes_destroys_and_replaces(home):
     assert any("key.destroyed" in line and k2 in line for line in out), out
     d.refresh_status()
     d.audit_verify()
-    states = {k["kid"]: k for k in d}
+    states = {k["kid"]: k for k in d.keys()}
     assert states[k2]["state"] == "destroyed" and states[k2]["revoked_at"] == ts(at)
     k3 = d.active_kid()
     assert k3 not in (k1, k2)
@@ -562,7 +562,7 @@ def test_rotate_emergency_promotes_at_once(home):
     d.audit_verify()
     k2 = d.active_kid()
     assert k2 != k1
-    k = {x["kid"]: x for x in d}
+    k = {x["kid"]: x for x in d.keys()}
     assert k[k2]["activated_at"] == ts(at) and k[k1]["retired_at"] == ts(at)
     assert k[k1]["state"] == "retired"
     jwks = d.check()  # the old key's live token still verifies

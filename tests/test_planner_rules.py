@@ -706,3 +706,51 @@ def test_daemon_waking_at_next_at_follows_the_timeline() -> None:
         "api-3": ACTIVE,
     }
     assert all(k.state in IN_JWKS or k.kid not in sim.served["site"] for k in sim.ring().keys)
+
+
+# --- sub-second clocks ----------------------------------------------------------------
+
+
+def test_gating_times_round_up_so_promotion_is_never_early() -> None:
+    """The daemon's clock has microseconds; state keeps whole seconds.
+
+    published_at is rounded up, so a key confirmed at 10:00:00.7 is promoted no
+    earlier than 10:00:01 + A, never at 10:00:00 + A (0.7 s too early for a
+    verifier whose cache was filled just before the publish).
+    """
+    k1 = key("k1", ACTIVE, T0, published_at=T0, activated_at=T0)
+    k2 = key("k2", PENDING, T0 + P - A)
+    state = build(k1, k2, listed={"site": ["k1", "k2"], "cdn": ["k1", "k2"]})
+    confirmed = T0 + P - A + timedelta(milliseconds=700)
+    state, _ = transitions.mark_published(state, "api", "k2", confirmed)
+    published = state.ring("api").key("k2").published_at
+    assert published == T0 + P - A + SEC
+    assert published >= confirmed
+    just_before = confirmed + A + timedelta(milliseconds=200)  # < published + A
+    assert not any(isinstance(a, Promote) for a in plan(state, policies(), just_before).due)
+    assert Promote("api", "k2", "k1", "scheduled") in plan(state, policies(), published + A).due
+    # Whole-second clocks (--at drills) are unchanged.
+    state2, _ = transitions.mark_published(build(k1, k2), "api", "k2", T0 + P - A)
+    assert state2.ring("api").key("k2").published_at == T0 + P - A
+
+
+def test_retired_at_rounds_up_and_the_state_clock_down() -> None:
+    k1 = key("k1", ACTIVE, T0, published_at=T0, activated_at=T0)
+    k2 = key("k2", PUBLISHED, T0 + P - A, published_at=T0 + P - A)
+    at = T0 + P + timedelta(milliseconds=300)
+    state, _ = transitions.promote(build(k1, k2), "api", "k2", "k1", at, "scheduled")
+    assert state.ring("api").key("k1").retired_at == T0 + P + SEC
+    assert state.ring("api").key("k2").activated_at == T0 + P
+    assert state.clock == T0 + P  # never ahead of the real clock
+
+
+def test_promotion_in_the_second_of_publication_never_precedes_it() -> None:
+    """Bootstrap and emergency rotations publish and promote in one pass: the key's
+    activated_at must not fall before its rounded-up published_at (found by the
+    soak's timestamp-order check)."""
+    k1 = key("k1", PENDING, T0)
+    at = T0 + timedelta(milliseconds=400)
+    state, _ = transitions.mark_published(build(k1), "api", "k1", at)
+    state, _ = transitions.promote(state, "api", "k1", None, at, "bootstrap")
+    k = state.ring("api").key("k1")
+    assert k.created_at <= k.published_at <= k.activated_at == T0 + SEC
