@@ -280,7 +280,33 @@ DEFAULT_CACHE_CONTROL = "public, max-age=300"
 CONTENT_TYPE = "application/json"
 
 
-class S3Publisher(Publisher):
+class _LazyS3:
+    """The boto3 S3 client of a publisher or store, created on first use.
+
+    Not at construction: ``config check`` and ``--help`` must never import
+    boto3 nor touch the network; a client creation failure (bad profile) is
+    then reported like any other request failure of that component.
+    """
+
+    connection: AWSConnection
+    _lock: Any
+    _client: Any
+
+    def _error(self, operation: str, exc: BaseException) -> Exception:
+        raise NotImplementedError
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = self.connection.client("s3")
+                except _aws_errors() as e:
+                    raise self._error("create client", e) from None
+            return self._client
+
+
+class S3Publisher(_LazyS3, Publisher):
     """The JWKS as one S3 object (typically behind a CDN): ``type = "s3"``."""
 
     type_name: ClassVar[str] = "s3"
@@ -324,17 +350,6 @@ class S3Publisher(Publisher):
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
-
-    @property
-    def client(self) -> Any:
-        """The boto3 S3 client, created on first use."""
-        with self._lock:
-            if self._client is None:
-                try:
-                    self._client = self.connection.client("s3")
-                except _aws_errors() as e:
-                    raise self._error("create client", e) from None
-            return self._client
 
     def _error(self, operation: str, exc: BaseException) -> PublishError:
         return PublishError(f"publisher {self.name}: {self.url}: {operation}: {aws_reason(exc)}")
@@ -503,7 +518,7 @@ def _store_params(url: str) -> tuple[str, str, dict[str, Any]]:
     return bucket, key, params
 
 
-class S3Store(StateStore):
+class S3Store(_LazyS3, StateStore):
     """``s3://BUCKET/KEY[?region=..&endpoint_url=..&profile=..&lock_ttl=..&...]``.
 
     Three objects: ``KEY`` (the state document, CAS on its ETag), ``KEY.lock``
@@ -556,16 +571,6 @@ class S3Store(StateStore):
     @property
     def location(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
-
-    @property
-    def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                try:
-                    self._client = self.connection.client("s3")
-                except _aws_errors() as e:
-                    raise self._error("create client", e) from None
-            return self._client
 
     def _error(self, operation: str, exc: BaseException) -> StoreError:
         return StoreError(f"state {self.location}: {operation}: {aws_reason(exc)}")
