@@ -39,13 +39,13 @@ state lost (still in state, still in the backend unless destroyed),
 
 Settings (seconds): ``--period`` P; ``--cache`` L, the longest JWKS cache
 lifetime of any verifier (also the Cache-Control max-age); ``--skew`` S;
-``--ttl`` T; ``--resolution`` R. By default publish_ahead A = L + R and
-retire_grace G = T + S + R (+ 1 s with ``--cloud-state``: issuers on a shared
-store notice a promotion within 1 s): the tightest settings the rules allow. R = 1 s
-because keymgr records times in whole seconds (a key may be promoted up to 1 s
-less than A after it was really published, and unpublished up to 1 s less than
-G after it really stopped signing); ``--resolution 0`` (A = L exactly) shows
-it. ``--misconfigure`` sets A shorter than the verifiers' cache lifetime and
+``--ttl`` T; ``--resolution`` R, an extra margin (default 0). By default
+publish_ahead A = L + R and retire_grace G = T + S + R (+ 1 s with
+``--cloud-state``: issuers on a shared store notice a promotion within 1 s):
+the tightest settings the rules allow. keymgr records times in whole seconds,
+rounding published_at and retired_at up, so R = 0 is safe (before that
+rounding, a key could be promoted up to 1 s early: the soak found it).
+``--misconfigure`` sets A shorter than the verifiers' cache lifetime and
 must show rejections (the harness can fail).
 
 Examples::
@@ -121,7 +121,7 @@ class Settings:
     cache: int = 2  # L: longest verifier JWKS cache lifetime, and the Cache-Control max-age
     skew: int = 1  # S: issuer clocks off by up to +-S; every verifier's leeway
     ttl: int = 3  # T: token lifetime
-    resolution: int = 1  # R: keymgr's recorded times are whole seconds
+    resolution: int = 0  # R: extra margin on A and G (s)
     publish_ahead: int = 0  # A (0: L + R)
     retire_grace: int = 0  # G (0: T + S + R)
     destroy_after: int = 1  # D
@@ -1446,7 +1446,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         "--resolution",
         type=int,
         default=d.resolution,
-        help="margin R for keymgr's whole-second timestamps (s)",
+        help="extra margin R added to A and G (s)",
     )
     p.add_argument("--publish-ahead", type=int, default=0, help="A (s); default L + R")
     p.add_argument(
