@@ -43,6 +43,7 @@ __all__ = [
     "b64url_bytes",
     "b64url_decode",
     "check_key_matches_alg",
+    "claims_json",
     "compact_json",
     "curve_for",
     "der_to_raw_ecdsa",
@@ -202,6 +203,39 @@ def _make_compact_json() -> Callable[[Any], str]:
 
 #: ``json.dumps(obj, separators=(",", ":"))``, same text, cheaper per call.
 compact_json: Callable[[Any], str] = _make_compact_json()
+
+
+def _make_claims_json() -> Callable[[Any], bytes]:
+    # orjson writes a small claims set in ~0.2 us against ~1.3 us for the C
+    # encoder of the stdlib: a sixth of keymgr's own cost around an ES256
+    # signature. Kept to plain JSON types: datetimes, dataclasses and
+    # subclasses go to ``default`` (which refuses them, as json does) instead
+    # of orjson's own renderings (an ``exp`` datetime would become a string
+    # that verifiers reject). What orjson refuses (integers beyond 64 bits,
+    # non-string keys) falls back to the stdlib, so the accepted input and
+    # its errors stay those of ``json``.
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - a declared dependency
+        return lambda obj: compact_json(obj).encode()
+    dumps = orjson.dumps
+    opts = (
+        orjson.OPT_PASSTHROUGH_DATETIME
+        | orjson.OPT_PASSTHROUGH_DATACLASS
+        | orjson.OPT_PASSTHROUGH_SUBCLASS
+    )
+
+    def claims_json(obj: Any) -> bytes:
+        try:
+            return dumps(obj, _json_default, opts)
+        except TypeError:
+            return compact_json(obj).encode()
+
+    return claims_json
+
+
+#: Compact UTF-8 JSON of a claims set, for the signing hot path.
+claims_json: Callable[[Any], bytes] = _make_claims_json()
 
 
 def b64url_decode(s: str) -> bytes:
@@ -367,13 +401,17 @@ def make_signer(private_key: PrivateKey, alg: str) -> Signer:
             # P-256/P-384 DER from OpenSSL: 30 L 02 rl r 02 sl s, all lengths
             # short-form. Slicing r and s out costs a third of decoding them to
             # integers and back; anything not of exactly that shape takes the
-            # general decoder.
+            # general decoder. s ends the sequence, so when it is full length
+            # (sl = size, or size + 1 with a sign byte) it is the last
+            # ``size`` bytes.
             rl = der[3]
             if der[0] == 0x30 and der[2] == 2 and der[4 + rl] == 2 and der[1] + 2 == len(der):
-                return (
-                    der[4 : 4 + rl][-size:].rjust(size, b"\0")
-                    + der[6 + rl :][-size:].rjust(size, b"\0")
-                )
+                r = der[4 : 4 + rl][-size:]
+                if len(r) < size:
+                    r = r.rjust(size, b"\0")
+                if der[5 + rl] >= size:
+                    return r + der[-size:]
+                return r + der[6 + rl :].rjust(size, b"\0")
             return der_to_raw_ecdsa(der, size)  # pragma: no cover - OpenSSL is DER
 
         return sign_ec
