@@ -208,12 +208,12 @@ class Driver:
         self.status_ring = json.loads("\n".join(self.cli("status", "--json")))["rings"][self.ring]
         return self.status_ring
 
-    def keys(self, *states: str) -> list[dict[str, Any]]:
+    def ring_keys(self, *states: str) -> list[dict[str, Any]]:
         return [k for k in self.status_ring["keys"] if not states or k["state"] in states]
 
     def active_kid(self) -> str:
-        active = self.keys("active")
-        assert len(active) == 1, f"expected exactly one active key: {self.keys()}"
+        active = self.ring_keys("active")
+        assert len(active) == 1, f"expected exactly one active key: {self.ring_keys()}"
         return active[0]["kid"]
 
     def audit_verify(self) -> None:
@@ -233,7 +233,7 @@ class Driver:
         assert len(out) == 1, out
         header = jwt.get_unverified_header(out[0])
         assert header["alg"] == self.alg and header["typ"] == "JWT", header
-        assert header["kid"] == self.active_kid(), (header, self.keys())
+        assert header["kid"] == self.active_kid(), (header, self.ring_keys())
         payload = jwt.decode(out[0], options={"verify_signature": False})
         iat = int(self.now.timestamp())
         assert payload["iat"] == iat and payload["exp"] == iat + int(ttl.total_seconds()), payload
@@ -254,9 +254,9 @@ class Driver:
         assert self.now is not None
         jwks = JwksOnDisk.read(self.home.jwks_path)
         check_jwks_document(jwks, self.alg)
-        keys = self.keys()
-        assert len(self.keys("active")) <= 1, keys
-        assert not self.keys("pending"), f"a pass left a pending key: {keys}"
+        keys = self.ring_keys()
+        assert len(self.ring_keys("active")) <= 1, keys
+        assert not self.ring_keys("pending"), f"a pass left a pending key: {keys}"
         in_jwks = {k["kid"] for k in keys if k["state"] in IN_JWKS}
         assert set(jwks.kids) == in_jwks, (jwks.kids, keys)
         alive = {k["kid"] for k in keys if k["state"] != "destroyed"}
@@ -354,14 +354,14 @@ def test_three_rotations_never_break_a_live_token(home, alg):
     start = T0 + timedelta(seconds=rng.randint(0, 86400))
 
     d.step(start, expect={"key.generated", "key.published", "key.promoted"})
-    first = d.keys()
+    first = d.ring_keys()
     assert [k["state"] for k in first] == ["active"], first
     assert first[0]["activated_at"] == ts(start)
 
     # Three full rotations: keys 1, 2 and 3 each go active -> retired ->
     # expired -> destroyed; key 4 is the signer at the end.
     for _ in range(40):
-        if len(d.keys("destroyed")) == 3:
+        if len(d.ring_keys("destroyed")) == 3:
             break
         nxt = d.status_ring["next"]
         assert nxt is not None, d.status_ring
@@ -386,7 +386,7 @@ def test_three_rotations_never_break_a_live_token(home, alg):
     else:
         pytest.fail("three rotations did not complete:\n" + "\n".join(d.log))
 
-    keys = d.keys()
+    keys = d.ring_keys()
     assert [k["state"] for k in keys] == ["destroyed"] * 3 + ["active"], keys
     # The schedule, from the recorded times: each successor was generated at
     # activated + P - A, promoted at activated + P (after being published for
@@ -441,7 +441,7 @@ def test_revoke_unpublishes_destroys_and_replaces(home):
     assert any("key.destroyed" in line and k2 in line for line in out), out
     d.refresh_status()
     d.audit_verify()
-    states = {k["kid"]: k for k in d.keys()}
+    states = {k["kid"]: k for k in d.ring_keys()}
     assert states[k2]["state"] == "destroyed" and states[k2]["revoked_at"] == ts(at)
     k3 = d.active_kid()
     assert k3 not in (k1, k2)
@@ -490,7 +490,7 @@ def test_revoke_published_successor_keeps_signer(home):
     d.cli("rotate", "default", "--at", ts(at))
     d.now = at
     d.refresh_status()
-    succ = d.keys("published")
+    succ = d.ring_keys("published")
     assert len(succ) == 1
     d.check()
     bad = succ[0]["kid"]
@@ -505,7 +505,7 @@ def test_revoke_published_successor_keeps_signer(home):
     assert bad not in jwks.kids and k1 in jwks.kids
     # The rotation request still stands: a fresh successor (never the revoked
     # one) is published and waits publish_ahead like any other.
-    fresh = d.keys("published")
+    fresh = d.ring_keys("published")
     assert [k["kid"] for k in fresh] != [bad]
     if fresh:
         assert d.status_ring["next"]["action"] == "promote"
@@ -528,8 +528,8 @@ def test_rotate_publishes_now_and_promotes_after_publish_ahead(home):
     assert "key.promoted" not in events, out
     d.refresh_status()
     d.audit_verify()
-    succ = d.keys("published")
-    assert len(succ) == 1 and succ[0]["published_at"] == ts(at), d.keys()
+    succ = d.ring_keys("published")
+    assert len(succ) == 1 and succ[0]["published_at"] == ts(at), d.ring_keys()
     assert d.active_kid() == k1
     assert d.status_ring["next"] == {"action": "promote", "kid": succ[0]["kid"], "at": ts(at + A)}
     jwks = d.check()
@@ -541,7 +541,7 @@ def test_rotate_publishes_now_and_promotes_after_publish_ahead(home):
     d.step(at + DEFAULT_A, expect={"key.promoted", "key.retired"})
     assert d.active_kid() == succ[0]["kid"]
     assert d.tokens[-1].kid == succ[0]["kid"]
-    retired = d.keys("retired")
+    retired = d.ring_keys("retired")
     assert [k["kid"] for k in retired] == [k1] and retired[0]["retired_at"] == ts(at + A)
     # The old key stays published for retire_grace.
     assert d.status_ring["next"] == {"action": "expire", "kid": k1, "at": ts(at + A + DEFAULT_G)}
@@ -562,7 +562,7 @@ def test_rotate_emergency_promotes_at_once(home):
     d.audit_verify()
     k2 = d.active_kid()
     assert k2 != k1
-    k = {x["kid"]: x for x in d.keys()}
+    k = {x["kid"]: x for x in d.ring_keys()}
     assert k[k2]["activated_at"] == ts(at) and k[k1]["retired_at"] == ts(at)
     assert k[k1]["state"] == "retired"
     jwks = d.check()  # the old key's live token still verifies
@@ -610,4 +610,4 @@ def test_jwks_command_is_deterministic(home):
     first = home.run("jwks", check=True).stdout
     assert home.run("jwks", check=True).stdout == first
     doc = json.loads(first)
-    assert [k["kid"] for k in doc["keys"]] == sorted(k["kid"] for k in d.keys(*IN_JWKS))
+    assert [k["kid"] for k in doc["keys"]] == sorted(k["kid"] for k in d.ring_keys(*IN_JWKS))
