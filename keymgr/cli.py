@@ -16,9 +16,21 @@ from typing import Any, NoReturn
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: A key id: the RFC 7638 SHA-256 thumbprint, 43 base64url characters.
+_KID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # One kid in 64 starts with "-" (base64url): argparse would take
+        # ``keymgr revoke -53xY...`` or ``--kid -53xY...`` for an unknown
+        # option. No option of keymgr is 43 characters of the kid alphabet.
+        if len(arg_string) == 43 and _KID_CHARS.issuperset(arg_string):
+            return None
+        return super()._parse_optional(arg_string)
 
 
 def _time(text: str) -> Any:

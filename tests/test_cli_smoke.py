@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jwt
+import pytest
 from jwcrypto import jwk as jwk_mod
 from jwcrypto import jwt as jwcrypto_jwt
 
@@ -40,3 +41,20 @@ def test_at_earlier_than_state_is_refused(home):
     proc = home.run("reconcile", "--at", "2029-12-31T23:59:59Z")
     assert proc.returncode == 2
     assert "earlier than the newest time in state" in proc.stderr
+
+
+@pytest.mark.parametrize("kid", ["-53xYArZSSxAWgxSwQ5H43DgBcpINhRWaPWNTBjyUhY",
+                                 "--3xYArZSSxAWgxSwQ5H43DgBcpINhRWaPWNTBjyUhY"])  # fmt: skip
+def test_kids_starting_with_a_dash_are_arguments_not_options(kid: str) -> None:
+    """A base64url thumbprint starts with "-" once in 64 keys (the e2e suite met
+    one): ``revoke KID`` and ``--kid KID`` must take it as the kid."""
+    from keymgr.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["revoke", kid, "--reason", "leaked"])
+    assert (args.kid, args.reason) == (kid, "leaked")
+    args = p.parse_args(["revoke", "--reason", "leaked", kid])
+    assert args.kid == kid
+    assert p.parse_args(["audit", "show", "--kid", kid]).kid == kid
+    with pytest.raises(SystemExit):  # a real unknown option is still refused
+        p.parse_args(["revoke", kid, "--nope"])
