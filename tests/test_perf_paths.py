@@ -53,6 +53,26 @@ def test_compact_json_is_json_dumps():
         jose.compact_json({"when": datetime.now()})
 
 
+def test_claims_json_reads_back_as_the_claims_and_refuses_what_json_refuses():
+    """orjson on the hot path: same meaning as json.dumps (spacing and escapes
+    may differ), the stdlib's answer for what orjson refuses, and no orjson
+    renderings of non-JSON types (an ``exp`` datetime must not become a string)."""
+    samples = [
+        {"sub": "alice", "iat": 1, "exp": 2},
+        {"name": "Zoë ✓ \u2028", "nested": {"a": [1, 2.5, None, True, False]}, "e": {}},
+        {"f": 1e100, "g": -0.0, "big": 12345678901234567890123},
+        {1: "int key"},
+    ]
+    for obj in samples:
+        out = jose.claims_json(obj)
+        compact = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        assert isinstance(out, bytes) and len(out) <= len(compact)
+        assert json.loads(out) == json.loads(json.dumps(obj))
+    for bad in ({"exp": datetime.now()}, {"when": T0}, {"o": object()}):
+        with pytest.raises(TypeError):
+            jose.claims_json(bad)
+
+
 def test_b64url_bytes_is_b64url():
     for n in range(70):
         data = bytes(random.randrange(256) for _ in range(n))
@@ -144,3 +164,22 @@ def test_file_store_reparses_changed_bytes(tmp_path):
     assert KeyManager.from_config(cfg).rotate("api", now=T0 + timedelta(hours=1)).ok
     s3, v3 = store.load()
     assert v3 > v1 and s3 is not s1 and s3.ring("api").rotate_at is not None
+
+
+def test_sign_counts_calls_and_latency_when_metrics_are_attached(tmp_path):
+    from keymgr.metrics import Metrics
+
+    cfg = _home(tmp_path)
+    km = KeyManager.from_config(cfg)
+    assert km.reconcile(T0).ok
+    km.sign("api", {"n": 0})  # no registry attached: nothing to count
+    km.metrics = m = Metrics()
+    for i in range(3):
+        km.sign("api", {"n": i})
+    with pytest.raises(Exception, match="unknown ring"):
+        km.sign("nope", {})
+    get = m.registry.get_sample_value
+    assert get("keymgr_sign_calls_total", {"ring": "api"}) == 3
+    assert get("keymgr_sign_duration_seconds_count", {"ring": "api"}) == 3
+    total = get("keymgr_sign_duration_seconds_sum", {"ring": "api"})
+    assert 0 < total < 3  # seconds, not nanoseconds

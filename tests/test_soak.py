@@ -71,10 +71,11 @@ def test_soak_file_backend_faults_no_rejection(tmp_path: Path) -> None:
     assert r["daemon"]["sigkills"] >= 1 and not r["daemon"]["unexpected_exits"], out
     # Every rotated key was served at least publish_ahead before its first use
     # (published_at is rounded up to the second; the watcher polls every 50 ms,
-    # so it sees a publication a little late on a busy machine), and no key
+    # so it sees a publication late on a busy machine: half a second allowed,
+    # where truncated timestamps lost up to a whole one), and no key
     # left the JWKS before all of its tokens had expired.
     k = r["keymgr_settings"]
-    assert r["publication_to_first_use"]["min"] >= k["publish_ahead"] - 0.25, out
+    assert r["publication_to_first_use"]["min"] >= k["publish_ahead"] - 0.5, out
     assert r["last_expiry_to_unpublication"]["min"] > 0, out
     assert not r["private_members_published"] and not r["failures"], out
     assert r["passed"] and rc == 0, out
