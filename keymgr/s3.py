@@ -536,14 +536,6 @@ class S3Store(_LazyS3, StateStore):
     #: which the timing rules allow (see ``KeyManager._check_fresh``).
     fingerprint_window: ClassVar[float] = 1.0
 
-    @staticmethod
-    def check_url(url: str) -> None:
-        """Validate the URL at config load (no I/O); ValueError names the problem."""
-        try:
-            S3Store(url)
-        except ConfigError as e:
-            raise ValueError(str(e).removeprefix("daemon.state: ")) from None
-
     def __init__(self, url: str) -> None:
         self.url = url
         self.bucket, self.key, params = _store_params(url)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from keymgr.errors import ConflictError, StoreError
+from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.faults import crashpoint
 from keymgr.fsutil import atomic_write
 from keymgr.model import State, gc_paused
@@ -221,11 +221,13 @@ def check_state_url(url: str, base: Path) -> str:
     if scheme == "file":
         return f"file:{_file_path(url, base)}"
     if scheme in _SHARED:
-        # A shared store may validate its URL offline (bucket, parameters), so
-        # `config check` reports it with the file and field like any other error.
-        check = getattr(_store_class(scheme), "check_url", None)
-        if check is not None:
-            check(url)
+        # A shared store's constructor validates its URL offline (bucket,
+        # parameters; no I/O), so `config check` reports it with the file and
+        # field like any other error.
+        try:
+            _store_class(scheme)(url)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("daemon.state: ")) from None
         return url
     known = "".join(f", {s}://..." for s in _SHARED)
     raise ValueError(f"unsupported state store {url!r} (file:PATH{known})")

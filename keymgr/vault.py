@@ -673,14 +673,6 @@ class VaultKVStore(StateStore):
     #: makes exactly one. Why a one-second window is safe: ``KeyManager._check_fresh``.
     fingerprint_window: ClassVar[float] = 1.0
 
-    @staticmethod
-    def check_url(url: str) -> None:
-        """Validate the URL at config load (no I/O); ValueError names the problem."""
-        try:
-            VaultKVStore(url)
-        except ConfigError as e:
-            raise ValueError(str(e).removeprefix("daemon.state: ")) from None
-
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         mount = parts.netloc
