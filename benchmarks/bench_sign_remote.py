@@ -133,7 +133,7 @@ def measure(kind: str, cfg: Path, server: Any, calls: int) -> list[dict[str, Any
         kid = jwt.get_unverified_header(token)["kid"]
         signing_input = token.rsplit(".", 1)[0].encode()
         bare = (bare_kms(server.url, cold, ring, kid, alg) if kind == "kms"
-                else bare_vault(server.url, server.token, cold, ring, kid, alg))
+                else bare_vault(server.addr, server.token, cold, ring, kid, alg))
         requests.clear()
         lat = c.latencies(
             {"keymgr": lambda r=ring, k=cold: k.sign(r, CLAIMS),
@@ -179,7 +179,7 @@ def main() -> int:
             bao = c.start_bao(tmp)
             servers.append(bao)
             os.environ["VAULT_TOKEN"] = bao.token
-            results += measure("vault", home(tmp, "vault", vault_section(bao.url)), bao, calls)
+            results += measure("vault", home(tmp, "vault", vault_section(bao.addr)), bao, calls)
     finally:
         for s in servers:
             s.stop()

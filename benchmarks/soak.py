@@ -716,7 +716,7 @@ class KmsEnv(Env):
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("AWS_")})
         for name in servers_moto._AWS_ENV_TO_CLEAR:
             os.environ.pop(name, None)
-        self.server = servers_moto._start(self.work)
+        self.server = servers_moto.start_moto(self.work)
         import boto3
 
         boto3.client("s3", endpoint_url=self.server.url, region_name=REGION).create_bucket(

@@ -120,7 +120,7 @@ class MotoServer:
                 self.proc.wait(timeout=10)
 
 
-def _start(log_dir: Path) -> MotoServer:
+def start_moto(log_dir: Path) -> MotoServer:
     last = ""
     for _attempt in range(3):  # the free port may be taken between probe and bind
         port = _free_port()
@@ -147,7 +147,7 @@ def _start(log_dir: Path) -> MotoServer:
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """One moto server per xdist worker (each worker is its own pytest session)."""
-    server = _start(tmp_path_factory.mktemp("moto"))
+    server = start_moto(tmp_path_factory.mktemp("moto"))
     try:
         yield server
     finally:
