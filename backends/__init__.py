@@ -9,7 +9,7 @@ discovers job stores), so a third party can ship one as its own distribution.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,6 +54,19 @@ class Backend(abc.ABC):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         self.name = name
+
+    def _refuse_unknown(
+        self, options: Mapping[str, Any], known: Collection[str], also: Collection[str] = ()
+    ) -> None:
+        """A misspelt option is an error, not a silent default. ``also``: accepted
+        here but left out of the list shown (options refused later with a message
+        of their own)."""
+        unknown = sorted(set(options) - set(known) - set(also))
+        if unknown:
+            raise ConfigError(
+                f"backends.{self.name}.{unknown[0]}: unknown option "
+                f"(known: {', '.join(sorted(known))})"
+            )
 
     @abc.abstractmethod
     def generate(self, ring: str, alg: str) -> GeneratedKey:

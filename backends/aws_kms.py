@@ -133,12 +133,7 @@ class KMSBackend(Backend):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise ConfigError(
-                f"backends.{name}.{unknown[0]}: unknown option "
-                f"(known: {', '.join(sorted(_OPTIONS))})"
-            )
+        self._refuse_unknown(options, _OPTIONS)
         self.connection: AWSConnection = parse_connection(options, f"backends.{name}.")
         prefix = options.get("alias_prefix", "keymgr")
         if (

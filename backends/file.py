@@ -66,12 +66,7 @@ class FileBackend(Backend):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise ConfigError(
-                f"backends.{name}.{unknown[0]}: unknown option "
-                f"(known: {', '.join(sorted(_OPTIONS))})"
-            )
+        self._refuse_unknown(options, _OPTIONS)
         path = self._path_option(options, "path", config_dir, required=True)
         assert path is not None  # required=True never returns None
         self._path: Path = path

@@ -135,12 +135,7 @@ class VaultTransitBackend(Backend):
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
         # "token" is known, to be refused with a useful message by vault_client().
-        unknown = sorted(set(options) - _OPTIONS - {"token"})
-        if unknown:
-            raise ConfigError(
-                f"backends.{name}.{unknown[0]}: unknown option "
-                f"(known: {', '.join(sorted(_OPTIONS))})"
-            )
+        self._refuse_unknown(options, _OPTIONS, also={"token"})
         where = f"backends.{name}"
         mount = options.get("mount", "transit")
         if not isinstance(mount, str) or not _MOUNT_RE.fullmatch(mount.strip("/")):
