@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Real servers (moto for KMS and S3, OpenBao dev server), started on free
 # loopback ports by session fixtures; each module is skipped when absent.
+#: The drill policy of the rotation tests (every backend): short enough that
+#: three rotations fit in a few simulated weeks, with every transition at a
+#: distinct instant. Time moves with ``--at`` from T0.
+T0 = datetime(2031, 3, 1, 8, 0, 0, tzinfo=UTC)
+P, A, G, D = timedelta(days=10), timedelta(hours=1), timedelta(days=2), timedelta(days=1)
+SHORT_POLICY = {
+    "rotation_period": "10d",
+    "publish_ahead": "1h",
+    "retire_grace": "2d",
+    "destroy_after": "1d",
+}
+
 pytest_plugins = [p for p in ("tests.servers_moto", "tests.servers_bao")
                   if (REPO / "tests" / (p.split(".")[1] + ".py")).exists()]
 

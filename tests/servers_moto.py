@@ -42,7 +42,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ import jwt
 import pytest
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
+
+from tests.conftest import SHORT_POLICY
 
 REGION = "us-east-1"
 _START_TIMEOUT = 30.0
@@ -191,15 +193,6 @@ def moto(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 # ------------------------------------------------------------- helpers for the AWS tests
 
-T0 = datetime(2031, 3, 1, 8, 0, 0, tzinfo=UTC)
-P, A, G, D = timedelta(days=10), timedelta(hours=1), timedelta(days=2), timedelta(days=1)
-#: Ring policy matching P/A/G/D above (the tests move time with ``--at``).
-POLICY = {
-    "rotation_period": "10d",
-    "publish_ahead": "1h",
-    "retire_grace": "2d",
-    "destroy_after": "1d",
-}
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 
 
@@ -272,23 +265,23 @@ def write_config(
     rings: dict[str, dict[str, object]],
     state: str = "file:state.json",
 ) -> None:
-    """Replace the home's config: rings get POLICY and every publisher unless they say."""
+    """Replace the home's config: rings get SHORT_POLICY and every publisher unless they say."""
     lines = ["[daemon]", f"state = {toml_value(state)}", 'audit_log = "audit.jsonl"', ""]
     for kind, tables in (("backends", backends), ("publishers", publishers)):
         for name, fields in tables.items():
             lines += [f"[{kind}.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in fields.items()]
             lines.append("")
     for name, fields in rings.items():
-        merged = {**POLICY, "publishers": sorted(publishers), **fields}
+        merged = {**SHORT_POLICY, "publishers": sorted(publishers), **fields}
         lines += [f"[keyrings.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in merged.items()]
         lines.append("")
     home.config.write_text("\n".join(lines))
 
 
 def use_kms(home: Any, url: str, alg: str, **options: object) -> None:
-    """Add ``[backends.kms]`` (moto) and point ring ``default`` at it with POLICY."""
+    """Add ``[backends.kms]`` (moto) and point ring ``default`` at it with SHORT_POLICY."""
     add_table(home, "backends.kms", **kms_options(url, **options))
-    home.set_ring(backend="kms", algorithm=alg, **POLICY)
+    home.set_ring(backend="kms", algorithm=alg, **SHORT_POLICY)
 
 
 def kms_client(url: str) -> Any:

@@ -51,15 +51,12 @@ from backends.aws_kms import (
 )
 from keymgr import jose
 from keymgr.errors import BackendError, ConfigError
+from tests.conftest import T0, A, G, P
 from tests.servers_moto import (
     FAST,
     JWKS_KEY,
     OUTAGE,
     REGION,
-    T0,
-    A,
-    G,
-    P,
     StrictPSSRejected,
     aliases,
     assert_kms_keys,

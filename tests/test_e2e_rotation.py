@@ -24,6 +24,8 @@ import pytest
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
 
+from tests.conftest import SHORT_POLICY, T0, A, D, G, P
+
 ALGS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"]
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 KTY = {"ES": "EC", "RS": "RSA", "PS": "RSA", "Ed": "OKP"}
@@ -36,18 +38,7 @@ EVENT_FOR = {
     "destroy": "key.destroyed",
 }
 
-T0 = datetime(2031, 3, 1, 8, 0, 0, tzinfo=UTC)
 SEC = timedelta(seconds=1)
-
-# The policy of the rotation test: short enough that three rotations fit in a
-# few simulated weeks, with every transition at a distinct instant.
-P, A, G, D = timedelta(days=10), timedelta(hours=1), timedelta(days=2), timedelta(days=1)
-SHORT_POLICY = {
-    "rotation_period": "10d",
-    "publish_ahead": "1h",
-    "retire_grace": "2d",
-    "destroy_after": "1d",
-}
 # The defaults written by ``keymgr init``.
 DEFAULT_A, DEFAULT_G = timedelta(hours=1), timedelta(days=1)
 

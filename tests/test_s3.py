@@ -23,15 +23,11 @@ from keymgr.errors import ConfigError, ConflictError, PublishError, StoreError
 from keymgr.lease import Lease
 from keymgr.model import State
 from keymgr.s3 import S3Publisher, S3Store, encode_state
+from tests.conftest import T0, A, D, G, P
 from tests.servers_moto import (
     JWKS_KEY,
     OUTAGE,
     REGION,
-    T0,
-    A,
-    D,
-    G,
-    P,
     assert_kms_keys,
     cli_ok,
     error_lines,

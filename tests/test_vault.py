@@ -38,17 +38,10 @@ from jwcrypto import jws as jwc_jws
 from backends.vault_transit import VaultTransitBackend, key_type_for
 from keymgr.errors import BackendError, ConfigError, ConflictError, StoreError
 from keymgr.model import State
+from tests.conftest import SHORT_POLICY, T0, A, D, G, P
 
 ALGS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"]
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
-T0 = datetime(2031, 3, 1, 8, 0, 0, tzinfo=UTC)
-P, A, G, D = timedelta(days=10), timedelta(hours=1), timedelta(days=2), timedelta(days=1)
-SHORT_POLICY = {
-    "rotation_period": "10d",
-    "publish_ahead": "1h",
-    "retire_grace": "2d",
-    "destroy_after": "1d",
-}
 TIMEOUT = 2  # seconds: the backend's request timeout in these tests
 REPO = Path(__file__).resolve().parent.parent
 POLICY_FILE = REPO / "deploy" / "vault" / "keymgr-policy.hcl"
