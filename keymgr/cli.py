@@ -178,9 +178,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from keymgr.config import load_config, resolve_config_path
         from keymgr.daemon import run
 
-        path = resolve_config_path(getattr(args, "config", None))
-        _warn(load_config(path))
-        return run(path)
+        cfg = load_config(resolve_config_path(getattr(args, "config", None)))
+        _warn(cfg)
+        return run(cfg)
 
     m = _manager(args)
     if c == "reconcile":

@@ -31,7 +31,6 @@ import signal
 import threading
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -475,12 +474,11 @@ def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(config_path: Path) -> int:
+def run(cfg: Config) -> int:
     from prometheus_client import disable_created_metrics
 
     from keymgr.logs import configure
 
-    cfg = load_config(config_path)
     configure(cfg.daemon.log_level)
     # One ``*_created`` series per counter child doubles the scrape for no use here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
