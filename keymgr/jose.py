@@ -214,10 +214,8 @@ def _make_claims_json() -> Callable[[Any], bytes]:
     # that verifiers reject). What orjson refuses (integers beyond 64 bits,
     # non-string keys) falls back to the stdlib, so the accepted input and
     # its errors stay those of ``json``.
-    try:
-        import orjson
-    except ImportError:  # pragma: no cover - a declared dependency
-        return lambda obj: compact_json(obj).encode()
+    import orjson
+
     dumps = orjson.dumps
     opts = (
         orjson.OPT_PASSTHROUGH_DATETIME
