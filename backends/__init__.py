@@ -69,8 +69,15 @@ class Backend(abc.ABC):
             )
 
     @abc.abstractmethod
-    def generate(self, ring: str, alg: str) -> GeneratedKey:
-        """Create a new key for ``ring``; tagged/named so ``list_keys`` finds it."""
+    def generate(self, ring: str, alg: str, *, intent: str | None = None) -> GeneratedKey:
+        """Create a new key for ``ring``; tagged/named so ``list_keys`` finds it.
+
+        ``intent`` is the nonce of the write-ahead intent the reconciler
+        committed before this call. The backend marks the key with it (a tag,
+        a name or a label) and :meth:`intent_of` returns it, so that a key left
+        behind by a crash between this call and the state commit is recognised
+        as that intent's orphan, and any other key state does not know is not.
+        """
 
     @abc.abstractmethod
     def public_jwk(self, ring: str, kid: str) -> dict[str, str]:
@@ -87,6 +94,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list_keys(self, ring: str) -> list[str]:
         """Kids of the keys this backend holds for ``ring`` (created by keymgr)."""
+
+    def intent_of(self, ring: str, kid: str) -> str | None:
+        """The intent nonce the key was marked with at :meth:`generate`, or None
+        (a key made before intents existed, or by something else)."""
+        return None
 
     def paths(self) -> dict[str, Path]:
         """Local files/dirs this backend owns, by option name (for collision checks)."""

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
-from keymgr.errors import BackendError, ConfigError, KeyIntegrityError
+from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
 from keymgr.s3 import (
@@ -67,6 +67,8 @@ TAG_RING = "keymgr:ring"
 TAG_PREFIX = "keymgr:prefix"
 TAG_ALG = "keymgr:alg"
 TAG_KID = "keymgr:kid"
+#: The write-ahead intent nonce (see Backend.generate): marks crash orphans.
+TAG_INTENT = "keymgr:intent"
 
 RSA_KEY_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096")
 _EC_KEY_SPECS: dict[str, str] = {
@@ -283,9 +285,10 @@ class KMSBackend(Backend):
 
     # -- Backend ------------------------------------------------------------
 
-    def generate(self, ring: str, alg: str) -> GeneratedKey:
+    def generate(self, ring: str, alg: str, *, intent: str | None = None) -> GeneratedKey:
         self._check_ring(ring)
         spec = self.key_spec(alg)
+        marks = [{"TagKey": TAG_INTENT, "TagValue": intent}] if intent is not None else []
         created = self._call(
             "CreateKey",
             KeyUsage="SIGN_VERIFY",
@@ -296,6 +299,7 @@ class KMSBackend(Backend):
                 {"TagKey": TAG_PREFIX, "TagValue": self.alias_prefix},
                 {"TagKey": TAG_RING, "TagValue": ring},
                 {"TagKey": TAG_ALG, "TagValue": alg},
+                *marks,
             ],
         )
         key_id = str(created["KeyMetadata"]["KeyId"])
@@ -319,6 +323,12 @@ class KMSBackend(Backend):
     def public_jwk(self, ring: str, kid: str) -> dict[str, str]:
         return dict(self._resolve(ring, kid, want_public=True).jwk or {})
 
+    def intent_of(self, ring: str, kid: str) -> str | None:
+        """The ``keymgr:intent`` tag set at CreateKey (None for older keys)."""
+        key = self._resolve(ring, kid, want_public=False)
+        tags = self._tags_of(key.key_id)
+        return None if tags is None else tags.get(TAG_INTENT)
+
     def _resolve(self, ring: str, kid: str, *, want_public: bool) -> _Key:
         """The KMS key of ``ring``/``kid``; its public key verified against the kid."""
         self._check_ring(ring)
@@ -341,7 +351,9 @@ class KMSBackend(Backend):
             with self._lock:
                 known = self._keys.get((ring, kid))
             if known is None:
-                raise self._fail("GetPublicKey", f"key {ring}/{kid} not found") from None
+                raise KeyNotFoundError(
+                    str(self._fail("GetPublicKey", f"key {ring}/{kid} not found"))
+                ) from None
             if not known.aliased:
                 self._finish(ring, kid, known.key_id)
                 known.aliased = True

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -33,18 +34,19 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
-from keymgr.errors import BackendError, ConfigError, KeyIntegrityError
-from keymgr.fsutil import atomic_write, fsync_dir
+from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
+from keymgr.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, is_temp_of
 
 MASTER_KEY_ENV = "KEYMGR_MASTER_KEY"
 MASTER_KEY_SIZE = 32
 FORMAT_VERSION = 1
 NONCE_SIZE = 12
 KEY_SUFFIX = ".key"
-# Temp files start with "." so no listing or glob for "*.key" ever sees them,
-# and carry the kid so destroy() can remove a crash leftover of that key too.
+# Temp files (".KID.key.RANDOM.tmp", see keymgr.fsutil) start with "." so no
+# listing or glob for "*.key" ever sees them, and carry the kid so destroy() can
+# remove a crash leftover of that key too.
 _TMP_PREFIX = "."
-_TMP_SUFFIX = ".tmp"
+_TMP_SUFFIX = TMP_SUFFIX
 _AAD_PREFIX = b"keymgr-file-v1\0"
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _B64_TEXT_RE = re.compile(rb"[A-Za-z0-9+/_=-]+")
@@ -130,9 +132,18 @@ class FileBackend(Backend):
         if self._master_key_file is not None:
             where = f"backends.{self.name}: master key file {self._master_key_file}"
             try:
-                raw = self._master_key_file.read_bytes()
+                fd = os.open(self._master_key_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError as e:
                 raise BackendError(f"{where}: cannot read ({e.strerror or e})") from None
+            with os.fdopen(fd, "rb") as f:
+                # The mode of the file actually opened, checked before reading it.
+                problem = master_key_exposure(os.fstat(f.fileno()), self._master_key_file)
+                if problem is not None:
+                    raise BackendError(f"{where}: {problem}")
+                try:
+                    raw = f.read()
+                except OSError as e:
+                    raise BackendError(f"{where}: cannot read ({e.strerror or e})") from None
             text = raw.strip()
             if text and _B64_TEXT_RE.fullmatch(text):
                 key = _decode_b64_key(text)
@@ -161,6 +172,31 @@ class FileBackend(Backend):
                 f"{MASTER_KEY_SIZE} bytes"
             )
         return key
+
+    def offline_check(self) -> list[str]:
+        """For ``keymgr config check``: one stat, no read, no write, no decryption.
+
+        Raises ConfigError for a master key file that group or others may read
+        or write; returns a warning for one that does not exist (yet): the
+        config itself is fine, but the daemon cannot use any key without it.
+        """
+        path = self._master_key_file
+        if path is None:
+            return []
+        field = f"backends.{self.name}.master_key_file"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return [
+                f"{field}: {path} does not exist: no key can be generated or used until "
+                f"it holds the master key (keymgr init writes one, mode 0600)"
+            ]
+        except OSError as e:
+            return [f"{field}: cannot check {path} ({e.strerror or e})"]
+        problem = master_key_exposure(st, path)
+        if problem is not None:
+            raise ConfigError(f"{field}: {path}: {problem}")
+        return []
 
     # -- paths ------------------------------------------------------------
 
@@ -204,7 +240,9 @@ class FileBackend(Backend):
 
     # -- file format --------------------------------------------------------
 
-    def _write_new(self, ring: str, kid: str, alg: str, key: jose.PrivateKey) -> None:
+    def _write_new(
+        self, ring: str, kid: str, alg: str, key: jose.PrivateKey, intent: str | None = None
+    ) -> None:
         ring_dir = self._ring_dir(ring)
         target = self._key_path(ring, kid)
         der = key.private_bytes(
@@ -222,6 +260,9 @@ class FileBackend(Backend):
             "nonce": jose.b64url(nonce),
             "ciphertext": jose.b64url(ciphertext),
         }
+        if intent is not None:
+            # In clear: finding a crash orphan must not need the master key.
+            document["intent"] = intent
         body = (json.dumps(document, separators=(",", ":")) + "\n").encode("ascii")
         self._ensure_dir(ring_dir)
         if os.path.lexists(target):
@@ -231,7 +272,7 @@ class FileBackend(Backend):
                 f"backends.{self.name}: key file {target} already exists; refusing to overwrite"
             )
         try:
-            # Temp file ".KID.key.PID.tmp" (destroy() also sweeps crash leftovers);
+            # Temp file ".KID.key.RANDOM.tmp" (destroy() also sweeps crash leftovers);
             # exclusive: a link, never a replace, so a live key is never clobbered.
             atomic_write(target, body, 0o600, exclusive=True)
         except OSError as e:
@@ -249,7 +290,7 @@ class FileBackend(Backend):
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:
-                raise BackendError(
+                raise KeyNotFoundError(
                     f"backends.{self.name}: key {ring}/{kid} not found ({path})"
                 ) from None
             except OSError as e:
@@ -314,7 +355,7 @@ class FileBackend(Backend):
 
     # -- Backend API --------------------------------------------------------
 
-    def generate(self, ring: str, alg: str) -> GeneratedKey:
+    def generate(self, ring: str, alg: str, *, intent: str | None = None) -> GeneratedKey:
         self._check_name("ring name", ring)
         if alg not in self.algorithms:
             raise BackendError(
@@ -331,9 +372,20 @@ class FileBackend(Backend):
         jwk = jose.public_jwk(key.public_key())
         kid = jose.thumbprint(jwk)
         with self._lock:
-            self._write_new(ring, kid, alg, key)
+            self._write_new(ring, kid, alg, key, intent)
             self._keys[(ring, kid)] = (alg, key)
         return GeneratedKey(kid=kid, public_jwk=jwk)
+
+    def intent_of(self, ring: str, kid: str) -> str | None:
+        """The ``intent`` member of the key file (None for files without one)."""
+        self._check_name("ring name", ring)
+        self._check_name("kid", kid)
+        try:
+            doc = json.loads(self._key_path(ring, kid).read_bytes())
+        except (OSError, ValueError):
+            return None
+        intent = doc.get("intent") if isinstance(doc, dict) else None
+        return intent if isinstance(intent, str) else None
 
     def public_jwk(self, ring: str, kid: str) -> dict[str, str]:
         _, key = self._load(ring, kid)
@@ -367,7 +419,13 @@ class FileBackend(Backend):
                 del self._signers[cache_key]
             if not ring_dir.is_dir():
                 return
-            leftovers = list(ring_dir.glob(f"{_TMP_PREFIX}{kid}{KEY_SUFFIX}.*{_TMP_SUFFIX}"))
+            try:
+                names = os.listdir(ring_dir)
+            except OSError as e:
+                raise BackendError(
+                    f"backends.{self.name}: cannot list {ring_dir} ({e.strerror or e})"
+                ) from None
+            leftovers = [ring_dir / n for n in names if is_temp_of(n, path.name)]
             try:
                 for victim in [path, *leftovers]:
                     with contextlib.suppress(FileNotFoundError):
@@ -422,6 +480,30 @@ class FileBackend(Backend):
             if kids:
                 self._load(ring_dir.name, kids[0])
                 return
+
+
+def master_key_exposure(st: os.stat_result, path: Path) -> str | None:
+    """Why a master key file with this stat is not safe to use, or None if it is.
+
+    Group and others may neither read nor write it (``chmod 600``). One layout
+    is accepted on purpose: a file owned by root and readable by its group only
+    (``root:keymgr 0640``, as deploy/systemd installs it), so that the service
+    reads its key through its group but cannot change it.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    mode = stat.S_IMODE(st.st_mode)
+    exposed = mode & 0o077
+    if not exposed or (st.st_uid == 0 and exposed == 0o040):
+        return None
+    who = " and ".join(
+        w for w, bits in (("group", 0o070), ("others", 0o007)) if exposed & bits
+    )
+    fix = f"chmod 600 {path}"
+    if st.st_uid == 0:
+        fix += " (or 640, if keymgr reads it as its group)"
+    acts = [a for a, bits in (("read", 0o044), ("write", 0o022)) if exposed & bits]
+    return f"mode {mode:04o} lets {who} {' and '.join(acts) or 'access'} it; fix: {fix}"
 
 
 def _decode_b64_key(text: bytes) -> bytes | None:

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
-from keymgr.errors import BackendError, ConfigError
+from keymgr.errors import BackendError, ConfigError, KeyNotFoundError
 from keymgr.vault import CLIENT_OPTIONS, VaultCallError, VaultClient, vault_client
 
 log = structlog.get_logger("keymgr.backends.vault_transit")
@@ -60,14 +60,22 @@ _OPTIONS = CLIENT_OPTIONS | {"type", "mount", "key_prefix", "rsa_bits"}
 _EC_TYPES = {"ES256": "ecdsa-p256", "ES384": "ecdsa-p384", "ES512": "ecdsa-p521"}
 _HASH = {"256": "sha2-256", "384": "sha2-384", "512": "sha2-512"}
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+_INTENT_RE = re.compile(r"[0-9a-f]{16}")
 _RING_RE = re.compile(r"[A-Za-z0-9_.-]+")
 # Transit key names must start with a word character.
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _MOUNT_RE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
-def _random_id() -> str:
-    """The random part of a new key name (128 bits: never guessed, never reused)."""
+def _random_id(intent: str | None = None) -> str:
+    """The id part of a new key name: 32 hex digits, never guessed, never reused.
+
+    Transit keys carry no tags, so the write-ahead intent nonce (16 hex digits)
+    is the name's first half, followed by 64 random bits; without an intent
+    all 128 bits are random.
+    """
+    if intent is not None and _INTENT_RE.fullmatch(intent):
+        return intent + secrets.token_hex(8)
     return secrets.token_hex(16)
 
 
@@ -250,19 +258,23 @@ class VaultTransitBackend(Backend):
         if key is None:
             key = self._refresh(ring, op).get(kid)
         if key is None:
-            raise self._error(
-                op,
-                f"no transit key for {ring}/{kid} in mount {self.mount} "
-                f"(names {self.key_prefix}{ring}.*)",
+            raise KeyNotFoundError(
+                str(
+                    self._error(
+                        op,
+                        f"no transit key for {ring}/{kid} in mount {self.mount} "
+                        f"(names {self.key_prefix}{ring}.*)",
+                    )
+                )
             )
         return key
 
     # -- Backend API ----------------------------------------------------------
 
-    def generate(self, ring: str, alg: str) -> GeneratedKey:
+    def generate(self, ring: str, alg: str, *, intent: str | None = None) -> GeneratedKey:
         self._check_ring(ring)
         key_type = key_type_for(alg, self.rsa_bits)
-        name = self.key_name(ring, _random_id())
+        name = self.key_name(ring, _random_id(intent))
         params = {"type": key_type, "exportable": False, "allow_plaintext_backup": False}
         path = f"/v1/{self.mount}/keys/{name}"
         # Key generation (RSA-4096 above all) can take seconds on a busy
@@ -372,6 +384,15 @@ class VaultTransitBackend(Backend):
             self._index.get(ring, {}).pop(kid, None)
             self._by_name.pop(name, None)
         log.debug("vault.key_deleted", ring=ring, kid=kid, name=name)
+
+    def intent_of(self, ring: str, kid: str) -> str | None:
+        """The intent nonce in the key's name (its first 16 hex digits).
+
+        A key named before intents has 32 random digits there, which match an
+        open intent only by a 1-in-2^64 chance.
+        """
+        key = self._lookup(ring, kid, "intent")
+        return key.name.rpartition(".")[2][:16]
 
     def list_keys(self, ring: str) -> list[str]:
         """Kids of this ring's usable transit keys (fresh LIST: finds other processes' orphans).

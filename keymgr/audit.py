@@ -1,15 +1,27 @@
 """The audit log: hash-chained JSON lines, anchored in the state document.
 
 Each line carries ``seq``, ``prev`` (the previous line's hash) and ``hash`` =
-SHA-256 over ``prev`` and the line's canonical JSON (sorted keys, no ``hash``).
-A chain alone cannot show that its tail was cut off, so every state commit also
-records the chain head (seq, hash): ``verify`` then detects an edited, removed,
-reordered *or truncated* line.
+SHA-256 over ``prev`` and the line's canonical JSON (sorted keys, no ``hash``
+and no checkpoint fields). A chain alone cannot show that its tail was cut off,
+so every state commit also records the chain head (seq, hash): ``verify`` then
+detects an edited, removed, reordered *or truncated* line.
 
 Transition events are committed inside the state document first (the anchor's
 outbox) and appended to the log right after; on the next start any event that
 did not reach the log is appended from the outbox. A crash therefore never
 loses an event and never writes one twice (invariant 7).
+
+Nothing is appended, and no new head is sealed, unless the log's last line is
+exactly the anchored head (design.md, "Trust boundaries"): a log rewritten with
+a recomputed chain is refused before anything commits, never re-anchored. The
+outbox itself is checked before it is appended: it must chain, end at the
+anchor, and every key event in it must agree with the state it was committed
+with.
+
+The chain has no secret. With ``[audit]`` configured, each commit also signs
+its new head with an audit key held in a backend (keymgr.checkpoint), and
+``verify`` checks those signatures with the public keys found in the log or
+pinned by the operator.
 """
 
 from __future__ import annotations
@@ -17,24 +29,65 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from keymgr.errors import AuditError
+from keymgr import checkpoint
+from keymgr.checkpoint import CKPT_FIELDS, KEY_EVENT, AuditKey, Checkpointer
+from keymgr.errors import AuditError, StateError
 from keymgr.faults import crashpoint
-from keymgr.model import AuditAnchor, State
-from keymgr.timefmt import format_time
+from keymgr.jose import b64url_decode
+from keymgr.model import (
+    ACTIVE,
+    DESTROYED,
+    EXPIRED,
+    PENDING,
+    PUBLISHED,
+    RETIRED,
+    REVOKED,
+    STATES,
+    AuditAnchor,
+    State,
+)
+from keymgr.timefmt import format_time, parse_time, utcnow
+
+if TYPE_CHECKING:
+    from keymgr.config import Config
 
 GENESIS = "0" * 64
 #: Fields written first, for people reading the JSON lines.
 _ORDER = ("ts", "seq", "event", "ring", "kid", "backend", "actor", "reason")
+#: Fields outside the chain hash: the hash itself, and the checkpoint
+#: signature over it (so the chain verifies without the audit key).
+_UNHASHED = frozenset({"hash", *CKPT_FIELDS})
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+#: The key state each key event records; a key in state must be at or past it.
+KEY_EVENT_STATES = {
+    "key.generated": PENDING,
+    "key.adopted": PENDING,  # or the ``state`` it was adopted as
+    "key.published": PUBLISHED,
+    "key.promoted": ACTIVE,
+    "key.retired": RETIRED,
+    "key.expired": EXPIRED,
+    "key.destroyed": DESTROYED,
+    "key.revoked": REVOKED,
+}
+#: Key events about keys the state does not record (or records as destroyed).
+ORPHAN_EVENTS = frozenset({"key.orphan_destroyed"})
+_LIFECYCLE = (PENDING, PUBLISHED, ACTIVE, RETIRED, EXPIRED, DESTROYED)
+_FIX = (
+    "refusing to append; restore the log (or the state) from a copy, "
+    "or run 'keymgr audit verify'"
+)
 
 
 def canonical(event: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in event.items() if k != "hash"}
+    body = {k: v for k, v in event.items() if k not in _UNHASHED}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -62,15 +115,83 @@ def seal(events: Iterable[dict[str, Any]], seq: int, prev: str, actor: str) -> l
     return out
 
 
+def at_or_past(have: str, recorded: str) -> bool:
+    """Whether a key now in state ``have`` can have gone through ``recorded``.
+
+    pending < published < active < retired < expired < destroyed; any state
+    may turn revoked, and a revoked key is destroyed.
+    """
+    if recorded == REVOKED:
+        return have in (REVOKED, DESTROYED)
+    if have == DESTROYED:
+        return True
+    if have == REVOKED:
+        return recorded in _LIFECYCLE and recorded != DESTROYED
+    return (
+        have in _LIFECYCLE
+        and recorded in _LIFECYCLE
+        and _LIFECYCLE.index(have) >= _LIFECYCLE.index(recorded)
+    )
+
+
+def _batch_time(state: State, events: list[dict[str, Any]]) -> datetime:
+    """The newest time a commit records (``--at`` in drills): when its audit key is due."""
+    times = [state.clock] if state.clock is not None else []
+    for ev in events:
+        ts = ev.get("ts")
+        if isinstance(ts, datetime):
+            times.append(ts)
+        elif isinstance(ts, str):
+            try:
+                times.append(parse_time(ts))
+            except ValueError:
+                continue
+    return max(times) if times else utcnow()
+
+
+class OutboxError(StateError, AuditError):
+    """The state's outbox is not what keymgr committed: malformed, not chained,
+    not ending at the anchor, or recording a transition the state contradicts.
+    A state that cannot be trusted (StateError) and an audit refusal at once."""
+
+
 @dataclass(frozen=True)
 class Tail:
     seq: int
     hash: str
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What ``AuditLog.check`` proved."""
+
+    events: int
+    #: Checkpoint signatures verified.
+    checkpoints: int
+    #: Audit keys the log introduces.
+    keys: int
+    #: The last line covered by a verified checkpoint (0: none).
+    signed_through: int
+    #: Every checkpoint key was among the pinned ones.
+    pinned: bool = False
+
+
 class AuditLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoints: Checkpointer | None = None) -> None:
+        """``checkpoints`` signs each commit's chain head (``[audit]``); see
+        :meth:`for_config` for the log a config describes."""
         self.path = path
+        self.checkpoints = checkpoints
+
+    @classmethod
+    def for_config(cls, config: Config) -> AuditLog:
+        """The ``[daemon] audit_log`` of ``config``, signing with its ``[audit]``."""
+        cp = (
+            Checkpointer(config.audit, config.backends)
+            if config.audit is not None
+            else None
+        )
+        return cls(config.daemon.audit_log, cp)
 
     # -- reading ----------------------------------------------------------
 
@@ -81,12 +202,22 @@ class AuditLog:
         append) instead of refusing it, so that a repair can first check the
         rest of the log agrees with the state before it cuts anything.
         """
+        last = self._last(drop_torn)
+        return Tail(0, GENESIS) if last is None else Tail(last["seq"], last["hash"])
+
+    def _last(self, drop_torn: bool = False) -> dict[str, Any] | None:
+        """The last complete line, parsed (None for an empty or missing log).
+
+        Only the end of the file is read (a block, doubled until it holds a
+        whole line): checking the head before every commit stays cheap
+        however long the log grows.
+        """
         try:
             with open(self.path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
                 if size == 0:
-                    return Tail(0, GENESIS)
+                    return None
                 block = 4096
                 data = b""
                 pos = size
@@ -96,29 +227,42 @@ class AuditLog:
                     f.seek(pos)
                     data = f.read(step) + data
                     lines = data.rstrip(b"\n").split(b"\n")
-                    if len(lines) > 1 or pos == 0:
+                    # Three pieces: a torn last line can be dropped and a
+                    # whole line still precede it.
+                    if len(lines) > 2 or pos == 0:
                         break
                     block *= 2
         except FileNotFoundError:
-            return Tail(0, GENESIS)
+            return None
         except OSError as e:
             raise AuditError(f"audit log {self.path}: cannot read: {e.strerror}") from None
         if not data.endswith(b"\n") and drop_torn:
             lines = lines[:-1]
             if not lines:
-                return Tail(0, GENESIS)
+                return None
         elif not data.endswith(b"\n"):
             raise AuditError(
                 f"audit log {self.path}: last line is incomplete (torn write); "
                 "run 'keymgr audit verify'"
             )
+        # Whole from its start: the block began at the file's start, or lines[0]
+        # (perhaps partial) is not the last of at least two kept lines.
+        return self._parse_last(lines[-1])
+
+    def _parse_last(self, line: bytes) -> dict[str, Any]:
         try:
-            last = json.loads(lines[-1])
-            return Tail(int(last["seq"]), str(last["hash"]))
-        except (ValueError, KeyError, TypeError):
-            raise AuditError(
-                f"audit log {self.path}: last line is not an audit event; run 'keymgr audit verify'"
-            ) from None
+            last = json.loads(line)
+            if (
+                isinstance(last, dict)
+                and type(last.get("seq")) is int
+                and isinstance(last.get("hash"), str)
+            ):
+                return last
+        except ValueError:
+            pass
+        raise AuditError(
+            f"audit log {self.path}: last line is not an audit event; run 'keymgr audit verify'"
+        )
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         try:
@@ -170,37 +314,191 @@ class AuditLog:
         except FileNotFoundError:
             return
 
+    def _check_head(
+        self, anchor: AuditAnchor, last: dict[str, Any] | None, *, signed: bool
+    ) -> None:
+        """Refuse unless the log ends exactly at the anchored head.
+
+        Its last line must have the anchored seq, carry the anchored hash, and
+        hash to it; with ``signed`` (before a commit that adds events, with
+        ``[audit]`` configured and the state naming an audit key) it must also
+        carry a checkpoint that the audit key's public key, read from its
+        backend, verifies. Only that line
+        is read. A log rewritten and rechained by someone without the audit
+        key fails here, whatever they did to the state.
+        """
+        where = f"audit log {self.path}"
+        if anchor.seq == 0:
+            if last is not None:
+                raise AuditError(
+                    f"{where}: holds events up to seq {last['seq']} but the state anchors none "
+                    f"(a new or replaced state); {_FIX}"
+                )
+            return
+        if last is None or last["seq"] < anchor.seq:
+            raise self._mismatch(Tail(0 if last is None else last["seq"], ""), anchor)
+        seq = anchor.seq
+        if last["seq"] > seq:
+            raise AuditError(
+                f"{where}: ends at seq {last['seq']} but the state anchors seq {seq}: the lines "
+                f"after it were not committed by keymgr; {_FIX}"
+            )
+        if last["hash"] != anchor.hash:
+            raise AuditError(
+                f"{where}: the line at seq {seq} has hash {str(last['hash'])[:16]}... but the "
+                f"state anchors {anchor.hash[:16]}...: the log was rewritten; {_FIX}"
+            )
+        if chain_hash(str(last.get("prev")), last) != last["hash"]:
+            raise AuditError(
+                f"{where}: the line at seq {seq} does not hash to its recorded hash: edited; "
+                f"{_FIX}"
+            )
+        if not signed or self.checkpoints is None:
+            return
+        if anchor.key_kid is not None:
+            self.checkpoints.check_signed(last, anchor, where)
+        elif last.get("ckpt_kid") is not None:
+            # keymgr clears the state's audit key only in a commit that writes
+            # an unsigned line: a signed head with no key in state means the
+            # state was replaced or edited (to make keymgr start a new key).
+            raise AuditError(
+                f"{where}: the line at seq {seq} is signed by audit key "
+                f"{last.get('ckpt_kid')}, but the state names no audit key: the state was "
+                f"replaced or edited; {_FIX}"
+            )
+
     def prepare(self, state: State, events: list[dict[str, Any]], actor: str) -> State:
-        """The state to commit: ``events`` sealed into its anchor's outbox."""
-        t = self.tail()
-        seq, prev = max((t.seq, t.hash), (state.audit.seq, state.audit.hash))
-        sealed = seal(events, seq, prev, actor)
-        if sealed:
-            seq, prev = int(sealed[-1]["seq"]), str(sealed[-1]["hash"])
-        return replace(state, audit=AuditAnchor(seq=seq, hash=prev, outbox=tuple(sealed)))
+        """The state to commit: ``events`` sealed into its anchor's outbox.
+
+        Called before the state commit, so a refusal changes nothing: the
+        log must end exactly at the anchored head (``_check_head``; only the
+        last line is read, so this stays cheap). With ``[audit]`` the new head
+        is signed (keymgr.checkpoint), opening the batch with an
+        ``audit.key`` event when a new audit key is due.
+        """
+        anchor = state.audit
+        cp = self.checkpoints
+        # A commit without events leaves the head as it is: the next one that
+        # adds events checks its signature (no audit backend call before).
+        self._check_head(anchor, self._last(), signed=bool(events))
+        if not events:
+            return replace(state, audit=replace(anchor, outbox=()))
+        batch = cp.begin(anchor, _batch_time(state, events)) if cp is not None else None
+        if batch is not None:
+            base, evs = batch.anchor, [*batch.intro, *events]
+        else:
+            # Without [audit] the state names no audit key: turning it on
+            # again starts a new one (which only a pinned JWKS then vouches for).
+            base, evs = AuditAnchor(seq=anchor.seq, hash=anchor.hash), events
+        sealed = seal(evs, anchor.seq, anchor.hash if anchor.seq else GENESIS, actor)
+        seq, head = int(sealed[-1]["seq"]), str(sealed[-1]["hash"])
+        if batch is not None:
+            assert cp is not None
+            sealed[-1].update(cp.sign(batch, seq, head))
+        return replace(state, audit=replace(base, seq=seq, hash=head, outbox=tuple(sealed)))
 
     def flush(self, state: State) -> None:
         """Append whatever of the anchor's outbox the log does not hold yet.
 
-        Nothing is cut or appended unless the log, torn tail aside, agrees
-        with the state: a truncated or replaced log is left as evidence.
+        Nothing is cut or appended unless the outbox is sound (sealed events
+        that chain, end at the anchored head, agree with the keys of the state
+        they were committed with, and carry the checkpoint when an audit key
+        is in use) and the log, torn tail aside, is exactly where the outbox
+        continues it: a truncated, replaced or rewritten log is left as
+        evidence.
         """
-        outbox = list(state.audit.outbox)
-        t = self.tail(drop_torn=True)
-        if not outbox:
-            if t.seq < state.audit.seq:
-                raise self._mismatch(t, state.audit)
+        anchor = state.audit
+        outbox = list(anchor.outbox)
+        if outbox:
+            self._check_outbox(state)
+        last = self._last(drop_torn=True)
+        t = Tail(0, GENESIS) if last is None else Tail(last["seq"], last["hash"])
+        if t.seq >= anchor.seq:
+            # Nothing to append. No signature check here: a pass that commits
+            # nothing does not need the audit key's backend. A state without
+            # an anchor (new, or lost) is refused by prepare, before its first
+            # commit, so that the store's own refusals of a lost state come first.
+            if anchor.seq:
+                self._check_head(anchor, last, signed=False)
             self._repair_torn_tail()
             return
-        if t.seq >= outbox[-1]["seq"]:
-            self._repair_torn_tail()
-            return
+        if not outbox or outbox[0]["seq"] > t.seq + 1:
+            raise self._mismatch(t, anchor)
         missing = [ev for ev in outbox if ev["seq"] > t.seq]
-        if missing[0]["seq"] != t.seq + 1 or missing[0]["prev"] != t.hash:
-            raise self._mismatch(t, state.audit)
+        if missing[0]["prev"] != t.hash:
+            raise self._mismatch(t, anchor)
+        if last is not None and chain_hash(str(last.get("prev")), last) != t.hash:
+            raise AuditError(
+                f"audit log {self.path}: the line at seq {t.seq} does not hash to its "
+                f"recorded hash: edited; {_FIX}"
+            )
+        cp = self.checkpoints
+        if cp is not None and anchor.key_kid is not None:
+            cp.check_signed(outbox[-1], anchor, f"audit log {self.path}: the state's outbox")
         self._repair_torn_tail()
         crashpoint("audit.before_flush")
         self._append(missing)
+
+    def _check_outbox(self, state: State) -> None:
+        """The outbox must be sealed events that chain, end at the anchor, and
+        record transitions the state agrees with. Raises AuditError, one line."""
+        anchor = state.audit
+        where = f"audit log {self.path}: the state's outbox"
+        fix = "refusing to append it; restore the state, or run 'keymgr audit verify'"
+        prev: dict[str, Any] | None = None
+        for i, ev in enumerate(anchor.outbox, 1):
+            if not (
+                isinstance(ev, dict)
+                and isinstance(ev.get("event"), str)
+                and type(ev.get("seq")) is int
+                and isinstance(ev.get("prev"), str)
+                and isinstance(ev.get("hash"), str)
+                and _HASH_RE.fullmatch(ev["prev"])
+                and _HASH_RE.fullmatch(ev["hash"])
+            ):
+                raise OutboxError(f"{where}: event {i} is not a sealed audit event; {fix}")
+            seq = ev["seq"]
+            if prev is not None and (seq != prev["seq"] + 1 or ev["prev"] != prev["hash"]):
+                raise OutboxError(f"{where}: seq {seq} does not follow seq {prev['seq']}; {fix}")
+            if chain_hash(ev["prev"], ev) != ev["hash"]:
+                raise OutboxError(f"{where}: seq {seq} does not hash to its recorded hash; {fix}")
+            problem = self._transition_problem(state, ev)
+            if problem:
+                raise OutboxError(f"{where}: seq {seq} {ev['event']}: {problem}; {fix}")
+            prev = ev
+        assert prev is not None
+        if prev["seq"] != anchor.seq or prev["hash"] != anchor.hash:
+            raise OutboxError(
+                f"{where}: ends at seq {prev['seq']}, not at the head the state anchors "
+                f"(seq {anchor.seq}); {fix}"
+            )
+
+    @staticmethod
+    def _transition_problem(state: State, ev: Mapping[str, Any]) -> str | None:
+        """What is wrong with a ``key.*`` event against the state it was committed with."""
+        name = ev["event"]
+        if not name.startswith("key."):
+            return None
+        ring, kid = ev.get("ring"), ev.get("kid")
+        if not isinstance(ring, str) or not isinstance(kid, str):
+            return "names no ring and key"
+        r = state.rings.get(ring)
+        key = r.key(kid) if r is not None else None
+        if name in ORPHAN_EVENTS:
+            if key is not None and key.state != DESTROYED:
+                return f"key {kid} of ring {ring} is recorded in state as {key.state}"
+            return None
+        if key is None:
+            return f"names key {kid} of ring {ring}, which the state does not hold"
+        recorded = KEY_EVENT_STATES.get(name)
+        if name == "key.adopted" and ev.get("state") in STATES:
+            recorded = ev["state"]
+        if recorded is not None and not at_or_past(key.state, recorded):
+            return f"records key {kid} as {recorded}, but the state holds it as {key.state}"
+        for f in ("backend", "alg"):
+            if f in ev and ev[f] != getattr(key, f):
+                return f"{f} {ev[f]!r} differs from the state's {getattr(key, f)!r} for key {kid}"
+        return None
 
     def _mismatch(self, t: Tail, anchor: AuditAnchor) -> AuditError:
         return AuditError(
@@ -212,7 +510,27 @@ class AuditLog:
     # -- verification -------------------------------------------------------
 
     def verify(self, anchor: AuditAnchor) -> int:
-        """Check the whole chain and the anchor; return the number of events.
+        """Check the whole chain, the anchor and any checkpoints; return the
+        number of events. Raises AuditError naming the first bad line."""
+        return self.check(anchor).events
+
+    def check(
+        self,
+        anchor: AuditAnchor,
+        pinned: Mapping[str, Mapping[str, Any]] | None = None,
+        require_signed: bool = False,
+    ) -> Verified:
+        """Check the whole chain, the anchor and every checkpoint signature.
+
+        Signatures are checked against the public keys the log's own
+        ``audit.key`` lines introduce: the first key vouches for itself, each
+        later one must be introduced in a batch signed by the key in use
+        before it. ``pinned`` (kid -> JWK) is the operator's copy of the audit
+        keys: every key in the log must then be among them, and every line
+        must be covered by a checkpoint -- a proof against anyone who can
+        write the log and the state but cannot use the audit key. With
+        ``require_signed`` (``[audit]`` configured), every line after the first
+        ``audit.key`` must be covered by a checkpoint.
 
         Raises AuditError naming the first bad line.
         """
@@ -220,6 +538,7 @@ class AuditLog:
         seq = 0
         anchored = anchor.seq == 0
         pending = {int(ev["seq"]): ev for ev in anchor.outbox}
+        sig = _Signatures(self.path, pinned)
         for n, line in self.lines():
             where = f"audit log {self.path}: line {n}"
             if not line.endswith(b"\n"):
@@ -246,6 +565,7 @@ class AuditLog:
                     f"{where}: beyond the head anchored in state (seq {anchor.seq}): "
                     "not written by keymgr"
                 )
+            sig.line(n, ev, where)
             prev = ev["hash"]
             seq += 1
             if seq == anchor.seq:
@@ -262,4 +582,104 @@ class AuditLog:
                     "still in the state's outbox and 'keymgr reconcile' appends them"
                 )
             raise AuditError(f"{gone} but the state anchors seq {anchor.seq}: truncated")
-        return seq
+        return sig.finish(seq, anchor, require_signed)
+
+
+class _Signatures:
+    """The checkpoint half of ``AuditLog.check``, fed one verified line at a time."""
+
+    def __init__(self, path: Path, pinned: Mapping[str, Mapping[str, Any]] | None) -> None:
+        self.path = path
+        self.pinned = pinned
+        #: The key signing checkpoints now, once a checkpoint confirmed it.
+        self.current: AuditKey | None = None
+        #: Keys introduced since the last checkpoint, with their line.
+        self.intro: dict[str, tuple[AuditKey, int]] = {}
+        self.known: set[str] = set()
+        self.first_key_line = 0
+        self.count = 0
+        self.signed_through = 0
+
+    def line(self, n: int, ev: dict[str, Any], where: str) -> None:
+        if ev.get("event") == KEY_EVENT:
+            try:
+                key = checkpoint.parse_key_event(ev)
+            except ValueError as e:
+                raise AuditError(f"{where}: malformed audit.key event ({e})") from None
+            if self.pinned is not None and key.kid not in self.pinned:
+                raise AuditError(
+                    f"{where}: audit key {key.kid} is not among the pinned keys (--keys): "
+                    "introduced by someone else, or not pinned yet"
+                )
+            self.intro[key.kid] = (key, n)
+            self.known.add(key.kid)
+            self.first_key_line = self.first_key_line or n
+        kid, sig = ev.get("ckpt_kid"), ev.get("ckpt_sig")
+        if kid is None and sig is None:
+            return
+        if not isinstance(kid, str) or not isinstance(sig, str):
+            raise AuditError(f"{where}: malformed checkpoint (ckpt_kid, ckpt_sig)")
+        cur = self.current
+        if cur is not None and kid == cur.kid:
+            key = cur
+        elif kid in self.intro:
+            key, at = self.intro[kid]
+            if cur is not None and self.pinned is None:
+                raise AuditError(
+                    f"{where}: audit key {kid} signs its own introduction (line {at}): the "
+                    f"change from audit key {cur.kid} is not signed by it"
+                )
+        elif kid in self.known:
+            assert cur is not None
+            raise AuditError(
+                f"{where}: checkpoint signed by audit key {kid}, replaced by {cur.kid} before"
+            )
+        else:
+            raise AuditError(
+                f"{where}: checkpoint signed by {kid}, which no audit.key line before it "
+                "introduces"
+            )
+        try:
+            raw = b64url_decode(sig)
+        except ValueError:
+            raw = b""
+        if not checkpoint.verify_signature(
+            key.key, key.alg, checkpoint.payload(ev["seq"], ev["hash"]), raw
+        ):
+            raise AuditError(
+                f"{where}: checkpoint signature (audit key {kid}) does not verify: this line "
+                "or one before it changed after it was signed"
+            )
+        self.count += 1
+        self.signed_through = n
+        if self.intro:
+            # The newest key introduced signs from now on.
+            self.current = max(self.intro.values(), key=lambda v: v[1])[0]
+            self.intro = {}
+
+    def finish(self, seq: int, anchor: AuditAnchor, require_signed: bool) -> Verified:
+        where = f"audit log {self.path}"
+        if anchor.key_kid is not None and anchor.key_kid not in self.known:
+            raise AuditError(
+                f"{where}: the state names audit key {anchor.key_kid}, but no audit.key line "
+                "introduces it"
+            )
+        must = self.pinned is not None or (require_signed and self.first_key_line > 0)
+        if must and seq > self.signed_through:
+            n = self.signed_through + 1
+            if self.count == 0:
+                raise AuditError(
+                    f"{where}: line {n}: no signed checkpoint covers it (the log has none): "
+                    "nothing here is proven by an audit key"
+                )
+            raise AuditError(
+                f"{where}: line {n}: not covered by a signed checkpoint (the last one is at "
+                f"line {self.signed_through}): written without the audit key"
+            )
+        return Verified(
+            events=seq,
+            checkpoints=self.count,
+            keys=len(self.known),
+            signed_through=self.signed_through,
+            pinned=self.pinned is not None,
+        )

@@ -95,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", help="recorded in state and in the audit log")
     s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
 
+    s = cmd(
+        "adopt",
+        "take over a keymgr key the backend holds but state does not record (audited)",
+    )
+    s.add_argument("ring")
+    s.add_argument("kid", help="the key id (RFC 7638 thumbprint) the refusal named")
+    s.add_argument(
+        "--as",
+        dest="as_state",
+        required=True,
+        choices=("active", "retired", "expired"),
+        help="active: the ring's signer again (no active key yet); retired: published "
+        "for retire_grace, then expired and destroyed; expired: destroyed after destroy_after",
+    )
+    s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
+
     s = cmd("jwks", "print the JWKS document as published")
     s.add_argument("--ring", help="only this ring's keys")
 
@@ -112,7 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("audit", "verify or show the audit log")
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
-    asub.add_parser("verify", parents=[common], help="check the hash chain and its anchor")
+    a = asub.add_parser(
+        "verify",
+        parents=[common],
+        help="check the hash chain, its anchor and the signed checkpoints",
+    )
+    a.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="a JWKS of the audit public keys you pinned ('keymgr audit keys'): every "
+        "line must then be signed by one of them",
+    )
+    asub.add_parser(
+        "keys",
+        parents=[common],
+        help="print the audit keys' public JWKS, read from the [audit] backend (to pin)",
+    )
     a = asub.add_parser("show", parents=[common], help="print events")
     a.add_argument("--ring")
     a.add_argument("--kid")
@@ -129,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("init", "config"):
+        # May decrypt private keys: no core dump or same-user ptrace may expose them.
+        from keymgr.hardening import no_core_dumps
+
+        no_core_dumps()
     from keymgr.errors import KeymgrError
 
     try:
@@ -169,6 +205,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = load_config(resolve_config_path(getattr(args, "config", None)))
         _warn(cfg)
+        _offline_checks(cfg)
+        _state_checks(cfg)
         print(
             f"{cfg.path}: ok ({len(cfg.policies)} key ring(s), {len(cfg.backends)} "
             f"backend(s), {len(cfg.publishers)} publisher(s))"
@@ -189,6 +227,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _print_pass(m.rotate(args.ring, emergency=args.emergency, now=args.at))
     if c == "revoke":
         return _print_pass(m.revoke(args.kid, reason=args.reason, now=args.at))
+    if c == "adopt":
+        return _print_pass(m.adopt(args.ring, args.kid, args.as_state, now=args.at))
     if c == "plan":
         doc = m.plan(args.at)
         if args.json:
@@ -227,6 +267,41 @@ def _warn(cfg: Any) -> None:
         print(f"keymgr: warning: {_one_line(w)}", file=sys.stderr)
 
 
+def _offline_checks(cfg: Any) -> None:
+    """``config check`` only: a backend's cheap, offline look at the files it
+    needs (``offline_check()``, e.g. the master key file's mode); an unsafe one
+    is a ConfigError naming the config file, a missing one a warning."""
+    from keymgr.errors import ConfigError
+
+    for backend in cfg.backends.values():
+        check = getattr(backend, "offline_check", None)
+        if check is None:
+            continue
+        try:
+            warnings = check()
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.path}: {e}") from None
+        for w in warnings:
+            print(f"keymgr: warning: {cfg.path}: {_one_line(w)}", file=sys.stderr)
+
+
+def _state_checks(cfg: Any) -> None:
+    """``config check`` against a local state (a file store: no network): a
+    ring removed while it has live keys, and a live key whose backend is gone
+    (a moved ring keeps its old keys in the old backend until destroyed)."""
+    if not cfg.daemon.state.startswith("file:"):
+        return
+    from keymgr.audit import AuditLog
+    from keymgr.reconciler import Reconciler
+    from keymgr.stores import open_store
+
+    store = open_store(cfg.daemon.state)
+    reconciler = Reconciler(cfg, store, AuditLog.for_config(cfg), "config-check")
+    state = store.load()[0]
+    reconciler.validate(state)
+    reconciler.check_rings(state)
+
+
 def _print_pass(res: Any) -> int:
     from keymgr.reconciler import describe
 
@@ -252,9 +327,26 @@ def _sign(m: Any, args: argparse.Namespace) -> int:
 
 def _audit(m: Any, args: argparse.Namespace) -> int:
     if args.audit_command == "verify":
+        from keymgr.checkpoint import load_pinned
+
+        pinned = load_pinned(args.keys) if args.keys else None
         with m.store.exclusive():  # not between a pass's commit and its append
-            n = m.audit.verify(m.state().audit)
-        print(f"{m.audit.path}: ok ({n} events, chain intact, head anchored in state)")
+            r = m.audit.check(
+                m.state().audit, pinned=pinned, require_signed=m.config.audit is not None
+            )
+        print(
+            f"{m.audit.path}: ok ({r.events} events, chain intact, "
+            f"head anchored in state{_signed(r)})"
+        )
+        return EXIT_OK
+    if args.audit_command == "keys":
+        from keymgr.checkpoint import Checkpointer
+        from keymgr.errors import UsageError
+
+        if m.config.audit is None:
+            raise UsageError(f"{m.config.path}: no [audit] table: the log has no audit key")
+        cp = Checkpointer(m.config.audit, m.config.backends)
+        print(json.dumps(cp.public_jwks(m.state().audit), indent=2, sort_keys=True))
         return EXIT_OK
     for ev in m.audit.events():
         if args.ring and ev.get("ring") != args.ring:
@@ -268,6 +360,18 @@ def _audit(m: Any, args: argparse.Namespace) -> int:
 
             print(describe(ev))
     return EXIT_OK
+
+
+def _signed(r: Any) -> str:
+    """The checkpoint part of ``audit verify``'s summary."""
+    if r.checkpoints == 0:
+        return "" if not r.pinned else "; empty, nothing to prove"
+    text = f"; {r.checkpoints} checkpoint(s) verified"
+    if r.pinned:
+        text += " against the pinned keys"
+    if r.signed_through < r.events:
+        return f"{text}; lines after {r.signed_through} unsigned ([audit] not configured)"
+    return f"{text}; every line signed"
 
 
 if __name__ == "__main__":  # pragma: no cover

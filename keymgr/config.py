@@ -42,6 +42,11 @@ DAEMON_FIELDS = {
     "log_level": "info",
     "lease_ttl": "30s",
 }
+#: ``[audit]``: signed checkpoints of the audit log (keymgr.checkpoint).
+AUDIT_FIELDS = {"backend": None, "algorithm": "ES256", "rotation_period": "90d"}
+#: The ring the audit key lives under in its backend: reserved, no
+#: ``[keyrings.*]`` may use it (it passes every backend's ring-name rule).
+AUDIT_RING = "keymgr-audit"
 RING_FIELDS = {
     "backend",
     "algorithm",
@@ -64,6 +69,15 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: which backend holds the audit key, its algorithm and rotation."""
+
+    backend: str
+    algorithm: str
+    rotation_period: timedelta
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     daemon: DaemonConfig
@@ -72,6 +86,8 @@ class Config:
     policies: Mapping[str, Policy]
     #: Per publisher, its ``cache_control`` option as configured (None when absent).
     cache_control: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    #: ``[audit]`` (signed checkpoints), or None when the table is absent.
+    audit: AuditSettings | None = None
 
     @property
     def dir(self) -> Path:
@@ -153,7 +169,7 @@ def load_config(path: Path | str) -> Config:
 def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     ctx = _Ctx(path)
     base = path.parent
-    ctx.unknown(doc, {"daemon", "backends", "publishers", "keyrings"}, "")
+    ctx.unknown(doc, {"daemon", "backends", "publishers", "keyrings", "audit"}, "")
 
     d = ctx.table(doc, "daemon", "daemon")
     ctx.unknown(d, DAEMON_FIELDS, "daemon.")
@@ -215,16 +231,49 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     if not rings:
         raise ctx.err("keyrings", "at least one key ring is required")
     for name, tbl in rings.items():
+        if name == AUDIT_RING:
+            raise ctx.err(f"keyrings.{name}", "reserved for the audit key ([audit]); rename it")
         policies[name] = _ring(ctx, name, tbl, backends, publishers)
+    audit_settings = _audit(ctx, doc, backends)
     _check_collisions(ctx, path, daemon, backends, publishers)
-    return Config(
+    config = Config(
         path=path,
         daemon=daemon,
         backends=backends,
         publishers=publishers,
         policies=policies,
         cache_control=cache_control,
+        audit=audit_settings,
     )
+    return config
+
+
+def _audit(
+    ctx: _Ctx, doc: Mapping[str, Any], backends: Mapping[str, Backend]
+) -> AuditSettings | None:
+    """``[audit]``, or None when absent (the log is then hash-chained, not signed)."""
+    if "audit" not in doc:
+        return None
+    tbl = ctx.table(doc, "audit", "audit")
+    ctx.unknown(tbl, AUDIT_FIELDS, "audit.")
+    backend = ctx.string(tbl, "backend", "audit.backend")
+    if backend not in backends:
+        raise ctx.err(
+            "audit.backend", f"unknown backend {backend!r} (define [backends.{backend}])"
+        )
+    merged = {**AUDIT_FIELDS, **tbl}
+    alg = ctx.string(merged, "algorithm", "audit.algorithm")
+    if alg not in ALGORITHMS:
+        raise ctx.err(
+            "audit.algorithm",
+            f"unknown algorithm {alg!r} (one of {', '.join(sorted(ALGORITHMS))})",
+        )
+    if alg not in type(backends[backend]).algorithms:
+        raise ctx.err("audit.algorithm", f"{alg} is not supported by backend {backend!r}")
+    period = ctx.duration(merged, "rotation_period", "audit.rotation_period")
+    if period <= timedelta(0):
+        raise ctx.err("audit.rotation_period", "must be longer than zero")
+    return AuditSettings(backend=backend, algorithm=alg, rotation_period=period)
 
 
 def _cache_control(pub: Publisher, options: Mapping[str, Any]) -> str | None:

@@ -43,7 +43,7 @@ from keymgr.lease import Lease, supports_lease
 from keymgr.manager import KeyManager
 from keymgr.metrics import Metrics
 from keymgr.model import State
-from keymgr.planner import Plan, plan
+from keymgr.planner import Plan
 from keymgr.timefmt import format_time, utcnow
 
 log = structlog.get_logger("keymgr.daemon")
@@ -157,7 +157,7 @@ class Daemon:
         out: dict[str, str] = {}
         state: State | None = None
         try:
-            state = mgr.store.load()[0]
+            state = mgr.state()  # read and validated: a refused state is not ready
             out["store"] = "ok"
         except KeymgrError as e:
             out["store"] = str(e)
@@ -175,8 +175,8 @@ class Daemon:
         if state.clock is not None and now < state.clock:
             now = state.clock
         try:
-            return plan(state, mgr.config.policies, now)
-        except (KeyError, ValueError, AssertionError):  # a state this config cannot plan
+            return mgr.reconciler.plan(state, now)
+        except (KeyError, ValueError, KeymgrError):  # a state this config cannot plan
             return None
 
     # -- passes ------------------------------------------------------------------

@@ -28,6 +28,10 @@ class BackendError(KeymgrError):
     """A key backend refused or failed an operation."""
 
 
+class KeyNotFoundError(BackendError):
+    """The backend holds no key of that ring and kid."""
+
+
 class PublishError(KeymgrError):
     """A publisher could not write or confirm a JWKS document."""
 
@@ -38,6 +42,13 @@ class StoreError(KeymgrError):
 
 class ConflictError(StoreError):
     """A compare-and-swap write lost the race: re-read and retry."""
+
+
+class StateError(StoreError):
+    """The stored state cannot be trusted or acted on as it is: a document that
+    fails validation, a state lost while the backend still holds keymgr's keys,
+    or keys in a backend that no record or intent accounts for. Nothing was
+    changed; the message says what to restore or which command takes over."""
 
 
 class AuditError(KeymgrError):

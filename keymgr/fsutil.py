@@ -1,14 +1,39 @@
 """Atomic, durable file writes: temp file in the same directory, fsync, rename,
 fsync the directory. A crash at any point leaves either the old or the new
-file, never a torn one."""
+file, never a torn one.
+
+The temp file has a random name (``.NAME.RANDOM.tmp``) and is created with
+``O_CREAT|O_EXCL|O_NOFOLLOW``: whoever can write to the directory cannot guess
+the name ahead of time, and a symlink or file planted at it is refused instead
+of followed, so the write (and its chmod) cannot be redirected elsewhere. The
+directory is opened once and every step (create, rename or link, fsync) goes
+through that descriptor, so swapping a path component mid-write cannot split
+the write across two directories either. Replacing ``path`` when it is itself a
+symlink replaces the link, never the file it points to.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 from pathlib import Path
 
 from keymgr.faults import crashpoint
+
+TMP_SUFFIX = ".tmp"
+#: Attempts at a fresh random temp name before giving up (each collision is
+#: either 1 in 2**64 or something planted in the directory).
+_TMP_ATTEMPTS = 16
+_TMP_FLAGS = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,28 +44,55 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_prefix(name: str) -> str:
+    """What the temp files of a target named ``name`` start with."""
+    return f".{name}."
+
+
+def is_temp_of(candidate: str, name: str) -> bool:
+    """True if ``candidate`` is (or may be, from an older keymgr writing
+    ``.NAME.PID.tmp``) a temp file of the target named ``name``: a crash leftover."""
+    return re.fullmatch(re.escape(temp_prefix(name)) + r"[^./]+" + re.escape(TMP_SUFFIX),
+                        candidate) is not None
+
+
+def _create_temp(dir_fd: int, name: str, mode: int) -> tuple[str, int]:
+    for _ in range(_TMP_ATTEMPTS):
+        tmp = f"{temp_prefix(name)}{secrets.token_hex(8)}{TMP_SUFFIX}"
+        try:
+            return tmp, os.open(tmp, _TMP_FLAGS, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            continue  # something sits at that name (planted?): never reuse it, draw again
+    raise FileExistsError(f"no free temp file name for {name} after {_TMP_ATTEMPTS} attempts")
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, exclusive: bool = False) -> None:
     """Replace ``path`` with ``data``; with ``exclusive``, never replace an existing file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    dir_fd = os.open(path.parent, _DIR_FLAGS)
     try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        tmp, fd = _create_temp(dir_fd, path.name, mode)
+        try:
+            try:
+                os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask masked off
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            crashpoint("fs.before_rename")
+            if exclusive:
+                # Fails with FileExistsError instead of replacing (a symlink included).
+                os.link(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
+                os.unlink(tmp, dir_fd=dir_fd)
+            else:
+                os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
-    crashpoint("fs.before_rename")
-    try:
-        if exclusive:
-            os.link(tmp, path)  # fails with FileExistsError instead of replacing
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+        os.close(dir_fd)

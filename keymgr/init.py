@@ -43,17 +43,20 @@ def init(directory: str) -> list[str]:
     cfg = d / "keymgr.toml"
     key = d / "master.key"
     for p in (cfg, key):
-        if p.exists():
+        if os.path.lexists(p):  # a dangling symlink too
             raise ConfigError(f"{p}: already exists; refusing to overwrite it")
+    # O_EXCL|O_NOFOLLOW: never through a file or symlink planted at either name.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(key, flags, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # exactly 0600: the backend refuses a key others can read
             os.write(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
-        fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(cfg, flags, 0o644)
         try:
             os.write(fd, CONFIG_TEMPLATE.encode())
         finally:

@@ -37,3 +37,23 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def served_keys(body: bytes | None) -> dict[str, dict[str, Any]]:
+    """The JWKs a served document holds, by kid (empty when it is not a JWKS).
+
+    Read from the target itself, never from state: what verifiers can
+    already see there is the only thing a publish can expose without a check.
+    """
+    if body is None:
+        return {}
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return {}
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        return {}
+    return {
+        k["kid"]: k for k in keys if isinstance(k, dict) and isinstance(k.get("kid"), str)
+    }

@@ -16,7 +16,6 @@ from keymgr.audit import AuditLog
 from keymgr.config import Config, load_config
 from keymgr.errors import KeymgrError, UsageError
 from keymgr.model import ACTIVE, DESTROYED, REVOKED, State
-from keymgr.planner import plan
 from keymgr.reconciler import PassResult, Reconciler, cli_actor
 from keymgr.stores import StateStore, open_store
 from keymgr.timefmt import format_time, utcnow
@@ -40,7 +39,7 @@ class KeyManager:
     def __init__(self, config: Config, actor: str | None = None) -> None:
         self.config = config
         self.store: StateStore = open_store(config.daemon.state)
-        self.audit = AuditLog(config.daemon.audit_log)
+        self.audit = AuditLog.for_config(config)
         self.actor = actor or f"cli:{cli_actor()}"
         self.reconciler = Reconciler(config, self.store, self.audit, self.actor)
         self._sign_cache: dict[str, _SignCache] = {}
@@ -60,8 +59,11 @@ class KeyManager:
     # -- time ----------------------------------------------------------------
 
     def _clock(self, at: datetime | None, state: State) -> datetime:
+        """``--at``, or the wall clock clamped to the newest time in state: events
+        a command records never go back in time, as in a pass."""
         if at is None:
-            return utcnow()
+            now = utcnow()
+            return state.clock if state.clock is not None and now < state.clock else now
         if state.clock is not None and at < state.clock:
             raise UsageError(
                 f"--at {format_time(at)} is earlier than the newest time in state "
@@ -70,7 +72,9 @@ class KeyManager:
         return at
 
     def state(self) -> State:
-        return self.store.load()[0]
+        state = self.store.load()[0]
+        self.reconciler.validate(state)
+        return state
 
     # -- reconcile -----------------------------------------------------------
 
@@ -93,7 +97,7 @@ class KeyManager:
         if now is None and state.clock is not None and at < state.clock:
             at = state.clock
         state = self.reconciler.observe(state)
-        p = plan(state, self.config.policies, at)
+        p = self.reconciler.plan(state, at)
         return {
             "at": format_time(at),
             "due": [_action_dict(a) for a in p.due],
@@ -151,6 +155,53 @@ class KeyManager:
         res.events[:0] = events
         return res
 
+    def adopt(
+        self, ring: str, kid: str, as_state: str, now: datetime | None = None
+    ) -> PassResult:
+        """Take over a key the ring's backend holds but state does not record.
+
+        The deliberate, audited counterpart of the refusal a pass gives when
+        it finds such a key: its public key comes from the backend (and must
+        hash to ``kid``), its lifecycle from the operator (``as_state``).
+        """
+        if ring not in self.config.policies:
+            raise UsageError(
+                f"unknown ring {ring!r} (configured: {', '.join(sorted(self.config.policies))})"
+            )
+        if as_state not in ("active", "retired", "expired"):
+            raise UsageError(f"--as {as_state!r}: expected active, retired or expired")
+        pol = self.config.policies[ring]
+        backend = self.reconciler.backend(pol.backend)
+
+        def fn(state: State, at: datetime) -> transitions.Result:
+            if state.find(kid) is not None:
+                raise UsageError(f"key {kid} is already recorded in state")
+            if kid not in backend.list_keys(ring):
+                raise UsageError(
+                    f"backend {pol.backend} holds no keymgr key {kid} for ring {ring!r}"
+                )
+            jwk = backend.public_jwk(ring, kid)
+            if jose.thumbprint(jwk) != kid:
+                raise KeymgrError(f"key {kid}: backend {pol.backend} returned another key")
+            if as_state == "active" and state.ring(ring).active is not None:
+                raise UsageError(
+                    f"ring {ring!r} already has an active key; adopt {kid} --as retired"
+                )
+            try:
+                alg = _alg_of(jwk, pol.algorithm)
+            except ValueError as e:
+                raise UsageError(f"key {kid}: {e}") from None
+            return transitions.take_over(
+                state, ring, kid, jwk, alg, pol.backend, as_state, at, f"adopted by {self.actor}"
+            )
+
+        _, events = self._mutate(fn, now)
+        self._sign_cache.clear()
+        self._sign_fresh_until = 0
+        res = self.reconcile(now)
+        res.events[:0] = events
+        return res
+
     # -- signing ---------------------------------------------------------------
 
     def _check_fresh(self, t: int) -> None:
@@ -188,7 +239,7 @@ class KeyManager:
         key = state.ring(ring).active
         if key is None or key.state != ACTIVE:
             raise KeymgrError(f"ring {ring!r} has no active key; run 'keymgr reconcile'")
-        backend = self.config.backends[key.backend]
+        backend = self.reconciler.backend(key.backend)
         header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
         entry = _SignCache(
             kid=key.kid,
@@ -268,7 +319,7 @@ class KeyManager:
         at = utcnow()
         if state.clock is not None and at < state.clock:
             at = state.clock
-        p = plan(self.reconciler.observe(state), self.config.policies, at)
+        p = self.reconciler.plan(self.reconciler.observe(state), at)
         due_by_ring: dict[str, Any] = {}
         for a in p.due:
             r = getattr(a, "ring", None)
@@ -298,6 +349,19 @@ class KeyManager:
 
 _b64 = jose.b64url_bytes
 _claims_json = jose.claims_json
+
+
+def _alg_of(jwk: Mapping[str, str], configured: str) -> str:
+    """The algorithm an adopted key signs with: the ring's when the key fits it,
+    else the one its key type implies (EC curve, Ed25519); RSA keys that do
+    not match the ring's family have no single answer."""
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if jose.alg_family(configured) == kty and (kty != "EC" or jose.curve_for(configured) == crv):
+        return configured
+    by_curve = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "Ed25519": "EdDSA"}
+    if isinstance(crv, str) and crv in by_curve:
+        return by_curve[crv]
+    raise ValueError(f"a {kty} key does not fit the ring's {configured}")
 
 
 def _action_dict(a: Any) -> dict[str, Any]:

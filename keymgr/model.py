@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -178,28 +178,100 @@ class Ring:
 
 @dataclass(frozen=True)
 class PublisherRecord:
-    """What a publisher last confirmed (read back and compared) it serves."""
+    """What a publisher last confirmed (read back and compared) it serves.
+
+    ``since`` is, per kid, the time since which the publisher has served it
+    *continuously*: every confirmation keeps a kid's time when the previous
+    record was intact and held it, and an observation that the target no
+    longer serves the confirmed document (reverted, deleted, edited, its
+    headers changed, or unreadable) marks the record ``stale`` and forgets
+    every time. Promotion waits for the latest of these across a ring's
+    publishers plus A (design.md, "Timing rules").
+
+    ``asked`` holds the kids of writes that were never confirmed: such a write
+    may have put them on the target, so they block destruction like confirmed
+    ones until a later confirmed document shows what is really served.
+    """
 
     sha256: str
     kids: frozenset[str]
-    confirmed_at: datetime
-    #: Set by the reconciler when the target no longer holds what was confirmed
-    #: (deleted or edited out of band): the document must be written again.
+    confirmed_at: datetime | None
+    #: The target no longer holds what was confirmed (or could not be read):
+    #: the document must be written and confirmed again.
     stale: bool = False
+    since: Mapping[str, datetime] = field(default_factory=dict)
+    asked: frozenset[str] = frozenset()
+
+    def served_since(self, kid: str) -> datetime | None:
+        """Since when ``kid`` has been served without a break, or None."""
+        if self.stale:
+            return None
+        return self.since.get(kid)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "sha256": self.sha256,
             "kids": sorted(self.kids),
             "confirmed_at": format_time(self.confirmed_at),
+            "since": {k: format_time(t) for k, t in sorted(self.since.items())},
         }
+        if self.stale:
+            d["stale"] = True
+        if self.asked:
+            d["asked"] = sorted(self.asked)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PublisherRecord:
+        kids = frozenset(d.get("kids", []))
+        confirmed = _time_or_none(d.get("confirmed_at"))
+        raw_since = d.get("since")
+        if raw_since is None:
+            # A record written before continuity was tracked: count each kid
+            # from the last confirmation, which is never earlier than the truth.
+            since = {k: confirmed for k in kids} if confirmed is not None else {}
+        else:
+            since = {str(k): parse_time(v) for k, v in raw_since.items()}
         return cls(
             sha256=d["sha256"],
-            kids=frozenset(d.get("kids", [])),
-            confirmed_at=parse_time(d["confirmed_at"]),
+            kids=kids,
+            confirmed_at=confirmed,
+            stale=bool(d.get("stale", False)),
+            since=since,
+            asked=frozenset(d.get("asked", [])),
+        )
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A write-ahead record that a key is about to be generated for a ring.
+
+    Committed before the backend call; the backend marks the new key with
+    ``nonce``. After a crash between the backend call and the state commit,
+    the key that carries the nonce is this intent's orphan; a keymgr key that
+    matches no intent and no record was not made by this state's history.
+    """
+
+    nonce: str
+    backend: str
+    alg: str
+    at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nonce": self.nonce,
+            "backend": self.backend,
+            "alg": self.alg,
+            "at": format_time(self.at),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Intent:
+        return cls(
+            nonce=str(d["nonce"]),
+            backend=str(d["backend"]),
+            alg=str(d["alg"]),
+            at=parse_time(d["at"]),
         )
 
 
@@ -214,13 +286,65 @@ class AuditAnchor:
     seq: int = 0
     hash: str = ""
     outbox: tuple[dict[str, Any], ...] = ()
+    #: The audit key that signs checkpoints (``[audit]``, keymgr.checkpoint):
+    #: its kid, algorithm, backend and creation time; None without one. Only
+    #: pointers: public keys are read from the backend and recorded in the log,
+    #: never trusted from here.
+    key_kid: str | None = None
+    key_alg: str | None = None
+    key_backend: str | None = None
+    key_since: datetime | None = None
+    #: The key it replaced, set by the commit that introduced it (that commit
+    #: is signed by the replaced key) and cleared by the next one.
+    prev_kid: str | None = None
+    prev_alg: str | None = None
+    prev_backend: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "hash": self.hash, "outbox": list(self.outbox)}
+        d: dict[str, Any] = {"seq": self.seq, "hash": self.hash, "outbox": list(self.outbox)}
+        if self.key_kid is not None:
+            key: dict[str, Any] = {
+                "kid": self.key_kid,
+                "alg": self.key_alg,
+                "backend": self.key_backend,
+                "since": format_time(self.key_since),
+            }
+            if self.prev_kid is not None:
+                key["prev"] = {
+                    "kid": self.prev_kid,
+                    "alg": self.prev_alg,
+                    "backend": self.prev_backend,
+                }
+            d["key"] = key
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AuditAnchor:
-        return cls(seq=int(d["seq"]), hash=str(d["hash"]), outbox=tuple(d.get("outbox", [])))
+        seq, hash_, outbox = int(d["seq"]), str(d["hash"]), tuple(d.get("outbox", []))
+        key = d.get("key")  # absent in documents written before [audit] existed
+        if key is None:
+            return cls(seq=seq, hash=hash_, outbox=outbox)
+        prev = key.get("prev") if isinstance(key, dict) else None
+        if not cls._strings(key, ("kid", "alg", "backend", "since")) or (
+            prev is not None and not cls._strings(prev, ("kid", "alg", "backend"))
+        ):
+            raise ValueError("audit.key: expected kid, alg, backend, since (and prev) strings")
+        return cls(
+            seq=seq,
+            hash=hash_,
+            outbox=outbox,
+            key_kid=key["kid"],
+            key_alg=key["alg"],
+            key_backend=key["backend"],
+            key_since=parse_time(key["since"]),
+            prev_kid=prev["kid"] if prev else None,
+            prev_alg=prev["alg"] if prev else None,
+            prev_backend=prev["backend"] if prev else None,
+        )
+
+    @staticmethod
+    def _strings(d: Any, fields: tuple[str, ...]) -> bool:
+        return isinstance(d, dict) and all(isinstance(d.get(f), str) for f in fields)
 
 
 @dataclass(frozen=True)
@@ -230,6 +354,8 @@ class State:
     audit: AuditAnchor = field(default_factory=AuditAnchor)
     #: Newest time ever recorded; ``--at`` earlier than this is refused.
     clock: datetime | None = None
+    #: Open write-ahead intents, by ring (at most one generate per ring at a time).
+    intents: Mapping[str, Intent] = field(default_factory=dict)
 
     def ring(self, name: str) -> Ring:
         return self.rings.get(name) or Ring(name=name)
@@ -253,6 +379,7 @@ class State:
             "rings": {n: r.to_dict() for n, r in sorted(self.rings.items())},
             "publishers": {n: p.to_dict() for n, p in sorted(self.publishers.items())},
             "audit": self.audit.to_dict(),
+            "intents": {n: i.to_dict() for n, i in sorted(self.intents.items())},
         }
 
     @classmethod
@@ -266,4 +393,5 @@ class State:
             },
             audit=AuditAnchor.from_dict(d.get("audit", {"seq": 0, "hash": ""})),
             clock=parse_time(d["clock"]) if d.get("clock") else None,
+            intents={n: Intent.from_dict(i) for n, i in d.get("intents", {}).items()},
         )

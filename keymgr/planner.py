@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from keymgr.errors import StateError
 from keymgr.model import (
     ACTIVE,
     EXPIRED,
@@ -123,13 +124,26 @@ class Plan:
 
 
 def desired_keys(state: State, policies: Mapping[str, Policy], publisher: str) -> list[Key]:
-    """Keys the publisher's JWKS must hold, across every ring that uses it."""
+    """Keys the publisher's document must hold.
+
+    Every JWKS key of the rings that use it, plus the JWKS keys it already
+    serves for rings that no longer use it: dropping a publisher from a ring
+    stops new keys going there, while the keys verifiers may have fetched from
+    it leave on their usual schedule (expiry), never at once.
+    """
     out: list[Key] = []
     for name, pol in policies.items():
         if publisher in pol.publishers:
             ring = state.rings.get(name)
             if ring is not None:
                 out.extend(k for k in ring.keys if k.state in IN_JWKS)
+    rec = state.publishers.get(publisher)
+    if rec is not None and rec.kids:
+        left = rec.kids.difference(k.kid for k in out)
+        for kid in sorted(left):
+            found = state.find(kid)
+            if found is not None and found[1].state in IN_JWKS:
+                out.append(found[1])
     return out
 
 
@@ -149,35 +163,71 @@ def _confirmed_everywhere(state: State, pol: Policy, kid: str) -> bool:
     return True
 
 
-def _visible_anywhere(state: State, kid: str, in_use: Collection[str] | None) -> bool:
+def served_since(state: State, pol: Policy, kid: str) -> datetime | None:
+    """Since when every publisher of the ring has served ``kid`` without a
+    break: the latest of their continuity times, or None while any of them
+    does not (design.md, "Timing rules")."""
+    latest: datetime | None = None
+    for p in pol.publishers:
+        rec = state.publishers.get(p)
+        t = rec.served_since(kid) if rec is not None else None
+        if t is None:
+            return None
+        if latest is None or t > latest:
+            latest = t
+    return latest
+
+
+def _visible_anywhere(state: State, kid: str, managed: Collection[str] | None) -> bool:
     """Could a publisher we manage still be serving ``kid``?
 
-    A publisher removed from the config is no longer ours to confirm; its last
-    record must not block destruction forever. A stale record says only what was
-    served once: a write whose read-back failed may have put any key there since,
-    so until a publish is confirmed again every key counts as visible on it.
+    Every configured publisher counts, used by a ring or not: one dropped from
+    a ring still serves what it last confirmed until it confirms a document
+    without the key. A publisher removed from the config is no longer ours to
+    confirm; its last record must not block destruction forever (the docs say
+    so). A stale record says only what was served once: a write whose
+    read-back failed may have put any key there since, so until a publish is
+    confirmed again every key counts as visible on it, and so do the kids of
+    any write never confirmed (``asked``).
     """
     return any(
-        rec.stale or kid in rec.kids
+        rec.stale or kid in rec.kids or kid in rec.asked
         for name, rec in state.publishers.items()
-        if in_use is None or name in in_use
+        if managed is None or name in managed
     )
+
+
+def _managed(policies: Mapping[str, Policy], publishers: Collection[str] | None) -> list[str]:
+    """Publishers keymgr keeps: those rings use, then any other configured one."""
+    names = publishers_in_use(policies)
+    if publishers is not None:
+        known = set(names)
+        names.extend(p for p in publishers if p not in known)
+    return names
 
 
 # --- the planner -------------------------------------------------------------
 
 
-def plan(state: State, policies: Mapping[str, Policy], now: datetime) -> Plan:
+def plan(
+    state: State,
+    policies: Mapping[str, Policy],
+    now: datetime,
+    publishers: Collection[str] | None = None,
+) -> Plan:
+    """What is due at ``now``. ``publishers``: every configured publisher
+    (default: those the rings use), so one dropped from every ring is still
+    kept consistent and still counts before a key is destroyed."""
     due: list[Action] = []
     upcoming: dict[str, Upcoming | None] = {}
-    in_use = publishers_in_use(policies)
-    for p in in_use:
-        want = frozenset(k.kid for k in desired_keys(state, policies, p))
+    managed = _managed(policies, publishers)
+    for p in managed:
         rec = state.publishers.get(p)
+        want = frozenset(k.kid for k in desired_keys(state, policies, p))
         if (rec is None and want) or (rec is not None and (rec.stale or rec.kids != want)):
             due.append(Publish(p))
     for name, pol in policies.items():
-        ring_due, nxt = plan_ring(state, state.ring(name), pol, now, in_use)
+        ring_due, nxt = plan_ring(state, state.ring(name), pol, now, managed)
         due.extend(ring_due)
         upcoming[name] = nxt
     return Plan(due=tuple(due), upcoming=upcoming)
@@ -193,8 +243,7 @@ def _earliest(cands: Iterable[Upcoming]) -> Upcoming | None:
 
 def successor_times(ring: Ring, pol: Policy, active: Key) -> tuple[datetime, datetime]:
     """(when to generate the successor, earliest promotion ignoring publication)."""
-    assert active.activated_at is not None
-    base = active.activated_at + pol.rotation_period
+    base = _required(active.activated_at, ring, active, "activated_at") + pol.rotation_period
     if ring.rotate_at is not None and ring.rotate_at < base:
         base = ring.rotate_at
         return base, base
@@ -202,7 +251,7 @@ def successor_times(ring: Ring, pol: Policy, active: Key) -> tuple[datetime, dat
 
 
 def plan_ring(
-    state: State, ring: Ring, pol: Policy, now: datetime, in_use: Collection[str] | None = None
+    state: State, ring: Ring, pol: Policy, now: datetime, managed: Collection[str] | None = None
 ) -> tuple[list[Action], Upcoming | None]:
     due: list[Action] = []
     later: list[Upcoming] = []
@@ -251,37 +300,46 @@ def plan_ring(
             else:
                 later.append(Upcoming("generate", None, gen_at))
         elif published is not None and pending is None:
-            assert published.published_at is not None
-            if ring.emergency:
-                promote_at = published.published_at
-            else:
-                promote_at = max(promote_base, published.published_at + pol.publish_ahead)
-            if now >= promote_at:
+            # Promotion waits A from the moment the *last* publisher started
+            # serving the key without a break: a document reverted or lost
+            # since restarts the wait (design.md invariant 2).
+            served = served_since(state, pol, published.kid)
+            start = served if served is not None else now
+            start = max(start, _required(published.published_at, ring, published, "published_at"))
+            promote_at = start if ring.emergency else max(promote_base, start + pol.publish_ahead)
+            if now >= promote_at and served is not None:
                 if _confirmed_everywhere(state, pol, published.kid):
                     reason = "emergency" if ring.emergency else "scheduled"
                     if ring.rotate_at is not None and not ring.emergency:
                         reason = "rotate"
                     due.append(Promote(ring.name, published.kid, active.kid, reason))
-            else:
+            elif now < promote_at:
                 later.append(Upcoming("promote", published.kid, promote_at))
 
     for k in ring.keys:
         if k.state == RETIRED:
-            assert k.retired_at is not None
-            at = k.retired_at + pol.retire_grace
+            at = _required(k.retired_at, ring, k, "retired_at") + pol.retire_grace
             if now >= at:
                 due.append(Expire(ring.name, k.kid))
             else:
                 later.append(Upcoming("expire", k.kid, at))
         elif k.state == EXPIRED:
-            assert k.expired_at is not None
-            at = k.expired_at + pol.destroy_after
+            at = _required(k.expired_at, ring, k, "expired_at") + pol.destroy_after
             if now >= at:
-                if not _visible_anywhere(state, k.kid, in_use):
+                if not _visible_anywhere(state, k.kid, managed):
                     due.append(Destroy(ring.name, k.kid))
             else:
                 later.append(Upcoming("destroy", k.kid, at))
-        elif k.state == REVOKED and not _visible_anywhere(state, k.kid, in_use):
+        elif k.state == REVOKED and not _visible_anywhere(state, k.kid, managed):
             due.append(Destroy(ring.name, k.kid))
 
     return due, _earliest(later)
+
+
+def _required(t: datetime | None, ring: Ring, key: Key, name: str) -> datetime:
+    """A time the key's state requires. keymgr.validate refuses a state without
+    it before planning; a planner used on an unchecked state fails in one line
+    instead of an assert that would crash-loop a daemon."""
+    if t is None:
+        raise StateError(f"ring {ring.name}: key {key.kid}: {name} missing for a {key.state} key")
+    return t

@@ -7,8 +7,10 @@ byte: ``published_at`` (and so every promotion) hangs on that confirmation.
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,7 +19,34 @@ from keymgr.faults import crashpoint
 from keymgr.fsutil import atomic_write
 
 
+@dataclass(frozen=True)
+class Served:
+    """A document as a verifier receives it: the body and the headers keymgr
+    sets on it (``Content-Type``, ``Cache-Control``, ...). Both are part of what
+    a publisher confirms: a changed ``Cache-Control`` changes how long
+    verifiers keep the keys, so it is a different document."""
+
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """SHA-256 over the body and the sorted headers (the body alone when
+        there are none, so a plain file's digest is its content's)."""
+        h = hashlib.sha256(self.body)
+        for k in sorted(self.headers):
+            h.update(f"\n{k.lower()}: {self.headers[k]}".encode())
+        return h.hexdigest()
+
+
 class Publisher(abc.ABC):
+    """Where verifiers fetch the JWKS: writes it and reads back what is served.
+
+    Subclasses implement :meth:`read` and :meth:`write`; a target that serves
+    headers keymgr sets (an object store) also overrides :meth:`headers` and
+    :meth:`fetch`. A publish only counts once :meth:`fetch` returns exactly the
+    document meant (body and headers): every promotion hangs on that.
+    """
+
     type_name: ClassVar[str]
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
@@ -27,6 +56,15 @@ class Publisher(abc.ABC):
         """Local files this publisher writes, by option name (for collision checks)."""
         return {}
 
+    def headers(self) -> dict[str, str]:
+        """The headers keymgr serves the document with (none by default)."""
+        return {}
+
+    @property
+    def where(self) -> str:
+        """How errors name this publisher (and its target, where that helps)."""
+        return f"publisher {self.name}"
+
     @abc.abstractmethod
     def read(self) -> bytes | None:
         """What the target serves now, or None when there is nothing yet."""
@@ -35,14 +73,33 @@ class Publisher(abc.ABC):
     def write(self, data: bytes) -> None:
         """Replace the served document atomically."""
 
+    def fetch(self) -> Served | None:
+        """The served document with its headers, or None when there is none.
+
+        The default pairs :meth:`read` with :meth:`headers`: right for a target
+        whose headers come from configuration (a static file behind nginx),
+        where a change of them still changes the confirmed digest.
+        """
+        body = self.read()
+        return None if body is None else Served(body, self.headers())
+
     def publish(self, data: bytes) -> bool:
         """Make the target serve ``data`` and confirm it; True if it was written."""
-        if self.read() == data:
+        want = Served(data, self.headers())
+        if self.fetch() == want:
             return False
         self.write(data)
         crashpoint("publish.after_write")
-        if self.read() != data:
-            raise PublishError(f"publisher {self.name}: read-back differs from what was written")
+        got = self.fetch()
+        if got is None:
+            raise PublishError(f"{self.where}: read-back: object missing")
+        if got.body != data:
+            raise PublishError(f"{self.where}: read-back: SHA-256 differs from what was written")
+        if dict(got.headers) != dict(want.headers):
+            names = {*got.headers, *want.headers}
+            wrong = sorted(k for k in names if got.headers.get(k) != want.headers.get(k))
+            detail = ", ".join(f"{k} {got.headers.get(k)!r}" for k in wrong)
+            raise PublishError(f"{self.where}: read-back: served with {detail}")
         return True
 
 
@@ -72,11 +129,23 @@ class FilePublisher(Publisher):
             self.mode = -1
         if not 0 <= self.mode <= 0o777:
             raise ConfigError(f"publishers.{name}.mode: expected an octal string like '0644'")
+        if self.mode & 0o022:
+            # Whoever could rewrite the JWKS could publish a key of their own.
+            raise ConfigError(
+                f"publishers.{name}.mode: {mode} lets group or others write the JWKS "
+                f"(use '0644' or '0640')"
+            )
         cc = options.get("cache_control")
         if cc is not None and not isinstance(cc, str):
             raise ConfigError(f"publishers.{name}.cache_control: must be a string")
         #: Documented for the static server in front of the file (see deploy/nginx).
         self.cache_control = cc
+
+    def headers(self) -> dict[str, str]:
+        # The static server in front sets these from its own config; keymgr
+        # counts the configured value as part of the document, so changing
+        # cache_control restarts the continuous-publication clock.
+        return {} if self.cache_control is None else {"Cache-Control": self.cache_control}
 
     def paths(self) -> dict[str, Path]:
         return {"path": self.path}

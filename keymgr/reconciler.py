@@ -16,9 +16,10 @@ to repeat after a crash at any point:
 from __future__ import annotations
 
 import getpass
+import secrets
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -31,12 +32,14 @@ from keymgr.errors import (
     ConfigError,
     ConflictError,
     KeymgrError,
+    KeyNotFoundError,
     PublishError,
+    StateError,
 )
 from keymgr.faults import crashpoint
 from keymgr.jose import alg_family, curve_for
 from keymgr.logs import get_logger
-from keymgr.model import HAS_PRIVATE, State
+from keymgr.model import HAS_PRIVATE, Key, State
 from keymgr.planner import (
     Action,
     Destroy,
@@ -50,8 +53,10 @@ from keymgr.planner import (
     plan,
     publishers_in_use,
 )
+from keymgr.publishers import Served
 from keymgr.stores import StateStore, Token
 from keymgr.timefmt import format_time
+from keymgr.validate import check_state
 
 FAILURE_EVENTS = frozenset({"publish.failed", "backend.failed"})
 #: What an operational log line repeats of an audit event (never key material).
@@ -88,14 +93,27 @@ class Reconciler:
         self.store = store
         self.audit = audit
         self.actor = actor
+        self._validated: State | None = None
+        #: (backend, ring, kid) -> the public JWK the backend returned: checked
+        #: once per process before a key is published (see _check_keys).
+        self._backend_jwks: dict[tuple[str, str, str], dict[str, str]] = {}
 
     # -- loading -----------------------------------------------------------
 
     def load(self) -> tuple[State, Token]:
-        """Load state and bring the audit log up to its anchor."""
+        """Load and validate the state, and bring the audit log up to its anchor."""
         state, token = self.store.load()
+        self.validate(state)
         self.audit.flush(state)
         return state, token
+
+    def validate(self, state: State) -> None:
+        """Schema-check a loaded state (keymgr.validate), once per document object:
+        the stores hand back the same immutable object while the bytes are unchanged."""
+        if state is self._validated:
+            return
+        check_state(state, f"state {self.store.url}")
+        self._validated = state
 
     def check_rings(self, state: State) -> None:
         for name, ring in state.rings.items():
@@ -105,6 +123,14 @@ class Reconciler:
                     f"live keys of ring {name!r}; restore the ring (removing it would drop "
                     "keys verifiers may still need)"
                 )
+            for k in ring.keys:
+                if k.state in HAS_PRIVATE and k.backend not in self.config.backends:
+                    raise ConfigError(
+                        f"{self.config.path}: backends.{k.backend}: missing, but key {k.kid} of "
+                        f"ring {name} ({k.state}) lives there; keep the backend configured "
+                        "until its keys are destroyed (a moved ring keeps its old keys where "
+                        "they are)"
+                    )
 
     def commit(
         self, state: State, events: list[dict[str, Any]], token: Token
@@ -118,21 +144,39 @@ class Reconciler:
     # -- observing ---------------------------------------------------------
 
     def observe(self, state: State) -> State:
-        """Mark publisher records stale when the target no longer serves them."""
-        pubs = dict(state.publishers)
-        changed = False
-        for name in publishers_in_use(self.config.policies):
-            rec = pubs.get(name)
-            if rec is None:
+        """Break the continuity of every publisher that no longer serves what it
+        confirmed: body or headers changed, deleted, or unreadable.
+
+        Every configured publisher with a record is read, used by a ring or not
+        (a publisher dropped from a ring still serves keys until it confirms a
+        document without them).
+        """
+        for name in self.managed_publishers():
+            rec = state.publishers.get(name)
+            if rec is None or (rec.stale and not rec.since):
                 continue
+            publisher = self.config.publishers[name]
             try:
-                data = self.config.publishers[name].read()
+                served = publisher.fetch()
             except PublishError:
-                data = None
-            if data is None or jwks.digest(data) != rec.sha256:
-                pubs[name] = replace(rec, stale=True)
-                changed = True
-        return replace(state, publishers=pubs) if changed else state
+                served = None
+            # The headers are compared with the config too: a cache_control
+            # changed there must reach the target (and counts as a new document).
+            if (
+                served is None
+                or served.digest() != rec.sha256
+                or dict(served.headers) != publisher.headers()
+            ):
+                state = transitions.publisher_drifted(state, name)
+        return state
+
+    def managed_publishers(self) -> list[str]:
+        names = publishers_in_use(self.config.policies)
+        names.extend(p for p in self.config.publishers if p not in names)
+        return names
+
+    def plan(self, state: State, now: datetime) -> Plan:
+        return plan(state, self.config.policies, now, self.config.publishers)
 
     # -- the pass ----------------------------------------------------------
 
@@ -153,7 +197,7 @@ class Reconciler:
                 now = clock()
                 if state.clock is not None and now < state.clock:
                     now = state.clock
-                p = plan(state, self.config.policies, now)
+                p = self.plan(state, now)
                 result.plan = p
                 planned = (state, now)
                 wave = [a for a in p.due if a not in failed]
@@ -162,15 +206,38 @@ class Reconciler:
                 # Publishers first, against the state the planner saw.
                 wave.sort(key=lambda a: 0 if isinstance(a, Publish) else 1)
                 events: list[dict[str, Any]] = []
+                gens = [a for a in wave if isinstance(a, Generate)]
+                if gens:
+                    try:
+                        state, token, refused = self.open_intents(state, gens, now, token)
+                    except ConflictError:
+                        state, token = self.load()
+                        state = self.observe(state)
+                        continue
+                    for gen, err in refused:
+                        wave.remove(gen)
+                        failed.add(gen)
+                        result.failures.append(str(err))
+                        result.failed.append((gen, err))
+                        events.append(self.failure_event(gen, err, now))
                 new = state
                 for action in wave:
                     try:
                         new, evs = self.execute(new, state, action, now)
                         events.extend(evs)
+                    except StateError:
+                        raise  # the state cannot be acted on: commit nothing
                     except KeymgrError as e:
                         failed.add(action)
                         result.failures.append(str(e))
                         result.failed.append((action, e))
+                        if isinstance(action, Publish):
+                            # The write may have landed: what it held counts
+                            # as served there until a publish is confirmed.
+                            asked = desired_keys(state, self.config.policies, action.publisher)
+                            new = transitions.publisher_unconfirmed(
+                                new, action.publisher, frozenset(k.kid for k in asked)
+                            )
                         # Committed with the wave, so the anchor covers it:
                         # removing a failure from the log is then detectable.
                         events.append(self.failure_event(action, e, now))
@@ -200,7 +267,7 @@ class Reconciler:
             # The last plan already is this one when nothing changed since (the
             # steady state): planning 10,000 rings twice per pass is waste.
             if planned is None or planned[0] is not state or planned[1] != now:
-                result.plan = plan(state, self.config.policies, now)
+                result.plan = self.plan(state, now)
         return result
 
     def discard_generated(self, events: list[dict[str, Any]], winner: State) -> None:
@@ -289,29 +356,126 @@ class Reconciler:
         self, state: State, seen: State, name: str, now: datetime
     ) -> tuple[State, list[dict[str, Any]]]:
         keys = desired_keys(seen, self.config.policies, name)
+        publisher = self.config.publishers[name]
+        current = publisher.fetch()
+        served = jwks.served_keys(current.body if current is not None else None)
+        # Only a key verifiers cannot already fetch from this target needs its
+        # backend's word (and a backend outage blocks adding keys, not removing).
+        self.check_keys(seen, [k for k in keys if served.get(k.kid) != jwks.jwk_for(k)])
         data = jwks.encode(jwks.document(keys))
-        written = self.config.publishers[name].publish(data)
+        written = publisher.publish(data)
         crashpoint("publish.before_commit")
+        digest = Served(data, publisher.headers()).digest()
         return transitions.publisher_confirmed(
-            state, name, jwks.digest(data), frozenset(k.kid for k in keys), now, written
+            state, name, digest, frozenset(k.kid for k in keys), now, written
         )
+
+    def check_keys(self, state: State, keys: list[Key]) -> None:
+        """Publish no key whose public half its backend does not vouch for.
+
+        The state says which keys to publish, but anyone who can write the
+        state could add an entry with their own public key (and a correct
+        thumbprint). Before a key is added to a document, its backend must
+        hold it with exactly that public key; the answer is kept for the life
+        of the process (a key's public half never changes).
+        """
+        for key in keys:
+            found = state.find(key.kid)
+            ring = found[0].name if found is not None else ""
+            cache = (key.backend, ring, key.kid)
+            if self._backend_jwks.get(cache) == key.public_jwk:
+                continue
+            try:
+                jwk = self.backend(key.backend).public_jwk(ring, key.kid)
+            except KeyNotFoundError:
+                raise StateError(
+                    f"state {self.store.url}: ring {ring}: key {key.kid}: backend "
+                    f"{key.backend} does not hold this key; refusing to publish it "
+                    "(state edited?)"
+                ) from None
+            if jwk != key.public_jwk:
+                raise StateError(
+                    f"state {self.store.url}: ring {ring}: key {key.kid}: public_jwk differs "
+                    f"from the key backend {key.backend} holds; refusing to publish it "
+                    "(state edited?)"
+                )
+            self._backend_jwks[cache] = jwk
+
+    def open_intents(
+        self, state: State, gens: list[Generate], now: datetime, token: Token
+    ) -> tuple[State, Token, list[tuple[Generate, KeymgrError]]]:
+        """Commit a write-ahead intent for each ring about to generate a key.
+
+        Before that, each ring's backend is asked which keymgr keys it holds:
+        any the state does not record and no open intent accounts for stops
+        the pass here, before anything is written (see :meth:`orphans`). A
+        backend that cannot answer fails that ring's generate (returned, for
+        the pass to record as a failure like any other). A ring whose intent
+        is still open (an earlier attempt failed or crashed) keeps it, so the
+        keys that attempt may have made stay recognisable as its orphans.
+        """
+        new = state
+        refused: list[tuple[Generate, KeymgrError]] = []
+        for g in gens:
+            pol = self.config.policies[g.ring]
+            try:
+                self.orphans(state, g.ring, pol.backend)
+            except StateError:
+                raise
+            except KeymgrError as e:
+                refused.append((g, e))
+                continue
+            intent = state.intents.get(g.ring)
+            if intent is not None and intent.backend == pol.backend and intent.alg == pol.algorithm:
+                continue
+            nonce = secrets.token_hex(8)
+            new = transitions.open_intent(new, g.ring, nonce, pol.backend, pol.algorithm, now)
+        if new is state:
+            return state, token, refused
+        state, token = self.commit(new, [], token)
+        return state, token, refused
+
+    def orphans(self, state: State, ring: str, backend_name: str) -> list[str]:
+        """Keys of ``ring`` in the backend that state does not record and that
+        carry the ring's open intent: crash orphans, safe to adopt or destroy.
+
+        Any other unrecorded keymgr key means the state does not describe the
+        backend (lost, replaced by an old copy, mistyped URL, edited): that is
+        refused with a StateError, and such a key is never destroyed.
+        """
+        backend = self.backend(backend_name)
+        known = {k.kid for k in state.ring(ring).keys}
+        try:
+            unrecorded = sorted(kid for kid in backend.list_keys(ring) if kid not in known)
+        except StateError:
+            raise
+        except KeymgrError as e:
+            raise BackendError(f"backend {backend_name}: list keys of ring {ring}: {e}") from None
+        intent = state.intents.get(ring)
+        nonce = intent.nonce if intent is not None and intent.backend == backend_name else None
+        orphans: list[str] = []
+        unknown: list[str] = []
+        for kid in unrecorded:
+            mark = backend.intent_of(ring, kid) if nonce is not None else None
+            (orphans if mark is not None and mark == nonce else unknown).append(kid)
+        if unknown:
+            raise StateError(
+                f"ring {ring}: backend {backend_name} holds {len(unknown)} keymgr key(s) that "
+                f"state {self.store.url} does not record ({', '.join(unknown[:3])}"
+                f"{', ...' if len(unknown) > 3 else ''}): the state was lost, replaced or "
+                "edited; restore it, or take each key over with 'keymgr adopt "
+                f"{ring} KID --as active|retired|expired'"
+            )
+        return orphans
 
     def generate(
         self, state: State, action: Generate, now: datetime
     ) -> tuple[State, list[dict[str, Any]]]:
         pol = self.config.policies[action.ring]
         backend = self.backend(pol.backend)
-        ring = state.ring(action.ring)
-        known = {k.kid for k in ring.keys}
         events: list[dict[str, Any]] = []
         adopted = False
-        try:
-            orphans = [kid for kid in backend.list_keys(action.ring) if kid not in known]
-        except KeymgrError as e:
-            raise BackendError(
-                f"backend {pol.backend}: list keys of ring {action.ring}: {e}"
-            ) from None
-        for kid in sorted(orphans):
+        for kid in self.orphans(state, action.ring, pol.backend):
             jwk = backend.public_jwk(action.ring, kid)
             if not adopted and _fits(jwk, pol.algorithm):
                 state, evs = transitions.add_key(
@@ -336,12 +500,15 @@ class Reconciler:
                         "ring": action.ring,
                         "kid": kid,
                         "backend": pol.backend,
-                        "reason": "created by an interrupted run, not recorded in state",
+                        "reason": "created by an interrupted run (its intent), not recorded",
                     }
                 )
         if adopted:
             return state, events
-        gen = backend.generate(action.ring, pol.algorithm)
+        intent = state.intents.get(action.ring)
+        gen = backend.generate(
+            action.ring, pol.algorithm, intent=intent.nonce if intent is not None else None
+        )
         crashpoint("generate.after_backend")
         state, evs = transitions.add_key(
             state,

@@ -22,7 +22,6 @@ same CAS.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -41,7 +40,7 @@ from keymgr.errors import ConfigError, ConflictError, PublishError, StoreError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
 from keymgr.model import State
-from keymgr.publishers import Publisher
+from keymgr.publishers import Publisher, Served
 from keymgr.stores import StateStore
 
 log = get_logger("keymgr.s3")
@@ -351,6 +350,10 @@ class S3Publisher(_LazyS3, Publisher):
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
+    @property
+    def where(self) -> str:
+        return f"publisher {self.name}: {self.url}"
+
     def _error(self, operation: str, exc: BaseException) -> PublishError:
         return PublishError(f"publisher {self.name}: {self.url}: {operation}: {aws_reason(exc)}")
 
@@ -381,38 +384,31 @@ class S3Publisher(_LazyS3, Publisher):
             want["SSE"] = self.sse
         return [f"{k} {headers.get(k)!r}" for k, v in want.items() if headers.get(k) != v]
 
+    def headers(self) -> dict[str, str]:
+        want = {"Content-Type": CONTENT_TYPE}
+        if self.cache_control is not None:
+            want["Cache-Control"] = self.cache_control
+        if self.sse is not None:
+            want["SSE"] = self.sse
+        return want
+
     def read(self) -> bytes | None:
         got = self._get()
         return None if got is None else got[0]
 
-    def publish(self, data: bytes) -> bool:
-        """Upload only when the body or a header differs; confirm by reading back.
+    def fetch(self) -> Served | None:
+        """The object and the headers keymgr sets, as S3 serves them (one GET).
 
-        Unchanged body *and* headers: no upload (an unchanged key set costs one
-        GET). The headers count too, so a changed ``cache_control`` reaches the
-        object even when the keys did not change. After the upload the object
-        is fetched again and its SHA-256 and headers compared; only then does
-        the publish count (and so can a promotion follow).
+        Unchanged body *and* headers: no upload. A changed ``cache_control``
+        reaches the object even when the keys did not change, and an object
+        whose headers were edited out of band counts as a different document.
         """
-        current = self._get()
-        if current is not None and current[0] == data and not self._wrong_headers(current[1]):
-            return False
-        self.write(data)
-        crashpoint("publish.after_write")
-        after = self._get()
-        if after is None:
-            raise PublishError(f"publisher {self.name}: {self.url}: read-back: object missing")
-        if hashlib.sha256(after[0]).digest() != hashlib.sha256(data).digest():
-            raise PublishError(
-                f"publisher {self.name}: {self.url}: read-back: SHA-256 differs from what "
-                "was written"
-            )
-        wrong = self._wrong_headers(after[1])
-        if wrong:
-            raise PublishError(
-                f"publisher {self.name}: {self.url}: read-back: served with {', '.join(wrong)}"
-            )
-        return True
+        got = self._get()
+        if got is None:
+            return None
+        data, served = got
+        names = set(self.headers()) | {"Content-Type", "Cache-Control"}
+        return Served(data, {k: v for k in names if (v := served.get(k)) is not None})
 
     def write(self, data: bytes) -> None:
         client = self.client

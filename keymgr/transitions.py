@@ -20,6 +20,7 @@ from keymgr.model import (
     PUBLISHED,
     RETIRED,
     REVOKED,
+    Intent,
     Key,
     PublisherRecord,
     State,
@@ -93,7 +94,78 @@ def add_key(
         created_at=_floor(now),
     )
     name = "key.adopted" if adopted else "key.generated"
+    state = _close_intent(state, ring)
     return _set_key(state, ring, key, now), [_event(name, ring, key, now, reason=reason)]
+
+
+def take_over(
+    state: State,
+    ring: str,
+    kid: str,
+    public_jwk: dict[str, str],
+    alg: str,
+    backend: str,
+    as_state: str,
+    now: datetime,
+    actor_reason: str,
+) -> Result:
+    """``keymgr adopt``: record a key the backend holds but state does not.
+
+    The operator's deliberate take-over of a key that no intent accounts for
+    (after a state was lost or restored from an old copy). ``active`` makes
+    it the signer again (a ring without one; it must be the key verifiers
+    already have, as the publish that follows does not wait A); ``retired`` keeps
+    it published for retire_grace, so tokens it signed keep verifying, then
+    it expires and is destroyed on the usual schedule; ``expired`` keeps it
+    out of the JWKS and destroys it after destroy_after.
+    """
+    if state.ring(ring).key(kid) is not None or state.find(kid) is not None:
+        raise KeyError(f"state already records key {kid!r}")
+    at = _floor(now)
+    if as_state == ACTIVE:
+        if state.ring(ring).active is not None:
+            raise ValueError(f"ring {ring} already has an active key")
+        key = Key(
+            kid=kid,
+            alg=alg,
+            backend=backend,
+            state=ACTIVE,
+            public_jwk=public_jwk,
+            created_at=at,
+            published_at=at,
+            activated_at=at,
+            reason=actor_reason,
+        )
+    elif as_state == RETIRED:
+        key = Key(
+            kid=kid,
+            alg=alg,
+            backend=backend,
+            state=RETIRED,
+            public_jwk=public_jwk,
+            created_at=at,
+            published_at=at,
+            activated_at=at,
+            retired_at=_ceil(now),
+            reason=actor_reason,
+        )
+    elif as_state == EXPIRED:
+        key = Key(
+            kid=kid,
+            alg=alg,
+            backend=backend,
+            state=EXPIRED,
+            public_jwk=public_jwk,
+            created_at=at,
+            retired_at=at,
+            expired_at=at,
+            reason=actor_reason,
+        )
+    else:
+        raise ValueError(f"cannot adopt a key as {as_state!r} (active, retired or expired)")
+    return _set_key(state, ring, key, now), [
+        _event("key.adopted", ring, key, now, reason=actor_reason, state=as_state)
+    ]
 
 
 def publisher_confirmed(
@@ -104,9 +176,21 @@ def publisher_confirmed(
     now: datetime,
     written: bool,
 ) -> Result:
-    """A publisher read back exactly the document we meant it to serve."""
+    """A publisher read back exactly the document we meant it to serve.
+
+    A kid keeps the time since which it was served only when the previous
+    record was intact (not stale) and held it: a target replaced atomically
+    never stopped serving the keys both documents hold. Every other kid is
+    counted from now, the first moment it is known to be served.
+    """
+    old = state.publishers.get(publisher)
+    at = _floor(now)
+    since: dict[str, datetime] = {}
+    for kid in kids:
+        prev = old.served_since(kid) if old is not None and kid in old.kids else None
+        since[kid] = prev if prev is not None else _ceil(now)
     pubs = dict(state.publishers)
-    pubs[publisher] = PublisherRecord(sha256=sha256, kids=kids, confirmed_at=_floor(now))
+    pubs[publisher] = PublisherRecord(sha256=sha256, kids=kids, confirmed_at=at, since=since)
     new = _tick(replace(state, publishers=pubs), now)
     ev = _event(
         "jwks.published",
@@ -119,6 +203,50 @@ def publisher_confirmed(
         written=written,
     )
     return new, [ev]
+
+
+def publisher_unconfirmed(state: State, publisher: str, asked: frozenset[str]) -> State:
+    """A write to ``publisher`` may or may not have landed: until a later
+    confirmation shows what is served, the kids it was asked to hold count as
+    served there (they block destruction) and nothing counts as continuously
+    served (promotion waits)."""
+    old = state.publishers.get(publisher)
+    if old is None:
+        rec = PublisherRecord(sha256="", kids=frozenset(), confirmed_at=None, stale=True)
+    else:
+        rec = replace(old, stale=True, since={})
+    rec = replace(rec, asked=rec.asked | asked)
+    pubs = dict(state.publishers)
+    pubs[publisher] = rec
+    return replace(state, publishers=pubs)
+
+
+def publisher_drifted(state: State, publisher: str) -> State:
+    """The target no longer serves the confirmed document (reverted, deleted,
+    edited, headers changed) or could not be read: continuity is broken."""
+    old = state.publishers[publisher]
+    if old.stale and not old.since:
+        return state
+    pubs = dict(state.publishers)
+    pubs[publisher] = replace(old, stale=True, since={})
+    return replace(state, publishers=pubs)
+
+
+def open_intent(
+    state: State, ring: str, nonce: str, backend: str, alg: str, now: datetime
+) -> State:
+    """Record, before the backend call, that a key is about to be generated."""
+    intents = dict(state.intents)
+    intents[ring] = Intent(nonce=nonce, backend=backend, alg=alg, at=_floor(now))
+    return _tick(replace(state, intents=intents), now)
+
+
+def _close_intent(state: State, ring: str) -> State:
+    if ring not in state.intents:
+        return state
+    intents = dict(state.intents)
+    del intents[ring]
+    return replace(state, intents=intents)
 
 
 def mark_published(state: State, ring: str, kid: str, now: datetime) -> Result:

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from backends.aws_kms import (
     SIGNING_ALGORITHMS,
     TAG_ALG,
+    TAG_INTENT,
     TAG_KID,
     TAG_MANAGED,
     TAG_PREFIX,
@@ -622,11 +623,20 @@ def test_orphans_adopted_or_destroyed_and_foreign_keys_never_touched(
     assert tags[TAG_MANAGED] == "true" and tags[TAG_RING] == "default" and TAG_KID not in tags
     assert orphan not in aliases(kms).values()
     orphan_kid = kms_kid(kms, orphan)
-    # And a keymgr orphan that cannot serve this ring's ES256 policy.
+    # The crash left the write-ahead intent open, and the key carries its nonce.
+    nonce = json.loads((home.dir / "state.json").read_text())["intents"]["default"]["nonce"]
+    assert tags[TAG_INTENT] == nonce
+    # And an orphan of that intent that cannot serve this ring's ES256 policy.
     wrong = _create_raw_key(
         kms,
         "ECC_NIST_P384",
-        {TAG_MANAGED: "true", TAG_PREFIX: "keymgr", TAG_RING: "default", TAG_ALG: "ES384"},
+        {
+            TAG_MANAGED: "true",
+            TAG_PREFIX: "keymgr",
+            TAG_RING: "default",
+            TAG_ALG: "ES384",
+            TAG_INTENT: nonce,
+        },
     )
     wrong_kid = kms_kid(kms, wrong)
 
@@ -658,8 +668,18 @@ def test_orphans_adopted_or_destroyed_and_foreign_keys_never_touched(
         assert after[key_id]["state"] == "Enabled", what
         assert after[key_id]["tags"] == before[key_id]["tags"], what
     assert aliases(kms)[f"alias/keymgr/default/{kms_kid(kms, impostor)}"] == impostor
-    cli_ok(home, "audit", "verify")
     assert_kms_matches_state(home, moto.url, tmp_path)
+
+    # A key tagged as keymgr's for this ring that no intent accounts for (made
+    # by a lost state, or by someone else) is never destroyed: generate stops.
+    stray = _create_raw_key(
+        kms, "ECC_NIST_P256", {TAG_MANAGED: "true", TAG_PREFIX: "keymgr", TAG_RING: "default"}
+    )
+    proc = home.run("reconcile", "--at", ts(T0 + 2 * P - A))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "keymgr adopt default" in proc.stderr and kms_kid(kms, stray) in proc.stderr
+    assert kms_inventory(kms)[stray]["state"] == "Enabled"
+    cli_ok(home, "audit", "verify")
 
 
 def test_keymgr_refuses_a_foreign_key_behind_its_alias(moto: Any, tmp_path: Path) -> None:
@@ -939,3 +959,56 @@ def test_iam_policy_is_valid_and_covers_every_call() -> None:
     assert s3_calls == set(s3_actions), s3_calls
     needed = {f"kms:{op}" for op in kms_ops} | set(s3_actions.values()) | {"s3:ListBucket"}
     assert needed <= allowed, needed - allowed
+
+
+def test_iam_policy_tag_permissions_cannot_relabel_keys() -> None:
+    """Tags are access here (every use of a key hangs on aws:ResourceTag), so:
+    no UntagResource at all; TagResource on ``*`` only for CreateKey's own tags
+    (keymgr's request tags and tag keys, and never on a key already keymgr's);
+    anywhere else only the kid tag, only on keys that already carry keymgr's tags.
+    The tags the code sets must all be allowed (a new one fails here first)."""
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    policy = json.loads((repo / "deploy" / "aws" / "iam-policy.json").read_text())
+    source = (repo / "backends" / "aws_kms.py").read_text()
+    code_tags = dict(re.findall(r'^(TAG_[A-Z]+) = "([^"]+)"', source, re.M))
+    kid_tag = code_tags.pop("TAG_KID")
+    creation_tags = set(code_tags.values())
+    assert {"keymgr:managed", "keymgr:prefix", "keymgr:ring"} <= creation_tags
+    owned = {"aws:ResourceTag/keymgr:managed": "true", "aws:ResourceTag/keymgr:prefix": "keymgr"}
+
+    tagging = []
+    for st in policy["Statement"]:
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        assert not {"kms:UntagResource", "kms:Tag*", "kms:*", "*"} & set(actions), st
+        if "kms:CreateKey" in actions:
+            keys = st["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]
+            assert creation_tags <= set(keys), creation_tags - set(keys)
+        if "kms:TagResource" not in actions:
+            continue
+        assert actions == ["kms:TagResource"], st
+        tagging.append(st["Sid"])
+        cond = st["Condition"]
+        resource_conds = {k for op in cond.values() for k in op if k.startswith("aws:ResourceTag/")}
+        assert resource_conds, f"{st['Sid']}: TagResource without an aws:ResourceTag condition"
+        keys = set(cond["ForAllValues:StringEquals"]["aws:TagKeys"])
+        assert all(k.startswith("keymgr:") for k in keys), keys
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if "*" in resources:
+            assert resources == ["*"], st
+            assert cond["StringEquals"] == {
+                "aws:RequestTag/keymgr:managed": "true", "aws:RequestTag/keymgr:prefix": "keymgr"
+            }, st
+            assert creation_tags <= keys and kid_tag not in keys, keys
+            # Not a key that already is keymgr's: no re-labelling of ring, prefix or alg.
+            assert cond["Null"] == {"aws:ResourceTag/keymgr:managed": "true"}, st
+            assert set(cond) == {"StringEquals", "ForAllValues:StringEquals", "Null"}, st
+        else:
+            assert all(r.startswith("arn:aws:kms:") and ":key/" in r for r in resources), st
+            assert cond["StringEquals"] == owned, st
+            assert keys == {kid_tag}, keys
+    assert len(tagging) == 2, tagging
+    doc = (repo / "deploy" / "aws" / "iam-policy.md").read_text()
+    for sid in tagging:
+        assert sid in doc, f"iam-policy.md does not say what guards {sid}"

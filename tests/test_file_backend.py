@@ -43,6 +43,7 @@ def _no_env_master_key(monkeypatch: pytest.MonkeyPatch) -> None:
 def master_key(tmp_path: Path) -> bytes:
     key = os.urandom(32)
     (tmp_path / "master.key").write_text(base64.b64encode(key).decode() + "\n")
+    (tmp_path / "master.key").chmod(0o600)  # the backend refuses a key others can read
     return key
 
 
@@ -271,6 +272,7 @@ def test_wrong_master_key(tmp_path: Path, backend: FileBackend, es_key: Generate
     before = path.read_bytes()
     other = tmp_path / "other.key"
     other.write_text(base64.b64encode(os.urandom(32)).decode())
+    other.chmod(0o600)
     wrong = make_backend(tmp_path, master_key_file=str(other))  # absolute path this time
 
     for call in (
@@ -375,6 +377,7 @@ def test_raw_32_byte_master_key_file(tmp_path: Path) -> None:
     while all(chr(b).isalnum() or chr(b) in "+/=_-" for b in master):  # pragma: no cover
         master = os.urandom(32)
     (tmp_path / "raw.key").write_bytes(master)
+    (tmp_path / "raw.key").chmod(0o600)
     gen = make_backend(tmp_path, master_key_file="raw.key").generate(RING, "EdDSA")
     decrypt_independently(key_file(tmp_path, gen.kid), master)
 
@@ -385,6 +388,7 @@ def test_wrong_length_master_key_is_refused_without_echoing_it(
 ) -> None:
     text = base64.b64encode(os.urandom(size)).decode()
     (tmp_path / "short.key").write_text(text)
+    (tmp_path / "short.key").chmod(0o600)
     with pytest.raises(BackendError) as err:
         make_backend(tmp_path, master_key_file="short.key").check()
     assert "short.key" in str(err.value) and text not in str(err.value)

@@ -100,6 +100,7 @@ def test_time_fast_paths_round_trip():
 
 def _home(tmp_path: Path) -> Path:
     (tmp_path / "master.key").write_text("A" * 43 + "=\n")
+    (tmp_path / "master.key").chmod(0o600)
     cfg = tmp_path / "keymgr.toml"
     cfg.write_text(
         """

@@ -115,7 +115,11 @@ def build(
         if kids is None:
             kids = [k.kid for k in desired_keys(state, pols, p)]
         recs[p] = PublisherRecord(
-            sha256="0" * 64, kids=frozenset(kids), confirmed_at=T0, stale=p in stale
+            sha256="0" * 64,
+            kids=frozenset(kids),
+            confirmed_at=T0,
+            stale=p in stale,
+            since={} if p in stale else dict.fromkeys(kids, T0),
         )
     return replace(state, publishers=recs)
 
@@ -183,11 +187,9 @@ class Sim:
         raise AssertionError("the pass did not settle")
 
     def observe(self) -> None:
-        pubs = dict(self.state.publishers)
-        for p, rec in pubs.items():
+        for p, rec in self.state.publishers.items():
             if self.fail.get(p) == "down" or self.served[p] != rec.kids:
-                pubs[p] = replace(rec, stale=True)
-        self.state = replace(self.state, publishers=pubs)
+                self.state = transitions.publisher_drifted(self.state, p)
 
     def execute(self, action: Action, seen: State) -> None:
         s, now = self.state, self.now
@@ -199,6 +201,7 @@ class Sim:
             if mode == "unconfirmed":
                 self.served[action.publisher] = kids
             if mode is not None:
+                self.state = transitions.publisher_unconfirmed(s, action.publisher, kids)
                 raise Failed(action.publisher)
             self.served[action.publisher] = kids
             s, evs = transitions.publisher_confirmed(

@@ -152,7 +152,8 @@ class VaultHome:
         proc = self.home.run(*args, env=env or self.env(), timeout=timeout)
         out = proc.stdout + proc.stderr
         for secret in [self.token, self.bao.token, *self.secrets]:
-            assert secret not in out, f"a credential leaked into the output of keymgr {args}"
+            leaked = secret in out  # never let pytest print the secret itself
+            assert not leaked, f"a credential leaked into the output of keymgr {args}"
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
 
@@ -238,7 +239,8 @@ class VaultHome:
         texts = [self.audit_text(), self.home.config.read_text(), json.dumps(self.state_doc())]
         for text in texts:
             for secret in [self.token, self.bao.token, *self.secrets]:
-                assert secret not in text
+                leaked = secret in text
+                assert not leaked, "a credential was stored at rest"
 
 
 def setup_home(
@@ -557,7 +559,7 @@ def test_existing_key_of_another_type_is_refused(vault_env, monkeypatch):
     fixed = "ab" * 16
     name = b.key_name("default", fixed)
     bao.ok("POST", f"transit/keys/{name}", {"type": "rsa-2048"})
-    monkeypatch.setattr(vt, "_random_id", lambda: fixed)
+    monkeypatch.setattr(vt, "_random_id", lambda *_: fixed)
     with pytest.raises(BackendError) as err:
         b.generate("default", "ES256")
     msg = str(err.value)
@@ -572,7 +574,7 @@ def test_existing_key_of_another_type_is_refused(vault_env, monkeypatch):
     fixed2 = "cd" * 16
     name2 = b.key_name("default", fixed2)
     bao.ok("POST", f"transit/keys/{name2}", {"type": "ecdsa-p256", "exportable": True})
-    monkeypatch.setattr(vt, "_random_id", lambda: fixed2)
+    monkeypatch.setattr(vt, "_random_id", lambda *_: fixed2)
     with pytest.raises(BackendError, match="is exportable; refusing to use it"):
         b.generate("default", "ES256")
     assert transit_kid(bao, name2) not in b.list_keys("default")
@@ -604,7 +606,8 @@ def test_check_and_connection_errors_are_one_line(vault_env):
     assert msg.startswith(
         "backend vault (vault-transit): check: cannot connect to http://127.0.0.1:9"
     )
-    assert "\n" not in msg and bao.token not in msg
+    leaked = bao.token in msg
+    assert "\n" not in msg and not leaked
     bad = backend(bao, mount="no-such-mount")
     with pytest.raises(BackendError, match=r"generate .*HTTP 404: no handler for route"):
         bad.generate("default", "ES256")
@@ -630,8 +633,11 @@ def test_orphans_adopted_or_destroyed_and_foreign_keys_survive(home, bao):
     crashed = vh.ring_names()
     assert len(crashed) == 1
     crashed_kid = transit_kid(bao, crashed[0])
-    # And an orphan of the wrong type under the ring's names: destroyed, not adopted.
-    wrong = f"{p}default.{'f' * 32}"
+    # The crash left the write-ahead intent open; the key's name carries its nonce.
+    nonce = json.loads((vh.home.dir / "state.json").read_text())["intents"]["default"]["nonce"]
+    assert crashed[0].endswith(f".{nonce}" + crashed[0][-16:])
+    # And an orphan of that intent of the wrong type: destroyed, not adopted.
+    wrong = f"{p}default.{nonce}{'f' * 16}"
     bao.ok("POST", f"transit/keys/{wrong}", {"type": "rsa-2048"})
     wrong_kid = transit_kid(bao, wrong)
 
@@ -655,6 +661,15 @@ def test_orphans_adopted_or_destroyed_and_foreign_keys_survive(home, bao):
     assert crashed[0] not in remaining and wrong not in remaining
     proc = vh.run("audit", "verify")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # A key under keymgr's naming that no intent accounts for (made by a lost
+    # state, or by someone else) is never destroyed: the next generate stops.
+    stray = f"{p}default.{'a' * 32}"
+    bao.ok("POST", f"transit/keys/{stray}", {"type": "ecdsa-p256"})
+    proc = vh.run("reconcile", "--at", ts(T0 + 2 * P - A))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "keymgr adopt default" in proc.stderr and transit_kid(bao, stray) in proc.stderr
+    assert stray in set(bao.transit_keys())
 
 
 # --------------------------------------------------------------------------- faults
@@ -924,7 +939,8 @@ def test_kv_store_concurrent_reconciles(home, bao):
         ]
         results = [(*p.communicate(timeout=120), p.returncode) for p in procs]
         for out, err, rc in results:
-            assert vh.token not in out + err and "Traceback" not in err, err
+            leaked = vh.token in out + err
+            assert not leaked and "Traceback" not in err, "token leaked or traceback"
             assert rc == 0, (rc, out, err)
         applied = [ev for out, _, _ in results for ev in events_of(out.splitlines())]
         assert len(applied) == len(set(applied)), applied  # nothing done twice

@@ -1,0 +1,139 @@
+"""Small, pure checks of a state document before anything acts on it.
+
+Nothing read from storage is trusted (design.md, "Trust boundaries"): a state
+document may have been edited by anyone with write access to the store. Each
+check below is one rule, and each failure is one line naming the ring, the kid
+and the field, raised as :class:`~keymgr.errors.StateError` so that the CLI
+exits 1 without a traceback and nothing is changed.
+
+What this cannot catch on its own: a well-formed entry for a key that the
+backend does not hold (or holds with another public key). The reconciler checks
+that against the backend before a key is published (``Reconciler._check_keys``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from keymgr import jose
+from keymgr.errors import StateError
+from keymgr.model import (
+    ACTIVE,
+    DESTROYED,
+    EXPIRED,
+    PENDING,
+    PUBLISHED,
+    RETIRED,
+    REVOKED,
+    Key,
+    State,
+)
+
+#: Times each state needs recorded (besides created_at), by design.md's states.
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    PENDING: (),
+    PUBLISHED: ("published_at",),
+    ACTIVE: ("published_at", "activated_at"),
+    RETIRED: ("published_at", "activated_at", "retired_at"),
+    EXPIRED: ("retired_at", "expired_at"),
+    DESTROYED: ("destroyed_at",),
+    REVOKED: ("revoked_at",),
+}
+#: Lifecycle order of the recorded times: each present one is >= those before it.
+_ORDER = ("created_at", "published_at", "activated_at", "retired_at", "expired_at")
+#: Bytes of each JWK member, per curve (EC: x and y; OKP: x).
+_CURVE_BYTES = {"P-256": 32, "P-384": 48, "P-521": 66, "Ed25519": 32}
+_MEMBERS = {
+    "EC": ("kty", "crv", "x", "y"),
+    "RSA": ("kty", "n", "e"),
+    "OKP": ("kty", "crv", "x"),
+}
+
+
+def check_state(state: State, where: str) -> None:
+    """Raise StateError for the first rule ``state`` breaks; ``where`` names the store."""
+    seen: dict[str, str] = {}
+    for name, ring in state.rings.items():
+        active = 0
+        for key in ring.keys:
+            at = f"{where}: ring {name}: key {key.kid}"
+            if key.kid in seen:
+                raise StateError(f"{at}: recorded twice (also in ring {seen[key.kid]})")
+            seen[key.kid] = name
+            problem = key_problem(key)
+            if problem is not None:
+                raise StateError(f"{at}: {problem}")
+            active += key.state == ACTIVE
+        if active > 1:
+            raise StateError(f"{where}: ring {name}: {active} active keys (at most one)")
+    for ring_name, intent in state.intents.items():
+        if not intent.nonce or not intent.backend:
+            raise StateError(f"{where}: intents.{ring_name}: nonce and backend are required")
+
+
+def key_problem(key: Key) -> str | None:
+    """What is wrong with one key entry, or None."""
+    if not isinstance(key.kid, str) or not isinstance(key.backend, str) or not key.backend:
+        return "kid and backend must be non-empty strings"
+    if key.alg not in jose.ALGORITHMS:
+        return f"alg: {key.alg!r} is not a supported JWS algorithm"
+    for f in _REQUIRED[key.state]:
+        if getattr(key, f) is None:
+            return f"{f}: required for a {key.state} key"
+    last: tuple[str, datetime] | None = None
+    for f in _ORDER:
+        t = getattr(key, f)
+        if t is None:
+            continue
+        if last is not None and t < last[1]:
+            return f"{f} is before {last[0]}"
+        last = (f, t)
+    problem = _jwk_problem(key.public_jwk, key.alg)
+    if problem is not None:
+        return f"public_jwk: {problem}"
+    try:
+        kid = jose.thumbprint(key.public_jwk)
+    except ValueError as e:
+        return f"public_jwk: {e}"
+    if kid != key.kid:
+        return "kid is not the RFC 7638 thumbprint of public_jwk"
+    return None
+
+
+def _jwk_problem(jwk: object, alg: str) -> str | None:
+    if not isinstance(jwk, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in jwk.items()
+    ):
+        return "must be an object of string members"
+    kty = jwk.get("kty")
+    members = _MEMBERS.get(kty) if isinstance(kty, str) else None
+    if members is None:
+        return f"kty {kty!r} is not EC, RSA or OKP"
+    extra = sorted(set(jwk) - set(members))
+    if extra:
+        # Private members above all (invariant 5), but anything else too: a
+        # stored public key is exactly its key members.
+        return f"unexpected member(s) {', '.join(extra)}"
+    missing = [m for m in members if m not in jwk]
+    if missing:
+        return f"missing member(s) {', '.join(missing)}"
+    family = jose.alg_family(alg)
+    if kty != family:
+        return f"a {kty} key cannot sign {alg}"
+    try:
+        if kty == "RSA":
+            bits = int.from_bytes(jose.b64url_decode(jwk["n"]), "big").bit_length()
+            if bits < jose.MIN_RSA_BITS:
+                return f"RSA modulus of {bits} bits (at least {jose.MIN_RSA_BITS})"
+            return None
+        crv = jwk["crv"]
+        if crv != ("Ed25519" if kty == "OKP" else jose.curve_for(alg)):
+            return f"curve {crv} cannot sign {alg}"
+        size = _CURVE_BYTES[crv]
+        coords = ("x", "y") if kty == "EC" else ("x",)
+        for c in coords:
+            if len(jose.b64url_decode(jwk[c])) != size:
+                return f"{c} is not {size} bytes"
+    except (ValueError, KeyError):
+        return "not valid base64url key members"
+    return None

@@ -1,0 +1,363 @@
+"""Issue "The promise under hostile conditions", reproduced through the CLI on
+the embedded default (file store, file backend, file publisher), as a new user
+would: drift of the published document, a publisher added mid-rotation, a
+changed Cache-Control, a lost or mistyped state, a key injected into the state,
+a malformed state, and a ring moved between backends.
+
+Each test drives ``keymgr`` with ``--at`` and checks what verifiers would see
+(the JWKS file, checked with jwcrypto, not keymgr's own code) and what is left
+on disk. The S3 and Vault KV stores are driven the same way in
+tests/test_hostile_stores.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jwcrypto import jwk as jw_jwk
+
+from tests.conftest import T0, Home
+
+P, A = timedelta(days=30), timedelta(hours=1)
+SEC = timedelta(seconds=1)
+RING = "default"
+
+
+def at(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reconcile(home: Home, t: datetime, ok: bool = True) -> str:
+    proc = home.run("reconcile", "--at", at(t), inproc=True)
+    if ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def keys(home: Home, state: str | None = None) -> list[dict[str, Any]]:
+    return [
+        k
+        for k in home.state()["rings"][RING]["keys"]
+        if state is None or k["state"] == state
+    ]
+
+
+def served_kids(path: Path) -> set[str]:
+    """The kids a verifier gets from the document, parsed by jwcrypto."""
+    ks = jw_jwk.JWKSet.from_json(path.read_text())
+    return {k["kid"] for k in ks["keys"]}
+
+
+def key_files(home: Home) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((home.dir / "keys").rglob("*.key"))}
+
+
+def one_error_line(out: str) -> str:
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1, out
+    assert "Traceback" not in out
+    return lines[0]
+
+
+@pytest.fixture
+def rotating(home: Home) -> Home:
+    """Bootstrapped at T0; at P - A the successor is generated and published."""
+    reconcile(home, T0)
+    home.before = home.jwks_path.read_bytes()  # type: ignore[attr-defined]
+    out = reconcile(home, T0 + P - A)
+    assert "key.published" in out and "key.promoted" not in out, out
+    assert len(keys(home, "published")) == 1
+    return home
+
+
+# --------------------------------------------------------------------------- 1. drift
+
+
+def test_reverted_jwks_is_republished_and_promotion_waits_A_again(rotating: Home) -> None:
+    home = rotating
+    successor = keys(home, "published")[0]["kid"]
+    # Ten minutes before promotion a stale deploy puts the previous document back.
+    home.jwks_path.write_bytes(home.before)  # type: ignore[attr-defined]
+    assert successor not in served_kids(home.jwks_path)
+
+    out = reconcile(home, T0 + P + SEC)
+    assert "jwks.published" in out
+    assert "key.promoted" not in out, "promoted in the pass that re-published"
+    assert successor in served_kids(home.jwks_path)
+
+    # A verifier that fetched the reverted document may cache it for A: the
+    # successor signs only once the repaired document was served for A.
+    out = reconcile(home, T0 + P + A)
+    assert "key.promoted" not in out, out
+    out = reconcile(home, T0 + P + SEC + A)
+    assert f"key.promoted ring={RING} kid={successor}" in out, out
+
+
+def test_deleted_jwks_also_restarts_the_wait(rotating: Home) -> None:
+    home = rotating
+    home.jwks_path.unlink()
+    out = reconcile(home, T0 + P + SEC)
+    assert "jwks.published" in out and "key.promoted" not in out
+    assert "key.promoted" in reconcile(home, T0 + P + SEC + A)
+
+
+def test_publisher_added_mid_rotation_waits_A_from_its_first_confirmation(
+    rotating: Home,
+) -> None:
+    home = rotating
+    text = home.config.read_text()
+    text = text.replace('publishers = ["site"]', 'publishers = ["site", "edge"]')
+    text += '\n[publishers.edge]\ntype = "file"\npath = "edge/jwks.json"\n'
+    home.config.write_text(text)
+
+    out = reconcile(home, T0 + P + SEC)
+    assert "publisher=edge" in out and "key.promoted" not in out, out
+    edge = home.dir / "edge" / "jwks.json"
+    assert keys(home, "published")[0]["kid"] in served_kids(edge)
+    assert "key.promoted" not in reconcile(home, T0 + P + A)
+    assert "key.promoted" in reconcile(home, T0 + P + SEC + A)
+
+
+def test_cache_control_change_is_pushed_and_counts_as_a_new_document(rotating: Home) -> None:
+    home = rotating
+    rec = home.state()["publishers"]["site"]
+    text = home.config.read_text().replace(
+        'path = "public/.well-known/jwks.json"',
+        'path = "public/.well-known/jwks.json"\ncache_control = "public, max-age=600"',
+    )
+    home.config.write_text(text)
+    out = reconcile(home, T0 + P + SEC)
+    assert "jwks.published" in out and "publisher=site" in out, out
+    assert "key.promoted" not in out
+    assert home.state()["publishers"]["site"]["sha256"] != rec["sha256"]
+    assert "key.promoted" in reconcile(home, T0 + P + SEC + A)
+
+
+def test_unchanged_world_promotes_on_schedule(rotating: Home) -> None:
+    """The control: without drift, promotion is at activated + P exactly."""
+    out = reconcile(rotating, T0 + P)
+    assert "key.promoted" in out, out
+
+
+# --------------------------------------------------------------------------- 2. state loss
+
+
+def _rotated_twice(home: Home) -> None:
+    reconcile(home, T0)
+    for n in (1, 2):
+        reconcile(home, T0 + n * P - A)
+        reconcile(home, T0 + n * P)
+    assert len(keys(home, "active")) == 1 and len(keys(home, "retired")) >= 1
+
+
+@pytest.mark.parametrize("how", ["moved", "mistyped"])
+def test_lost_state_is_refused_and_nothing_is_destroyed(home: Home, how: str) -> None:
+    _rotated_twice(home)
+    signer = keys(home, "active")[0]["kid"]
+    files, jwks_before = key_files(home), home.jwks_path.read_bytes()
+    if how == "moved":
+        shutil.move(home.dir / "state.json", home.dir / "state.json.bak")
+    else:
+        text = home.config.read_text().replace('"file:state.json"', '"file:stat.json"')
+        home.config.write_text(text)
+
+    proc = home.run("reconcile", "--at", at(T0 + 2 * P + SEC), inproc=True)
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "state" in line
+    assert key_files(home) == files, "a key was destroyed or added"
+    assert home.jwks_path.read_bytes() == jwks_before, "the JWKS lost the signer"
+    assert signer in served_kids(home.jwks_path)
+    assert not (home.dir / "state.json").exists() or how == "mistyped"
+    assert not (home.dir / "stat.json").exists()
+
+
+def test_lost_state_with_no_audit_log_names_ring_count_and_adopt(home: Home) -> None:
+    """With the old log moved aside too (a fresh start), the backend check is
+    what refuses: it names the ring, the count of unknown keys and the fix;
+    ``keymgr adopt`` then takes the keys over, audited, and the ring goes on
+    signing with its old signer (no verifier rejects anything)."""
+    _rotated_twice(home)
+    signer = keys(home, "active")[0]["kid"]
+    others = [k["kid"] for k in keys(home) if k["state"] in ("retired", "expired")]
+    files = key_files(home)
+    shutil.move(home.dir / "state.json", home.dir / "state.json.bak")
+    shutil.move(home.dir / "audit.jsonl", home.dir / "audit.jsonl.old")
+
+    proc = home.run("reconcile", "--at", at(T0 + 2 * P + SEC), inproc=True)
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert f"ring {RING}" in line and f"{len(files)} keymgr key(s)" in line, line
+    assert "keymgr adopt" in line
+    assert key_files(home) == files
+
+    t = T0 + 2 * P + 2 * SEC
+    proc = home.run("adopt", RING, signer, "--as", "active", "--at", at(t), inproc=True)
+    assert proc.returncode == 0, proc.stderr
+    for kid in others:
+        proc = home.run("adopt", RING, kid, "--as", "retired", "--at", at(t), inproc=True)
+        assert proc.returncode == 0, proc.stderr
+    assert keys(home, "active")[0]["kid"] == signer
+    assert served_kids(home.jwks_path) >= {signer, *others}
+    events = [json.loads(ln) for ln in (home.dir / "audit.jsonl").read_text().splitlines()]
+    adopted = [e for e in events if e["event"] == "key.adopted"]
+    assert {e["kid"] for e in adopted} == {signer, *others}
+    assert all(e["actor"].startswith("cli:") for e in adopted)
+    assert home.run("audit", "verify", inproc=True).returncode == 0
+
+
+def test_adopt_refuses_a_key_the_backend_does_not_hold(home: Home) -> None:
+    reconcile(home, T0)
+    proc = home.run("adopt", RING, "A" * 43, "--as", "retired", inproc=True)
+    assert proc.returncode == 2
+    assert "holds no keymgr key" in one_error_line(proc.stderr)
+
+
+def test_crash_orphan_matching_the_intent_is_still_adopted(home: Home) -> None:
+    """The write-ahead intent distinguishes a crash orphan from an unknown key:
+    a key generated after the intent commit but never recorded is adopted."""
+    from keymgr.manager import KeyManager
+
+    reconcile(home, T0)
+    m = KeyManager.from_config(home.config)
+    state = m.state()
+    intent = state.intents.get(RING)
+    assert intent is None, "intents are closed once the key is recorded"
+    # Simulate the crash: an intent committed, a key made with it, no record.
+    from keymgr import transitions
+
+    with m.store.exclusive():
+        st, token = m.reconciler.load()
+        st = transitions.open_intent(st, RING, "0123456789abcdef", "local", "ES256", T0 + P - A)
+        m.reconciler.commit(st, [], token)
+    orphan = m.config.backends["local"].generate(RING, "ES256", intent="0123456789abcdef")
+    out = reconcile(home, T0 + P - A)
+    assert f"key.adopted ring={RING} kid={orphan.kid}" in out, out
+    assert RING not in home.state().get("intents", {})
+
+
+# --------------------------------------------------------------------------- 3. injection
+
+
+def _foreign_key_entry(state: str) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keymgr import jose
+
+    pub = jose.public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
+    return {
+        "kid": jose.thumbprint(pub),
+        "alg": "ES256",
+        "backend": "local",
+        "state": state,
+        "created_at": "2031-03-01T08:00:00Z",
+        "published_at": "2031-03-01T08:00:00Z" if state != "pending" else None,
+        "activated_at": None,
+        "retired_at": None,
+        "expired_at": None,
+        "destroyed_at": None,
+        "revoked_at": None,
+        "reason": None,
+        "public_jwk": pub,
+    }
+
+
+@pytest.mark.parametrize("state", ["pending", "published"])
+def test_injected_key_is_never_published(home: Home, state: str) -> None:
+    reconcile(home, T0)
+    doc = home.state()
+    entry = _foreign_key_entry(state)
+    doc["rings"][RING]["keys"].append(entry)
+    raw = json.dumps(doc, indent=1).encode()
+    (home.dir / "state.json").write_bytes(raw)
+    jwks_before = home.jwks_path.read_bytes()
+
+    proc = home.run("reconcile", "--at", at(T0 + timedelta(hours=2)), inproc=True)
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert entry["kid"] in line and "does not hold this key" in line, line
+    assert entry["kid"] not in served_kids(home.jwks_path)
+    assert home.jwks_path.read_bytes() == jwks_before
+    assert (home.dir / "state.json").read_bytes() == raw, "refused, yet committed"
+
+
+def test_key_entry_with_a_foreign_public_key_under_our_kid_is_refused(home: Home) -> None:
+    """The kid is checked against public_jwk (schema) before anything else."""
+    reconcile(home, T0)
+    doc = home.state()
+    doc["rings"][RING]["keys"][0]["public_jwk"] = _foreign_key_entry("active")["public_jwk"]
+    (home.dir / "state.json").write_text(json.dumps(doc))
+    proc = home.run("status", inproc=True)
+    assert proc.returncode == 1
+    assert "thumbprint" in one_error_line(proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda k: k.update(created_at="yesterday"), "corrupt state"),
+        (lambda k: k.update(state="sleeping"), "unknown state"),
+        (lambda k: k.update(activated_at=None), "activated_at: required"),
+        (lambda k: k.update(published_at="2020-01-01T00:00:00Z"), "published_at is before"),
+        (lambda k: k.update(alg="HS256"), "HS256"),
+        (lambda k: k["public_jwk"].update(d="c2VjcmV0"), "unexpected member(s) d"),
+    ],
+)
+def test_malformed_state_is_one_line_and_exit_1(home: Home, edit: Any, words: str) -> None:
+    reconcile(home, T0)
+    doc = home.state()
+    edit(doc["rings"][RING]["keys"][0])
+    raw = json.dumps(doc).encode()
+    (home.dir / "state.json").write_bytes(raw)
+    for cmd in (("reconcile", "--at", at(T0 + SEC)), ("status",), ("sign", RING, "--claims", "{}")):
+        proc = home.run(*cmd, inproc=True)
+        assert proc.returncode == 1, (cmd, proc.stdout, proc.stderr)
+        assert words in one_error_line(proc.stderr), proc.stderr
+    assert (home.dir / "state.json").read_bytes() == raw
+
+
+# --------------------------------------------------------------------------- 5. backends
+
+
+def test_ring_moved_to_another_backend_keeps_old_keys_where_they_are(home: Home) -> None:
+    reconcile(home, T0)
+    old = keys(home, "active")[0]["kid"]
+    text = home.config.read_text()
+    text = text.replace('backend = "local"', 'backend = "second"')
+    text += '\n[backends.second]\ntype = "file"\npath = "keys2"\nmaster_key_file = "master2.key"\n'
+    home.config.write_text(text)
+    second = home.dir / "master2.key"
+    second.write_bytes((home.dir / "master.key").read_bytes().swapcase())
+    second.chmod(0o600)
+    reconcile(home, T0 + P - A)
+    new = keys(home, "published")[0]
+    assert new["backend"] == "second" and keys(home, "active")[0]["backend"] == "local"
+    reconcile(home, T0 + P)
+    assert keys(home, "active")[0]["kid"] == new["kid"]
+    assert {old, new["kid"]} <= served_kids(home.jwks_path)
+
+    # Removing the old backend while its key still lives is named, not a traceback.
+    text = home.config.read_text()
+    start = text.index("[backends.local]")
+    end = text.index("[", start + 1)
+    home.config.write_text(text[:start] + text[end:])
+    for cmd in (("reconcile", "--at", at(T0 + P + SEC)), ("config", "check")):
+        proc = home.run(*cmd, inproc=True)
+        assert proc.returncode == 2, (cmd, proc.stdout, proc.stderr)
+        line = one_error_line(proc.stderr)
+        assert "backends.local" in line and old in line, line
+
+
+def test_sign_with_a_removed_backend_is_one_line(home: Home) -> None:
+    reconcile(home, T0)
+    text = home.config.read_text().replace('backend = "local"', 'backend = "second"')
+    text = text.replace("[backends.local]", "[backends.second]")
+    home.config.write_text(text)
+    proc = home.run("sign", RING, "--claims", "{}", inproc=True)
+    assert proc.returncode != 0
+    assert "backend" in one_error_line(proc.stderr) and "local" in proc.stderr
