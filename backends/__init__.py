@@ -107,6 +107,12 @@ class Backend(abc.ABC):
     def check(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Raise BackendError when the backend cannot be reached or used."""
 
+    def offline_check(self) -> list[str]:
+        """For ``keymgr config check``: look at local files only (no network, no
+        key material): raise ConfigError naming the field for what cannot work,
+        return warnings for what may not. None by default."""
+        return []
+
 
 def backend_class(type_name: str, where: str) -> type[Backend]:
     """Find the backend class registered under ``type_name``.

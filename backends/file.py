@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
-from keymgr.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, is_temp_of
+from keymgr.fsutil import TMP_SUFFIX, atomic_write, dir_problem, fsync_dir, is_temp_of
 
 MASTER_KEY_ENV = "KEYMGR_MASTER_KEY"
 MASTER_KEY_SIZE = 32
@@ -174,29 +174,47 @@ class FileBackend(Backend):
         return key
 
     def offline_check(self) -> list[str]:
-        """For ``keymgr config check``: one stat, no read, no write, no decryption.
+        """For ``keymgr config check``: stats only, no read of key material, no write.
 
-        Raises ConfigError for a master key file that group or others may read
-        or write; returns a warning for one that does not exist (yet): the
-        config itself is fine, but the daemon cannot use any key without it.
+        What ``nginx -t`` or ``sshd -t`` would catch before a deploy: a master
+        key file that does not exist, cannot be read by this user, is not a
+        regular file, or that group or others may read or write; a key
+        directory that does not exist and cannot be created. Each is a
+        ConfigError naming the field and the file.
         """
+        self._check_dir(f"backends.{self.name}.path", self._path)
         path = self._master_key_file
         if path is None:
+            if not os.environ.get(MASTER_KEY_ENV, "").strip():
+                raise ConfigError(
+                    f"backends.{self.name}.master_key_file: not set and {MASTER_KEY_ENV} is "
+                    "empty: no key can be generated or used"
+                )
             return []
         field = f"backends.{self.name}.master_key_file"
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return [
-                f"{field}: {path} does not exist: no key can be generated or used until "
-                f"it holds the master key (keymgr init writes one, mode 0600)"
-            ]
+            raise ConfigError(
+                f"{field}: {path} does not exist: no key can be generated or used without "
+                "it ('keymgr init' writes one, mode 0600)"
+            ) from None
         except OSError as e:
-            return [f"{field}: cannot check {path} ({e.strerror or e})"]
+            raise ConfigError(f"{field}: cannot check {path} ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{field}: {path} is not a regular file")
         problem = master_key_exposure(st, path)
         if problem is not None:
             raise ConfigError(f"{field}: {path}: {problem}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{field}: {path} is not readable by this user (uid {os.getuid()})")
         return []
+
+    @staticmethod
+    def _check_dir(field: str, path: Path) -> None:
+        problem = dir_problem(path)
+        if problem is not None:
+            raise ConfigError(f"{field}: {path}: {problem}")
 
     # -- paths ------------------------------------------------------------
 

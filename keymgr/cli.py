@@ -51,6 +51,25 @@ def _duration(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+#: What the value of each kind of argument looks like, said once.
+TIME_HELP = "an RFC 3339 time, e.g. 2026-01-31T12:00:00Z"
+DURATION_HELP = "a duration: a number and s, m, h or d, e.g. 90s, 15m, 1h, 7d"
+KID_HELP = "a key id: the key's RFC 7638 thumbprint, 43 base64url characters (may begin with -)"
+RING_HELP = "a key ring name, as in [keyrings.NAME] of the config"
+
+EPILOG = """\
+examples:
+  keymgr init --dir /etc/keymgr           a config and a master key to start from
+  keymgr config check                     validate before a deploy (offline)
+  keymgr run                              the daemon
+  keymgr status                           every ring, key and next transition
+  keymgr plan --at 2026-03-01T00:00:00Z   what would happen by then
+
+Exit codes: 0 ok, 1 an operation failed, 2 bad usage or config.
+Every command reads --config PATH (default: $KEYMGR_CONFIG, then ./keymgr.toml).
+Reference: README.md, "CLI reference"."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     common: Any = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -59,48 +78,102 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="config file (default: $KEYMGR_CONFIG, then ./keymgr.toml)",
     )
+    raw = argparse.RawDescriptionHelpFormatter
     p: argparse.ArgumentParser = _Parser(
-        prog="keymgr", parents=[common], description="Graceful rollover of JWT signing keys."
+        prog="keymgr",
+        parents=[common],
+        description="Graceful rollover of JWT signing keys: generate, publish, promote, "
+        "retire, destroy.",
+        epilog=EPILOG,
+        formatter_class=raw,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=help, description=help)
+    def cmd(
+        name: str, help: str, example: str, parent: Any = sub, more: str = ""
+    ) -> argparse.ArgumentParser:
+        """A subcommand whose --help gives its one-line description, its
+        arguments with their formats, and an example."""
+        lines = example.splitlines()
+        examples = "\n".join(f"  {line}" for line in lines)
+        heading = "examples" if len(lines) > 1 else "example"
+        parser: argparse.ArgumentParser = parent.add_parser(
+            name,
+            parents=[common],
+            help=help,
+            description=help + (f"\n\n{more}" if more else ""),
+            epilog=f"{heading}:\n{examples}",
+            formatter_class=raw,
+        )
+        return parser
 
-    s = cmd("init", "write a default config and a new master key (never overwrites)")
+    def at_option(s: argparse.ArgumentParser, help: str | None) -> None:
+        s.add_argument(
+            "--at",
+            type=_time,
+            metavar="TIME",
+            help=argparse.SUPPRESS if help is None else f"{help}: {TIME_HELP}",
+        )
+
+    s = cmd(
+        "init",
+        "write a default config and a new master key (never overwrites)",
+        "keymgr init --dir /etc/keymgr",
+    )
     s.add_argument("--dir", default=".", help="where to write them (default: .)")
 
-    s = cmd("reconcile", "run one reconcile pass and print each transition applied")
-    s.add_argument("--at", type=_time, metavar="TIME", help="RFC 3339 time replacing the clock")
+    s = cmd(
+        "reconcile",
+        "run one reconcile pass and print each transition applied",
+        "keymgr reconcile\nkeymgr reconcile --at 2026-03-01T00:00:00Z   # a drill",
+    )
+    at_option(s, "replace the clock (drills, tests; never earlier than the state's clock)")
 
-    s = cmd("plan", "show what is due and when, changing nothing")
-    s.add_argument("--at", type=_time, metavar="TIME", help="plan as of this RFC 3339 time")
-    s.add_argument("--json", action="store_true")
+    s = cmd(
+        "plan",
+        "show what is due and when, changing nothing",
+        "keymgr plan --at 2026-03-01T00:00:00Z --json",
+    )
+    at_option(s, "plan as of this time")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    s = cmd("status", "every ring, every key, and the next transition")
-    s.add_argument("--json", action="store_true")
+    s = cmd("status", "every ring, every key, and the next transition", "keymgr status --json")
+    s.add_argument("--json", action="store_true", help="one ring per line, JSON")
 
-    s = cmd("rotate", "start a rotation now (the successor still waits publish_ahead)")
-    s.add_argument("ring")
+    s = cmd(
+        "rotate",
+        "start a rotation now (the successor still waits publish_ahead)",
+        "keymgr rotate api\nkeymgr rotate api --emergency   # compromise: the new key signs "
+        "when this returns",
+    )
+    s.add_argument("ring", help=RING_HELP)
     s.add_argument(
         "--emergency",
         action="store_true",
-        help="promote as soon as published (verifiers may reject for up to A)",
+        help="promote as soon as published: when the command returns the new key signs "
+        "(caching verifiers may reject its tokens for up to publish_ahead)",
     )
-    s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
+    at_option(s, None)
 
-    s = cmd("revoke", "revoke a key at once: unpublish and destroy it (compromise)")
-    s.add_argument("kid")
-    s.add_argument("--reason", help="recorded in state and in the audit log")
-    s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
+    s = cmd(
+        "revoke",
+        "revoke a key at once: unpublish and destroy it; a revoked signer is replaced",
+        "keymgr revoke 3Yx2bV0mFqO1yD4s8ZkP5rT7uW9aC6eG1hJ2kL3mN4o --reason 'leaked'",
+    )
+    s.add_argument("kid", help=KID_HELP)
+    s.add_argument("--reason", help="free text, recorded in state and in the audit log")
+    at_option(s, None)
 
     s = cmd(
         "adopt",
         "take over a keymgr key the backend holds but state does not record (audited)",
+        "keymgr adopt api 3Yx2bV0mFqO1yD4s8ZkP5rT7uW9aC6eG1hJ2kL3mN4o --as active",
+        more="Use it after a lost or replaced state, when a pass refuses with the kids "
+        "the backend holds. See docs/threat-model.md.",
     )
-    s.add_argument("ring")
-    s.add_argument("kid", help="the key id (RFC 7638 thumbprint) the refusal named")
+    s.add_argument("ring", help=RING_HELP)
+    s.add_argument("kid", help=KID_HELP)
     s.add_argument(
         "--as",
         dest="as_state",
@@ -109,29 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="active: the ring's signer again (no active key yet); retired: published "
         "for retire_grace, then expired and destroyed; expired: destroyed after destroy_after",
     )
-    s.add_argument("--at", type=_time, metavar="TIME", help=argparse.SUPPRESS)
+    at_option(s, None)
 
-    s = cmd("jwks", "print the JWKS document as published")
-    s.add_argument("--ring", help="only this ring's keys")
+    s = cmd("jwks", "print the JWKS document as published", "keymgr jwks --ring api")
+    s.add_argument("--ring", help=f"only this ring's keys; {RING_HELP}")
 
-    s = cmd("sign", "sign claims with the ring's active key (compact JWS)")
-    s.add_argument("ring")
-    s.add_argument("--claims", required=True, help="a JSON object")
-    s.add_argument("--ttl", type=_duration, help="add iat and exp (e.g. 15m)")
-    s.add_argument(
-        "--at",
-        type=_time,
-        metavar="TIME",
-        help="issue time for iat/exp instead of the clock (drills)",
+    s = cmd(
+        "sign",
+        "sign claims with the ring's active key (compact JWS)",
+        "keymgr sign api --claims '{\"sub\": \"alice\"}' --ttl 15m",
     )
+    s.add_argument("ring", help=RING_HELP)
+    s.add_argument("--claims", required=True, help="a JSON object, e.g. '{\"sub\": \"alice\"}'")
+    s.add_argument("--ttl", type=_duration, help=f"add iat and exp: {DURATION_HELP}")
+    at_option(s, "issue time for iat/exp instead of the clock (drills)")
 
-    s = cmd("audit", "verify or show the audit log")
+    s = cmd(
+        "audit",
+        "verify, show or list the keys of the audit log",
+        "keymgr audit verify\nkeymgr audit show --ring api --json",
+    )
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
-    a = asub.add_parser(
+    a = cmd(
         "verify",
-        parents=[common],
-        help="check the hash chain, its anchor and the signed checkpoints",
+        "check the hash chain, its anchor and the signed checkpoints",
+        "keymgr audit verify --keys audit-keys.json",
+        parent=asub,
     )
     a.add_argument(
         "--keys",
@@ -139,22 +216,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JWKS of the audit public keys you pinned ('keymgr audit keys'): every "
         "line must then be signed by one of them",
     )
-    asub.add_parser(
+    cmd(
         "keys",
-        parents=[common],
-        help="print the audit keys' public JWKS, read from the [audit] backend (to pin)",
+        "print the audit keys' public JWKS, read from the [audit] backend (to pin)",
+        "keymgr audit keys > audit-keys.json",
+        parent=asub,
     )
-    a = asub.add_parser("show", parents=[common], help="print events")
-    a.add_argument("--ring")
-    a.add_argument("--kid")
-    a.add_argument("--json", action="store_true")
+    a = cmd(
+        "show",
+        "print audit events, oldest first, one per line (or JSON lines)",
+        "keymgr audit show --ring api --json",
+        parent=asub,
+    )
+    a.add_argument("--ring", help=f"only this ring's events; {RING_HELP}")
+    a.add_argument("--kid", help=f"only this key's events; {KID_HELP}")
+    a.add_argument("--json", action="store_true", help="JSON lines, as stored")
 
-    s = cmd("config", "configuration commands")
+    s = cmd("config", "configuration commands", "keymgr config check")
     csub = s.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     csub.required = True
-    csub.add_parser("check", parents=[common], help="validate the config, changing nothing")
+    cmd(
+        "check",
+        "validate the config offline, changing nothing: fields, referenced files "
+        "(present, readable, safe modes), directories keymgr writes in",
+        "keymgr --config /etc/keymgr/keymgr.toml config check",
+        parent=csub,
+    )
 
-    cmd("run", "run the daemon (scheduler, health and metrics endpoints)")
+    cmd(
+        "run",
+        "run the daemon (scheduler, health and metrics endpoints)",
+        "keymgr --config /etc/keymgr/keymgr.toml run",
+    )
     return p
 
 
@@ -268,17 +361,30 @@ def _warn(cfg: Any) -> None:
 
 
 def _offline_checks(cfg: Any) -> None:
-    """``config check`` only: a backend's cheap, offline look at the files it
-    needs (``offline_check()``, e.g. the master key file's mode); an unsafe one
-    is a ConfigError naming the config file, a missing one a warning."""
-    from keymgr.errors import ConfigError
+    """``config check`` only, offline: what ``nginx -t`` or ``sshd -t`` would
+    catch before a deploy. Each backend's own look at the files it needs
+    (``Backend.offline_check``: the master key file exists, is readable, is not
+    exposed), and every directory keymgr writes in (state, audit log, file
+    publishers) exists or can be created. A problem is a ConfigError naming the
+    config file, the field and the path; a warning is one line on stderr."""
+    from pathlib import Path
 
+    from keymgr.errors import ConfigError
+    from keymgr.fsutil import dir_problem
+
+    dirs: list[tuple[str, Path]] = [("daemon.audit_log", cfg.daemon.audit_log.parent)]
+    if cfg.daemon.state.startswith("file:"):
+        dirs.append(("daemon.state", Path(cfg.daemon.state[len("file:") :]).parent))
+    for name, pub in cfg.publishers.items():
+        for option, path in pub.paths().items():
+            dirs.append((f"publishers.{name}.{option}", path.parent))
+    for field, path in dirs:
+        problem = dir_problem(path)
+        if problem is not None:
+            raise ConfigError(f"{cfg.path}: {field}: {path}: {problem}")
     for backend in cfg.backends.values():
-        check = getattr(backend, "offline_check", None)
-        if check is None:
-            continue
         try:
-            warnings = check()
+            warnings = backend.offline_check()
         except ConfigError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
         for w in warnings:

@@ -96,3 +96,26 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, exclusive: bool 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a directory keymgr writes in, or None (offline).
+
+    It exists and is a writable directory, or its nearest existing ancestor is
+    a writable directory it can be created in. For ``config check``: a stat
+    and an access check per level, nothing created.
+    """
+    if path.exists():
+        if not path.is_dir():
+            return "exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"directory not writable by this user (uid {os.getuid()})"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable by this user (uid {os.getuid()})"
+    return None

@@ -15,7 +15,7 @@ from keymgr import jose, jwks, transitions
 from keymgr.audit import AuditLog
 from keymgr.config import Config, load_config
 from keymgr.errors import KeymgrError, UsageError
-from keymgr.model import ACTIVE, DESTROYED, REVOKED, State
+from keymgr.model import ACTIVE, DESTROYED, PUBLISHED, REVOKED, State
 from keymgr.reconciler import PassResult, Reconciler, cli_actor
 from keymgr.stores import StateStore, open_store
 from keymgr.timefmt import format_time, utcnow
@@ -134,8 +134,38 @@ class KeyManager:
 
         _, events = self._mutate(fn, now)
         res = self.reconcile(now)
+        if emergency:
+            res = self._finish_emergency(ring, res, now)
         res.events[:0] = events
         return res
+
+    def _finish_emergency(self, ring: str, res: PassResult, now: datetime | None) -> PassResult:
+        """Make ``rotate --emergency`` return only once the new key signs.
+
+        The pass that publishes the successor records ``published_at`` rounded
+        up to the next second (so a scheduled promotion is never early), which
+        leaves the emergency promotion due within that second, after the pass.
+        Emergency means now: wait for that second (under 1 s; a drill's ``--at``
+        never waits) and run one more pass. A successor that is not confirmed
+        by every publisher is not promoted: the command then fails like the
+        pass that could not publish it.
+        """
+        if not res.ok:
+            return res
+        r = self.state().ring(ring)
+        waiting = [k for k in r.in_state(PUBLISHED) if r.emergency]
+        if not waiting:
+            return res
+        at = max(k.published_at for k in waiting if k.published_at is not None)
+        if now is None:
+            delay = (at - datetime.now(UTC)).total_seconds()
+            if delay > 0:
+                time.sleep(min(delay, 1.0) + 0.001)
+            more = self.reconcile()
+        else:
+            more = self.reconcile(max(now, at))
+        more.events[:0] = res.events
+        return more
 
     def revoke(
         self, kid: str, reason: str | None = None, now: datetime | None = None

@@ -324,14 +324,16 @@ def test_reconcile_refuses_an_exposed_master_key(home: Home) -> None:
 
 
 def test_config_check_reports_a_missing_master_key(home: Home) -> None:
+    """Issue 18: a referenced master key file that does not exist is an error
+    (exit 2, one line naming the field and the file), as `nginx -t` would."""
     key = home.dir / "master.key"
     key.unlink()
     proc = home.run("config", "check")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     (line,) = proc.stderr.splitlines()
-    assert line.startswith("keymgr: warning: ") and str(key) in line and "does not exist" in line
+    assert line.startswith("keymgr: error: ") and str(key) in line and "does not exist" in line
     assert "backends.local.master_key_file" in line
-    assert proc.stdout.startswith(f"{home.config}: ok")
+    assert "ok" not in proc.stdout
     assert not key.exists() and not (home.dir / "keys").exists()  # offline: nothing made
 
 
