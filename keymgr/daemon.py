@@ -87,22 +87,12 @@ class Daemon:
     # -- lease -----------------------------------------------------------------
 
     def _lease_mode(self) -> str:
-        """``lease`` (the store has the lease API), ``pass-lock`` or ``single``.
+        """``lease`` (the store has the lease API, ``supports_lease``) or ``single``.
 
-        A store without ``read_lease``/``write_lease`` cannot elect a holder.
-        If it still serialises passes itself (``exclusive()``, as the S3 store
-        does with its own expiring lock object), every replica may reconcile:
-        passes take turns and the CAS keeps the document consistent. Otherwise
-        only one replica may run against it (logged at start).
+        A store without a lease cannot elect a holder: only one replica may
+        run against it (logged at start). Every built-in store has one.
         """
-        store = self.manager.store
-        if supports_lease(store):
-            return "lease"
-        from keymgr.stores import StateStore
-
-        if type(store).exclusive is not StateStore.exclusive:
-            return "pass-lock"
-        return "single"
+        return "lease" if supports_lease(self.manager.store) else "single"
 
     def renew_lease(self) -> tuple[bool, str | None]:
         """Take or renew the lease: (may reconcile now, error reaching the lease)."""
@@ -303,17 +293,16 @@ class Daemon:
         """Record a daemon event through the state, never forking the hash chain.
 
         Replicas on one host share the audit log: the store's exclusive lock
-        (the file store's flock) serialises this commit with every pass and
-        with the other replicas; committing it (rather than appending it)
-        anchors it, so its removal from the log is detectable.
-        ``tick_lock`` keeps it off this process's own running pass: the
-        stores' re-entrancy marks are per object, not per thread, so another
-        thread would walk straight past the lock the pass holds. Never call
-        this while holding ``tick_lock``.
+        (the file store's flock, a shared store's lock object) serialises this
+        commit with every pass and with the other replicas; committing it
+        (rather than appending it) anchors it, so its removal from the log is
+        detectable. Every store's exclusive() is re-entrant per thread and
+        queues the other threads of the process, so this waits for a pass
+        running in another thread without any lock of the daemon's own.
         """
         mgr = self.manager
         try:
-            with self.tick_lock, mgr.store.exclusive():
+            with mgr.store.exclusive():
                 mgr.reconciler.record([{"ts": utcnow(), **event}])
         except KeymgrError as e:
             log.error("audit.failed", audit_event=event.get("event"), error=str(e))

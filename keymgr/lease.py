@@ -26,7 +26,7 @@ from keymgr.timefmt import format_time, parse_time
 
 def supports_lease(store: StateStore) -> bool:
     """Whether ``store`` implements the lease record (``read_lease``/``write_lease``)."""
-    return type(store).read_lease is not StateStore.read_lease
+    return store.supports_lease
 
 
 def replica_id() -> str:

@@ -1,4 +1,4 @@
-"""Amazon S3: a JWKS publisher (``type = "s3"``) and a state store (``s3://bucket/key``).
+"""Amazon S3: a JWKS publisher (``type = "s3"``) and the AWS plumbing of the S3 state store.
 
 Both talk to S3 through the AWS SDK (botocore, boto3's client layer), imported
 only when a configured publisher or store first needs a client, so ``keymgr
@@ -6,44 +6,25 @@ only when a configured publisher or store first needs a client, so ``keymgr
 top (:class:`AWSConnection`, :func:`aws_reason`) are shared with
 ``backends.aws_kms``.
 
-The state store is one JSON object written by compare-and-swap: a conditional
-``PutObject`` with ``If-None-Match: *`` for the first write and ``If-Match:
-ETAG`` after that, so two writers starting from the same version can never both
-succeed (S3 answers 412 or 409 to the loser, which becomes
-:class:`~keymgr.errors.ConflictError`). A pass also holds a *pass lock* (a
-small object next to the state, taken and renewed by the same conditional
-writes, expiring on S3's own clock) so that only one process at a time executes
-backend side effects; the CAS alone keeps the document consistent, the lock
-keeps processes from, for example, mistaking each other's fresh keys for
-orphans. The daemon replicas' lease record is a third object, written by the
-same CAS.
+The state store (``s3://bucket/key``) itself is :mod:`keymgr.docstore_s3`: an
+S3 adapter under :class:`keymgr.docstore.SharedStore`, which holds the CAS
+commit, the pass lock and the lease once for every shared store. This module
+keeps what that adapter shares with the publisher: the lazy client, the error
+codes, and the validation of the store URL (:func:`_store_params`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import random
 import re
-import socket
 import threading
-import time
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
-from keymgr.errors import ConfigError, ConflictError, PublishError, StoreError
-from keymgr.faults import crashpoint
-from keymgr.logs import get_logger
-from keymgr.model import State
+from keymgr.errors import ConfigError, PublishError
 from keymgr.publishers import Publisher, Served
-from keymgr.stores import StateStore
-
-log = get_logger("keymgr.s3")
 
 # --------------------------------------------------------------------------- AWS connection
 
@@ -433,51 +414,13 @@ class S3Publisher(_LazyS3, Publisher):
         return f"S3Publisher({self.name!r}, {self.url!r})"
 
 
-# --------------------------------------------------------------------------- state store
-
-
-@dataclass(frozen=True)
-class S3Token:
-    """Version token of the S3 state store: the object's ETag and the document version."""
-
-    etag: str
-    version: int
-
-
-def encode_state(state: State, version: int) -> bytes:
-    """The state document, byte for byte as the file store writes it."""
-    doc = {"version": version, **state.to_dict()}
-    return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
-
-
-def decode_state(raw: bytes, where: str) -> tuple[State, int]:
-    try:
-        doc = json.loads(raw)
-        version = int(doc.pop("version"))
-        return State.from_dict(doc), version
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise StoreError(f"state {where}: corrupt state document ({e})") from None
+# ------------------------------------------------------------- state store URL (keymgr.docstore_s3)
 
 
 _STORE_PARAMS = frozenset(AWS_CONNECTION_OPTIONS | {"lock_ttl"})
 _FLOAT_PARAMS = frozenset({"connect_timeout", "read_timeout", "lock_ttl"})
 DEFAULT_LOCK_TTL = 30.0
 _MIN_LOCK_TTL, _MAX_LOCK_TTL = 5, 3600
-_LOCK_SUFFIX = ".lock"
-_LEASE_SUFFIX = ".lease"
-
-
-class _Lock:
-    """A held pass lock: its ETag, renewed in the background until released."""
-
-    def __init__(self, etag: str) -> None:
-        self.etag = etag
-        self.renewed = time.monotonic()
-        self.lost: str | None = None
-        #: Why the last renewal failed (for the message when the lock is lost).
-        self.last_error: str | None = None
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
 
 
 def _store_params(url: str) -> tuple[str, str, dict[str, Any]]:
@@ -512,331 +455,3 @@ def _store_params(url: str) -> tuple[str, str, dict[str, Any]]:
         else:
             params[name] = value
     return bucket, key, params
-
-
-class S3Store(_LazyS3, StateStore):
-    """``s3://BUCKET/KEY[?region=..&endpoint_url=..&profile=..&lock_ttl=..&...]``.
-
-    Three objects: ``KEY`` (the state document, CAS on its ETag), ``KEY.lock``
-    (the pass lock behind :meth:`exclusive`) and ``KEY.lease`` (the daemon
-    replicas' lease record, :meth:`read_lease` / :meth:`write_lease`).
-
-    Without parameters the SDK chain applies (``AWS_REGION`` /
-    ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
-    ``AWS_PROFILE``, roles); parameters in the URL win over the environment.
-    """
-
-    #: ``KeyManager.sign`` asks for a fingerprint (one HEAD) at most once a
-    #: second: a HEAD before every signature would double a busy signer's
-    #: requests. A promotion by another replica is seen within that second,
-    #: which the timing rules allow (see ``KeyManager._check_fresh``).
-    fingerprint_window: ClassVar[float] = 1.0
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.bucket, self.key, params = _store_params(url)
-        where = f"daemon.state: {url!r}: parameter "
-        lock_ttl = _number(
-            params.pop("lock_ttl", DEFAULT_LOCK_TTL),
-            f"{where}lock_ttl",
-            low=_MIN_LOCK_TTL,
-            high=_MAX_LOCK_TTL,
-            integer=False,
-        )
-        #: Seconds after its last renewal that an abandoned pass lock may be taken over.
-        self.lock_ttl = float(lock_ttl)
-        self.connection = parse_connection(params, where)
-        self.lock_key = self.key + _LOCK_SUFFIX
-        self.lease_key = self.key + _LEASE_SUFFIX
-        self._lock = threading.RLock()
-        self._client: Any = None
-        self._held: _Lock | None = None
-        self._pass = threading.RLock()
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-    # -- plumbing ---------------------------------------------------------------
-
-    @property
-    def location(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    def _error(self, operation: str, exc: BaseException) -> StoreError:
-        return StoreError(f"state {self.location}: {operation}: {aws_reason(exc)}")
-
-    # -- StateStore -------------------------------------------------------------
-
-    def load(self) -> tuple[State, S3Token | None]:
-        client = self.client
-        try:
-            resp = client.get_object(Bucket=self.bucket, Key=self.key)
-            raw: bytes = resp["Body"].read()
-        except _aws_errors() as e:
-            if aws_error_code(e) in _MISSING_CODES:
-                return State(), None
-            raise self._error("GetObject", e) from None
-        state, version = decode_state(raw, self.location)
-        return state, S3Token(str(resp["ETag"]), version)
-
-    def commit(self, state: State, token: S3Token | None) -> S3Token:
-        held = self._held
-        if held is not None:
-            if held.lost is None and time.monotonic() - held.renewed > self.lock_ttl:
-                why = f": {held.last_error}" if held.last_error else ""
-                held.lost = f"not renewed for {self.lock_ttl:g}s{why}"
-            if held.lost is not None:
-                # Another process may hold it now and act on the same state:
-                # writing would be safe (CAS) but the side effects before it
-                # were not coordinated, so stop and let the next pass re-plan.
-                raise StoreError(
-                    f"state {self.location}: pass lock lost ({held.lost}); not writing"
-                )
-        version = 1 if token is None else token.version + 1
-        data = encode_state(state, version)
-        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token.etag}
-        crashpoint("store.before_write")
-        client = self.client
-        try:
-            resp = client.put_object(
-                Bucket=self.bucket,
-                Key=self.key,
-                Body=data,
-                ContentType="application/json",
-                **condition,
-            )
-        except _aws_errors() as e:
-            code = aws_error_code(e)
-            if code not in _CONFLICT_CODES and code not in _MISSING_CODES:
-                raise self._error("PutObject", e) from None
-            # A request that botocore retried after a timeout may have landed
-            # on the first attempt and then lost to itself: if the object now
-            # holds exactly our bytes (the version number makes them unique),
-            # the write is ours. A conflict on the first attempt is always real.
-            mine = self._current_if_equal(self.key, data) if _retried(e) else None
-            if mine is None:
-                expected = "absent" if token is None else f"ETag {token.etag}"
-                raise ConflictError(
-                    f"state {self.location}: changed by another writer "
-                    f"(expected version {version - 1}, {expected})"
-                ) from None
-            etag = mine
-        else:
-            etag = str(resp["ETag"])
-        crashpoint("store.after_write")
-        return S3Token(etag, version)
-
-    def _current_if_equal(self, key: str, data: bytes) -> str | None:
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-            if resp["Body"].read() == data:
-                return str(resp["ETag"])
-        except _aws_errors():
-            pass
-        return None
-
-    def fingerprint(self) -> object:
-        """The state object's ETag (one HEAD), None when it cannot be had.
-
-        None makes the caller re-read the state, which then reports the real
-        failure; callers limit how often they ask (:attr:`fingerprint_window`).
-        """
-        errors: tuple[type[BaseException], ...] = (*_aws_errors(), StoreError)
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
-        except errors:
-            return None
-        return str(head["ETag"])
-
-    # -- lease record (daemon replicas, keymgr.lease) --------------------------------
-
-    def read_lease(self) -> tuple[dict[str, Any] | None, str | None]:
-        """The lease record and its ETag; (None, None) when there is none yet.
-
-        A record that is not a JSON object (a hand edit, a truncated upload)
-        reads as ``{}``: :class:`~keymgr.lease.Lease` treats that as expired
-        and replaces it, still by CAS on its ETag, instead of every replica
-        failing forever.
-        """
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self.lease_key)
-            raw: bytes = resp["Body"].read()
-        except _aws_errors() as e:
-            if aws_error_code(e) in _MISSING_CODES:
-                return None, None
-            raise self._error(f"GetObject {self.lease_key} (lease)", e) from None
-        try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
-            doc = None
-        if not isinstance(doc, dict):
-            log.warning("lease.unreadable", lease=f"s3://{self.bucket}/{self.lease_key}")
-            doc = {}
-        return doc, str(resp["ETag"])
-
-    def write_lease(self, doc: dict[str, Any], token: str | None) -> str:
-        """Conditional PutObject of the lease record: create when ``token`` is None.
-
-        A ``nonce`` makes every write's bytes (so its ETag) unique: S3's ETag
-        is the MD5 of the content, and two writes of identical bytes would
-        otherwise let a stale token match again.
-        """
-        body = json.dumps({**doc, "nonce": uuid.uuid4().hex}, sort_keys=True).encode()
-        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
-        try:
-            resp = self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.lease_key,
-                Body=body,
-                ContentType="application/json",
-                **condition,
-            )
-        except _aws_errors() as e:
-            code = aws_error_code(e)
-            if code not in _CONFLICT_CODES and code not in _MISSING_CODES:
-                raise self._error(f"PutObject {self.lease_key} (lease)", e) from None
-            mine = self._current_if_equal(self.lease_key, body) if _retried(e) else None
-            if mine is None:
-                raise ConflictError(
-                    f"lease s3://{self.bucket}/{self.lease_key}: changed by another replica"
-                ) from None
-            return mine
-        return str(resp["ETag"])
-
-    # -- pass lock (exclusive) ----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
-        """Hold the pass lock ``KEY.lock`` for a whole pass (re-entrant within this object).
-
-        CAS alone keeps the document consistent, but not the side effects
-        around it: two concurrent passes would each create a KMS key for the
-        same rotation, and one would see the other's fresh, not yet committed
-        key as an orphan, adopt it, and lose it again when the other pass
-        discards its keys after losing the commit race. The lock is one
-        object created with ``If-None-Match: *``, renewed by ``If-Match`` while
-        the pass runs, deleted at the end; one left behind by a crashed process
-        is taken over once S3's own clock says it was not renewed for
-        ``lock_ttl`` seconds. We wait at least that long, so a pass started
-        right after a crash does not fail.
-        """
-        wait = max(timeout, self.lock_ttl + 5)
-        # Threads of this process queue here (re-entry by the holding thread
-        # passes); only the outermost pass takes the lock object.
-        if not self._pass.acquire(timeout=wait):
-            raise StoreError(
-                f"state {self.location}: another pass of this process has held the lock "
-                f"for more than {wait:g}s"
-            )
-        try:
-            if self._held is not None:
-                yield
-                return
-            held = self._acquire(wait)
-            self._held = held
-            try:
-                yield
-            finally:
-                self._held = None
-                self._release(held)
-        finally:
-            self._pass.release()
-
-    def _lock_body(self) -> dict[str, Any]:
-        # The nonce makes every write unique (see write_lease): takeover
-        # decisions rest on LastModified, so a renewal must change the ETag.
-        body = {"owner": self._owner, "ttl": self.lock_ttl, "nonce": uuid.uuid4().hex}
-        return {
-            "Bucket": self.bucket,
-            "Key": self.lock_key,
-            "Body": json.dumps(body).encode(),
-            "ContentType": "application/json",
-            "Metadata": {"owner": self._owner},
-        }
-
-    def _acquire(self, timeout: float) -> _Lock:
-        client = self.client
-        deadline = time.monotonic() + timeout
-        holder = "unknown"
-        what = f"{self.lock_key} (lock)"
-        while True:
-            try:
-                resp = client.put_object(IfNoneMatch="*", **self._lock_body())
-                return self._start(str(resp["ETag"]))
-            except _aws_errors() as e:
-                if aws_error_code(e) not in _CONFLICT_CODES:
-                    raise self._error(f"PutObject {what}", e) from None
-            try:
-                head = client.head_object(Bucket=self.bucket, Key=self.lock_key)
-            except _aws_errors() as e:
-                if aws_error_code(e) in _MISSING_CODES:
-                    continue  # released in between: try again at once
-                raise self._error(f"HeadObject {what}", e) from None
-            holder = head.get("Metadata", {}).get("owner", "unknown")
-            if self._expired(head):
-                # Take over an abandoned lock, still by CAS on its ETag.
-                try:
-                    resp = client.put_object(IfMatch=head["ETag"], **self._lock_body())
-                    log.warning("lock.taken_over", lock=self.lock_key, holder=holder)
-                    return self._start(str(resp["ETag"]))
-                except _aws_errors() as e:
-                    if aws_error_code(e) not in _CONFLICT_CODES | _MISSING_CODES:
-                        raise self._error(f"PutObject {what}", e) from None
-            if time.monotonic() >= deadline:
-                raise StoreError(
-                    f"state {self.location}: held by another keymgr process ({holder}, lock "
-                    f"s3://{self.bucket}/{self.lock_key}) for more than {timeout:g}s"
-                )
-            time.sleep(random.uniform(0.05, 0.25))  # noqa: S311 - jitter, not crypto
-
-    def _expired(self, head: Mapping[str, Any]) -> bool:
-        """Judged on S3's clock (its Date header vs LastModified), never on ours."""
-        try:
-            date = head["ResponseMetadata"]["HTTPHeaders"]["date"]
-            server_now = parsedate_to_datetime(date)
-            age = float((server_now - head["LastModified"]).total_seconds())
-        except (KeyError, TypeError, ValueError):
-            return False
-        return age > self.lock_ttl
-
-    def _start(self, etag: str) -> _Lock:
-        held = _Lock(etag)
-        thread = threading.Thread(
-            target=self._renew_loop, args=(held,), name="keymgr-s3-lock", daemon=True
-        )
-        held.thread = thread
-        thread.start()
-        return held
-
-    def _renew_loop(self, held: _Lock) -> None:
-        interval = self.lock_ttl / 3
-        while not held.stop.wait(interval):
-            try:
-                resp = self.client.put_object(IfMatch=held.etag, **self._lock_body())
-            except _aws_errors() as e:
-                if aws_error_code(e) in _CONFLICT_CODES | _MISSING_CODES:
-                    held.lost = "taken over by another process"
-                    return
-                held.last_error = aws_reason(e)
-                if time.monotonic() - held.renewed > self.lock_ttl:
-                    held.lost = f"not renewed for {self.lock_ttl:g}s: {held.last_error}"
-                    return
-                continue
-            held.etag = str(resp["ETag"])
-            held.renewed = time.monotonic()
-
-    def _release(self, held: _Lock) -> None:
-        held.stop.set()
-        if held.thread is not None:
-            # Not waiting out a renewal stuck in an outage: a renewal landing
-            # after the delete fails (If-Match on a missing object), so it can
-            # never bring the lock back, and a failed delete only means the
-            # lock expires on its own.
-            held.thread.join(timeout=1.0)
-        if held.lost is not None:
-            return
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.lock_key, IfMatch=held.etag)
-        except _aws_errors() as e:  # it expires on its own
-            log.warning("lock.release_failed", lock=self.lock_key, error=aws_reason(e))
-
-    def __repr__(self) -> str:
-        return f"S3Store({self.location!r})"

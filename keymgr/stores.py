@@ -27,7 +27,21 @@ Token = Any
 
 
 class StateStore(abc.ABC):
+    """Where the state document lives, written by compare-and-swap.
+
+    Implementations: FileStore (one host) and keymgr.docstore.SharedStore
+    (S3, Vault KV, any object store with conditional writes, over a small
+    adapter). Capabilities are declared, never guessed from overrides:
+
+    - ``supports_lease``: :meth:`read_lease`/:meth:`write_lease` work, so
+      daemon replicas can elect one holder (keymgr.lease).
+    - ``shared``: several hosts may use it at once (so a pass lock in
+      :meth:`exclusive` and a lease are what keep them apart).
+    """
+
     url: str
+    supports_lease: ClassVar[bool] = False
+    shared: ClassVar[bool] = False
     #: Seconds ``KeyManager.sign`` may trust a :meth:`fingerprint` before asking
     #: again (see ``KeyManager._check_fresh`` for why a short window is safe).
     fingerprint_window: ClassVar[float] = 0.0
@@ -62,6 +76,7 @@ class FileStore(StateStore):
     """``file:PATH``: lock file + atomic rename + fsync."""
 
     fingerprint_window: ClassVar[float] = 0.001
+    supports_lease: ClassVar[bool] = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -235,8 +250,8 @@ def check_state_url(url: str, base: Path) -> str:
 
 #: Shared stores (s3, vault) register here when their module is available.
 _SHARED: dict[str, str] = {
-    "s3": "keymgr.s3:S3Store",
-    "vault": "keymgr.vault:VaultKVStore",
+    "s3": "keymgr.docstore_s3:open_s3_store",
+    "vault": "keymgr.docstore_vault:open_vault_store",
 }
 
 
@@ -251,7 +266,7 @@ def open_store(url: str) -> StateStore:
 
 
 def _store_class(scheme: str) -> Any:
-    """The StateStore subclass for ``scheme``; its constructor takes the URL."""
+    """The factory of the StateStore for ``scheme``: it takes the URL, no I/O."""
     import importlib
 
     mod, _, attr = _SHARED[scheme].partition(":")

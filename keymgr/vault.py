@@ -20,37 +20,29 @@ re-reads ``token_file`` / ``VAULT_TOKEN`` (Vault Agent rotates the sink file),
 in a message: reasons are built from the server's error list or the transport
 error class, and scrubbed of every credential this client holds.
 
-:class:`VaultKVStore` keeps keymgr's state as one field of a KV v2 secret and
-uses KV's own check-and-set (``cas``) for every commit; a pass lock and the
-replicas' lease are two small secrets beside it, written with ``cas`` too.
+:mod:`keymgr.docstore_vault` keeps keymgr's state in KV v2 secrets (an adapter
+under :class:`keymgr.docstore.SharedStore`, written with KV's check-and-set);
+this module keeps what it shares with the transit backend, and the parsing of
+the ``vault://`` state URL's options.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import random
 import re
-import secrets
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
-from keymgr.errors import ConfigError, ConflictError, StoreError
-from keymgr.faults import crashpoint
-from keymgr.model import State
-from keymgr.stores import StateStore
+from keymgr.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import requests
@@ -59,7 +51,6 @@ __all__ = [
     "CLIENT_OPTIONS",
     "VaultCallError",
     "VaultClient",
-    "VaultKVStore",
     "VaultSettings",
     "vault_client",
 ]
@@ -566,14 +557,12 @@ def _make_session(s: VaultSettings) -> requests.Session:
     return session
 
 
-# --------------------------------------------------------------------------- KV v2 store
+# ---------------------------------------------------- KV v2 state store URL (keymgr.docstore_vault)
 
 #: Store-only URL parameters (the rest are the client options above).
 STORE_OPTIONS: frozenset[str] = frozenset({"lock_ttl"})
 DEFAULT_LOCK_TTL = 20.0
 _LOCK_TTL_RANGE = (2.0, 3600.0)
-LOCK_SUFFIX = ".lock"
-LEASE_SUFFIX = ".lease"
 
 
 def _query_options(url: str, query: str) -> dict[str, Any]:
@@ -620,362 +609,6 @@ def _kv_time(text: Any) -> datetime | None:
 
 
 _KV_TIME_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z")
-
-
-@dataclass
-class _Doc:
-    """One small KV v2 secret as read: its JSON field, KV version and server-side age."""
-
-    doc: dict[str, Any] | None
-    version: int
-    #: Seconds since this version was written, on the server's clock (None: unknown).
-    age: float | None
-
-
-class _PassLock:
-    """The pass lock this process holds: its KV version, renewed in the background."""
-
-    def __init__(self, version: int) -> None:
-        self.version = version
-        self.renewed = time.monotonic()
-        self.lost: str | None = None
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-
-class VaultKVStore(StateStore):
-    """``vault://MOUNT/PATH``: the state document in a KV v2 secret, written with ``cas``.
-
-    The document is one field (``state``) holding the same JSON as the file
-    store (``{"version": N, ...}``); N is the KV version the write creates, and
-    the KV version is the compare-and-swap token: ``cas=0`` creates, ``cas=N``
-    updates, and Vault refuses the loser of a race, which becomes
-    :class:`ConflictError` so the caller re-reads. Connection and auth come
-    from ``VAULT_*`` environment variables and optional query parameters with
-    the backend's option names (``?auth=approle&role_id=...&secret_id_file=...``).
-
-    Two small secrets live beside it, both written with ``cas`` too:
-
-    - ``PATH.lock``: held for a whole pass (:meth:`exclusive`). CAS alone keeps
-      the document consistent, but a pass has side effects before its commit:
-      without the lock, two processes generating at once each see the other's
-      fresh, not yet recorded transit key as an orphan and adopt or destroy it
-      while the other is about to record it. The lock expires on the server's
-      clock (a holder that died frees it after ``lock_ttl``), and is renewed in
-      the background while held; a pass that lost it refuses to commit.
-    - ``PATH.lease``: the daemon replicas' lease record (:mod:`keymgr.lease`).
-    """
-
-    FIELD = "state"
-    #: ``KeyManager.sign`` asks for :meth:`fingerprint` (one metadata read) at
-    #: most once a second, not before every signature: a read per signature
-    #: would double the Vault requests of a busy signer, whose transit backend
-    #: makes exactly one. Why a one-second window is safe: ``KeyManager._check_fresh``.
-    fingerprint_window: ClassVar[float] = 1.0
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        mount = parts.netloc
-        path = parts.path.strip("/")
-        if parts.scheme != "vault" or not mount or not path or "@" in mount:
-            raise ConfigError(f"daemon.state: {url!r}: expected vault://MOUNT/PATH")
-        if not _MOUNT_RE.fullmatch(mount) or not _MOUNT_RE.fullmatch(path):
-            raise ConfigError(f"daemon.state: {url!r}: bad mount or path")
-        if parts.fragment:
-            raise ConfigError(f"daemon.state: {url!r}: unexpected '#' fragment")
-        self.mount = mount
-        self.path = path
-        self.url = f"vault://{mount}/{path}"
-        options = _query_options(self.url, parts.query)
-        lock_ttl = options.pop("lock_ttl", DEFAULT_LOCK_TTL)
-        low, high = _LOCK_TTL_RANGE
-        if not math.isfinite(lock_ttl) or not low <= lock_ttl <= high:
-            raise ConfigError(
-                f"state {self.url} parameter lock_ttl: must be between {low:g} and {high:g} "
-                f"seconds, got {lock_ttl:g}"
-            )
-        self.lock_ttl: float = lock_ttl
-        self._vault = vault_client(options, f"state {self.url}", None, sep=" parameter ")
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._lock = threading.RLock()
-        self._held: _PassLock | None = None
-        self._depth = 0
-
-    def _error(self, op: str, e: VaultCallError) -> StoreError:
-        return StoreError(f"state {self.url}: {op}: {e.reason}")
-
-    # -- the state document ---------------------------------------------------
-
-    def load(self) -> tuple[State, int]:
-        mount, path = self.mount, self.path
-        try:
-            resp = self._vault.call(
-                lambda c: c.secrets.kv.v2.read_secret_version(
-                    path=path, mount_point=mount, raise_on_deleted_version=True
-                )
-            )
-        except VaultCallError as e:
-            if e.status == 404 and not e.errors:
-                return self._absent()
-            raise self._error("read", e) from None
-        try:
-            data = resp["data"]
-            version = int(data["metadata"]["version"])
-            doc = json.loads(data["data"][self.FIELD])
-            doc.pop("version")
-            state = State.from_dict(doc)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise StoreError(
-                f"state {self.url}: read: corrupt state document ({type(e).__name__}: {e})"
-            ) from None
-        return state, version
-
-    def _absent(self) -> tuple[State, int]:
-        """No readable latest version: a fresh store, unless it was deleted."""
-        meta = self._metadata("read")
-        if meta is None:
-            return State(), 0
-        current = int(meta.get("current_version") or 0)
-        if current == 0:
-            return State(), 0
-        # Starting over would forget every key the state records (and the
-        # orphan logic would then destroy them): refuse, and say how to fix it.
-        raise StoreError(
-            f"state {self.url}: read: the latest version ({current}) is deleted or destroyed; "
-            f"restore it (bao kv undelete -mount={self.mount} -versions={current} {self.path}) "
-            "or delete the secret's metadata to start from an empty state"
-        )
-
-    def _metadata(self, op: str) -> dict[str, Any] | None:
-        mount, path = self.mount, self.path
-        try:
-            resp = self._vault.call(
-                lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
-            )
-        except VaultCallError as e:
-            if e.status == 404 and not e.errors:
-                return None
-            raise self._error(op, e) from None
-        data = resp.get("data") if isinstance(resp, dict) else None
-        return data if isinstance(data, dict) else {}
-
-    def commit(self, state: State, token: int) -> int:
-        held = self._held
-        if held is not None and held.lost is not None:
-            # Another process may be acting on the same keys now: do not
-            # record anything this pass did (its keys become orphans).
-            raise StoreError(f"state {self.url}: commit: pass lock lost ({held.lost}); not writing")
-        version = int(token)
-        doc = {"version": version + 1, **state.to_dict()}
-        text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
-        crashpoint("store.before_write")
-        try:
-            new = self._write(self.path, {self.FIELD: text}, version)
-        except VaultCallError as e:
-            if _is_cas_failure(e):
-                raise ConflictError(
-                    f"state {self.url}: commit: changed by another writer "
-                    f"(expected version {version})"
-                ) from None
-            raise self._error("commit", e) from None
-        crashpoint("store.after_write")
-        return new or version + 1
-
-    def fingerprint(self) -> object:
-        """The current KV version (one metadata read; see :attr:`fingerprint_window`).
-
-        Any error, or no document yet, gives None: the caller re-reads the
-        state, which reports the real failure.
-        """
-        try:
-            meta = self._metadata("read metadata")
-        except StoreError:
-            return None
-        version = int((meta or {}).get("current_version") or 0)
-        return version or None
-
-    # -- small CAS documents (lock, lease) -------------------------------------
-
-    def _write(self, path: str, data: dict[str, Any], cas: int) -> int | None:
-        """One KV v2 write with ``cas``; the new KV version (None if the answer lacks it)."""
-        mount = self.mount
-        resp = self._vault.call(
-            lambda c: c.secrets.kv.v2.create_or_update_secret(
-                path=path, secret=data, cas=cas, mount_point=mount
-            )
-        )
-        try:
-            return int(resp["data"]["version"])
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    def _read_doc(self, suffix: str, field: str, op: str) -> _Doc:
-        """Read ``PATH<suffix>``; a missing or deleted secret is ``doc=None`` with its version."""
-        mount, path = self.mount, self.path + suffix
-        try:
-            resp = self._vault.call(
-                lambda c: c.secrets.kv.v2.read_secret_version(
-                    path=path, mount_point=mount, raise_on_deleted_version=False
-                )
-            )
-            server_now = self._vault.last_server_time()
-        except VaultCallError as e:
-            if e.status == 404 and not e.errors:
-                return _Doc(None, 0, None)
-            raise self._error(op, e) from None
-        try:
-            data = resp["data"]
-            meta = data["metadata"]
-            version = int(meta["version"])
-            if meta.get("deletion_time") or not data.get("data"):
-                return _Doc(None, version, None)
-            doc = json.loads(data["data"][field])
-            if not isinstance(doc, dict):
-                raise TypeError("not a JSON object")
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise StoreError(
-                f"state {self.url}: {op}: unreadable {path} ({type(e).__name__}: {e})"
-            ) from None
-        created = _kv_time(meta.get("created_time"))
-        age = (server_now - created).total_seconds() if server_now and created else None
-        return _Doc(doc, version, age)
-
-    def _write_doc(self, suffix: str, field: str, doc: dict[str, Any], cas: int, op: str) -> int:
-        try:
-            new = self._write(self.path + suffix, {field: json.dumps(doc)}, cas)
-        except VaultCallError as e:
-            if _is_cas_failure(e):
-                raise ConflictError(
-                    f"state {self.url}: {op}: changed by another process (expected version {cas})"
-                ) from None
-            raise self._error(op, e) from None
-        return new or cas + 1
-
-    # -- the replicas' lease (keymgr.lease) ---------------------------------------
-
-    def read_lease(self) -> tuple[dict[str, Any] | None, int]:
-        d = self._read_doc(LEASE_SUFFIX, "lease", "read lease")
-        return d.doc, d.version
-
-    def write_lease(self, doc: dict[str, Any], token: int) -> int:
-        return self._write_doc(LEASE_SUFFIX, "lease", doc, int(token), "write lease")
-
-    # -- the pass lock -----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
-        """Hold ``PATH.lock`` for a pass (re-entrant within this object).
-
-        Waits up to ``timeout`` seconds for another process's pass to end; a
-        lock left by a process that died is taken over once it is older than
-        its TTL (20 s by default, below the callers' 30 s timeout).
-        """
-        with self._lock:
-            nested = self._depth > 0
-            if nested:
-                self._depth += 1
-        if nested:
-            try:
-                yield
-            finally:
-                with self._lock:
-                    self._depth -= 1
-            return
-        held = self._acquire(timeout)
-        with self._lock:
-            self._held, self._depth = held, 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held, self._depth = None, 0
-            self._release(held)
-
-    def _lock_doc(self) -> dict[str, Any]:
-        return {"holder": self.owner, "ttl": self.lock_ttl}
-
-    def _acquire(self, timeout: float) -> _PassLock:
-        start = time.monotonic()
-        deadline = start + timeout
-        # (version, first seen): a lock whose version has not moved for its
-        # TTL on our own clock is dead too, even if the server sent no Date.
-        seen: tuple[int, float] | None = None
-        while True:
-            cur = self._read_doc(LOCK_SUFFIX, "lock", "lock")
-            now = time.monotonic()
-            holder = None if cur.doc is None else cur.doc.get("holder")
-            free = holder is None
-            if not free:
-                ttl = _ttl_of(cur.doc, self.lock_ttl)
-                if seen is None or seen[0] != cur.version:
-                    seen = (cur.version, now)
-                stale = now - seen[1] > ttl
-                free = stale or (cur.age is not None and cur.age > ttl)
-            if free:
-                try:
-                    version = self._write_doc(
-                        LOCK_SUFFIX, "lock", self._lock_doc(), cur.version, "lock"
-                    )
-                except ConflictError:
-                    seen = None  # someone else took it: look again
-                else:
-                    if holder is not None:
-                        log.warning("lock.taken_over", state=self.url, holder=holder)
-                    return self._start(version)
-            if now >= deadline:
-                raise StoreError(
-                    f"state {self.url}: lock: held by another keymgr process ({holder}) "
-                    f"for more than {now - start:.0f}s"
-                )
-            time.sleep(random.uniform(0.05, 0.25))  # noqa: S311 - jitter, not crypto
-
-    def _start(self, version: int) -> _PassLock:
-        held = _PassLock(version)
-        thread = threading.Thread(
-            target=self._renew_loop, args=(held,), name="keymgr-vault-lock", daemon=True
-        )
-        held.thread = thread
-        thread.start()
-        return held
-
-    def _renew_loop(self, held: _PassLock) -> None:
-        while not held.stop.wait(self.lock_ttl / 3):
-            try:
-                held.version = self._write_doc(
-                    LOCK_SUFFIX, "lock", self._lock_doc(), held.version, "renew lock"
-                )
-            except ConflictError:
-                held.lost = "taken over by another process"
-                return
-            except StoreError as e:
-                if time.monotonic() - held.renewed > self.lock_ttl:
-                    held.lost = f"not renewed for {self.lock_ttl:g}s: {e}"
-                    return
-                continue
-            held.renewed = time.monotonic()
-
-    def _release(self, held: _PassLock) -> None:
-        held.stop.set()
-        if held.thread is not None:
-            held.thread.join(timeout=self._vault.settings.timeout * 2)
-        if held.lost is not None:
-            return
-        free = {"holder": None, "ttl": self.lock_ttl}
-        try:
-            self._write_doc(LOCK_SUFFIX, "lock", free, held.version, "unlock")
-        except StoreError as e:  # it expires on its own
-            log.warning("lock.release_failed", state=self.url, error=str(e))
-
-    def __repr__(self) -> str:
-        return f"VaultKVStore({self.url!r})"
-
-
-def _ttl_of(doc: Mapping[str, Any] | None, default: float) -> float:
-    """The TTL the holder wrote into its lock (its renewal cadence), else ours."""
-    value = None if doc is None else doc.get("ttl")
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return default
 
 
 def _is_cas_failure(e: VaultCallError) -> bool:

@@ -168,7 +168,7 @@ class S3World(World):
     def write_state(self, doc: dict[str, Any]) -> None:
         etag, text = self.raw_state()
         current = json.loads(text)
-        # keymgr.s3.encode_state's format (checked on the current document).
+        # keymgr.docstore.encode_state's format (checked on the current document).
         assert json.dumps(current, indent=1) + "\n" == text
         body = json.dumps({**doc, "version": current["version"] + 1}, indent=1) + "\n"
         self.s3.put_object(
@@ -222,7 +222,8 @@ class VaultWorld(World):
     def write_state(self, doc: dict[str, Any]) -> None:
         version, text = self.raw_state()
         current = json.loads(text)
-        # keymgr.vault.VaultKVStore.commit's format: "version" is the KV version.
+        # keymgr.docstore.encode_state's format in the "state" field; "version" counts
+        # the writes, one per KV version, so the two are equal.
         assert json.dumps(current, indent=1) + "\n" == text and current["version"] == version
         assert isinstance(version, int)
         body = json.dumps({**doc, "version": version + 1}, indent=1) + "\n"

@@ -1,9 +1,12 @@
 """The S3 JWKS publisher and the S3 state store against a real moto server.
 
-Unit-level tests drive :class:`S3Publisher` and :class:`S3Store` in this
-process against moto; the concurrency and outage tests run the real CLI in
-subprocesses, several at once, with an AWS-only setup (KMS keys, S3 state, S3
-and file JWKS). Tokens are verified by PyJWT and jwcrypto (tests.servers_moto).
+Unit-level tests drive :class:`S3Publisher` in this process against moto; the
+state store's CAS commit, lease and pass lock are :class:`keymgr.docstore.SharedStore`'s,
+tested once by ``keymgr.testing.docstore.SharedStoreTests`` (``tests/test_docstore_real.py``
+runs them against moto, with the S3 adapter's own messages). Here the state store
+is under the real CLI: the concurrency and outage tests run it in subprocesses,
+several at once, with an AWS-only setup (KMS keys, S3 state, S3 and file JWKS).
+Tokens are verified by PyJWT and jwcrypto (tests.servers_moto).
 """
 
 from __future__ import annotations
@@ -11,18 +14,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keymgr.errors import ConfigError, ConflictError, PublishError, StoreError
-from keymgr.lease import Lease
-from keymgr.model import State
-from keymgr.s3 import S3Publisher, S3Store, encode_state
+from keymgr.errors import ConfigError, PublishError
+from keymgr.s3 import S3Publisher
 from tests.conftest import T0, A, D, G, P
 from tests.servers_moto import (
     JWKS_KEY,
@@ -59,10 +58,6 @@ def buckets(moto: Any) -> Any:
 def publisher(url: str, **options: Any) -> S3Publisher:
     opts = {**s3_publisher_options(url), "bucket": JWKS_BUCKET, **options}
     return S3Publisher("cdn", opts, "/nonexistent")
-
-
-def store(url: str, **params: Any) -> S3Store:
-    return S3Store(s3_state_url(url, STATE_BUCKET, STATE_KEY, **params))
 
 
 def count_calls(client: Any, operation: str) -> list[dict[str, Any]]:
@@ -196,134 +191,6 @@ def test_publisher_config_errors_name_the_field(options: dict[str, Any], field: 
 # --------------------------------------------------------------------------- state store
 
 
-def test_store_compare_and_swap(buckets: Any, moto: Any) -> None:
-    a, b = store(moto.url), store(moto.url)
-    state, token = a.load()
-    assert state == State() and token is None and a.fingerprint() is None
-    t1 = a.commit(state, None)
-    with pytest.raises(ConflictError):  # created meanwhile: If-None-Match: * fails
-        b.commit(state, None)
-    raw = buckets.get_object(Bucket=STATE_BUCKET, Key=STATE_KEY)["Body"].read()
-    assert raw == encode_state(state, 1)
-    assert a.fingerprint() == b.fingerprint() == t1.etag
-    loaded, tb = b.load()
-    assert loaded == state and tb == t1
-    t2 = b.commit(loaded, tb)
-    assert t2.version == 2 and t2.etag != t1.etag and a.fingerprint() == t2.etag
-    with pytest.raises(ConflictError) as info:  # a's token is stale: If-Match fails
-        a.commit(state, t1)
-    assert str(info.value).startswith(
-        f"state s3://{STATE_BUCKET}/{STATE_KEY}: changed by another writer"
-    )
-    # Many writers from the same version at once: exactly one wins.
-    results: list[object] = []
-
-    def write() -> None:
-        try:
-            results.append(store(moto.url).commit(loaded, t2))
-        except ConflictError as e:
-            results.append(e)
-
-    threads = [threading.Thread(target=write) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(not isinstance(r, ConflictError) for r in results) == 1, results
-    assert a.load()[1].version == 3  # type: ignore[union-attr]
-
-
-def test_store_lease_compare_and_swap(buckets: Any, moto: Any) -> None:
-    a, b = store(moto.url), store(moto.url)
-    assert a.read_lease() == (None, None)
-    won: list[str] = []
-    for s, who in ((a, "a"), (b, "b")):  # two replicas both saw "no lease"
-        try:
-            s.write_lease({"holder": who}, None)
-            won.append(who)
-        except ConflictError:
-            pass
-    assert won == ["a"]
-    doc, token = b.read_lease()
-    assert doc is not None and doc["holder"] == "a" and token is not None
-    t2 = a.write_lease({"holder": "a"}, token)  # renewal: same content, new ETag
-    assert t2 != token
-    with pytest.raises(ConflictError):
-        b.write_lease({"holder": "b"}, token)
-    # Racing writers with the same token: one wins.
-    results: list[object] = []
-
-    def write(who: str) -> None:
-        try:
-            results.append(store(moto.url).write_lease({"holder": who}, t2))
-        except ConflictError as e:
-            results.append(e)
-
-    threads = [threading.Thread(target=write, args=(f"r{i}",)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(not isinstance(r, ConflictError) for r in results) == 1, results
-    assert buckets.head_object(Bucket=STATE_BUCKET, Key=STATE_KEY + ".lease")
-
-    # keymgr.lease.Lease on top: one holder at a time, takeover after expiry.
-    buckets.delete_object(Bucket=STATE_BUCKET, Key=STATE_KEY + ".lease")
-    ttl = timedelta(seconds=30)
-    la, lb = Lease(a, ttl, holder="a"), Lease(b, ttl, holder="b")
-    assert la.acquire(T0) is True
-    assert lb.acquire(T0) is False
-    assert la.acquire(T0 + ttl / 2) is True  # renewed
-    assert lb.acquire(T0 + ttl) is False
-    assert lb.acquire(T0 + ttl / 2 + ttl + timedelta(seconds=1)) is True  # a stopped renewing
-    assert la.acquire(T0 + 2 * ttl) is False
-    lb.release()
-    assert la.acquire(T0 + 2 * ttl) is True
-    # A damaged record is treated as expired and replaced, still by CAS.
-    buckets.put_object(Bucket=STATE_BUCKET, Key=STATE_KEY + ".lease", Body=b"\x00garbage")
-    assert a.read_lease()[0] == {}
-    assert lb.acquire(T0 + 2 * ttl) is True
-
-
-def test_store_pass_lock_serialises_and_is_taken_over(buckets: Any, moto: Any) -> None:
-    a, b = store(moto.url), store(moto.url)
-    order: list[str] = []
-    with a.exclusive():
-        order.append("a in")
-
-        def other() -> None:
-            with b.exclusive():
-                order.append("b in")
-
-        t = threading.Thread(target=other)
-        t.start()
-        time.sleep(0.5)
-        with a.exclusive():  # re-entrant
-            order.append("a nested")
-        order.append("a out")
-    t.join(timeout=20)
-    assert order == ["a in", "a nested", "a out", "b in"]
-    assert "Contents" not in buckets.list_objects_v2(Bucket=STATE_BUCKET, Prefix=STATE_KEY)
-
-    # A holder that stops renewing (a crash, a stalled process) loses the lock
-    # once S3's clock says it is lock_ttl old, and can no longer commit.
-    a.lock_ttl = b.lock_ttl = 1.0  # below the configurable minimum, to keep the test short
-    state, token = a.load()
-    with a.exclusive():
-        held = a._held
-        assert held is not None
-        held.stop.set()  # the renewal thread stops, as in a stalled process
-        assert held.thread is not None
-        held.thread.join()
-        started = time.monotonic()
-        with b.exclusive():
-            waited = time.monotonic() - started
-            assert 0.5 < waited < 10, waited
-            with pytest.raises(StoreError, match="pass lock lost"):
-                a.commit(state, token)
-            b.commit(state, token)
-
-
 def test_store_url_is_checked_at_config_load(home: Any, tmp_path: Path) -> None:
     from keymgr.config import load_config
 
@@ -352,35 +219,6 @@ def test_store_url_is_checked_at_config_load(home: Any, tmp_path: Path) -> None:
     text = home.config.read_text().replace("s3://bucket/k?endpoint_url=ftp://x", url)
     home.config.write_text(text)
     assert load_config(home.config).daemon.state == url
-
-
-def test_store_errors_are_one_line(buckets: Any, moto: Any) -> None:
-    with pytest.raises(StoreError) as info:
-        S3Store(s3_state_url(moto.url, "no-such-bucket")).load()
-    assert str(info.value).startswith(
-        "state s3://no-such-bucket/keymgr/state.json: GetObject: NoSuchBucket"
-    )
-    dead = S3Store(s3_state_url("http://127.0.0.1:9", STATE_BUCKET, max_attempts=1))
-    def take_lock() -> None:
-        with dead.exclusive():
-            raise AssertionError("unreachable")
-
-    calls = {
-        "GetObject": dead.load,
-        "PutObject": lambda: dead.commit(State(), None),
-        "GetObject keymgr/state.json.lease (lease)": dead.read_lease,
-        "PutObject keymgr/state.json.lease (lease)": lambda: dead.write_lease({}, None),
-        "PutObject keymgr/state.json.lock (lock)": take_lock,
-    }
-    for operation, call in calls.items():
-        with pytest.raises(StoreError) as info:
-            call()
-        msg = str(info.value)
-        assert msg.startswith(
-            f"state s3://{STATE_BUCKET}/keymgr/state.json: {operation}: Could not connect"
-        ), msg
-        assert "\n" not in msg
-    assert dead.fingerprint() is None
 
 
 # --------------------------------------------------------------------------- through the CLI

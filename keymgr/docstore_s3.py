@@ -1,0 +1,165 @@
+"""S3 as a :class:`~keymgr.docstore.DocumentAdapter`: ``s3://BUCKET/KEY`` state.
+
+The three documents are ``KEY`` (state), ``KEY.lock`` and ``KEY.lease``, each
+written by conditional PutObject: ``If-None-Match: *`` creates, ``If-Match:
+ETAG`` replaces, DeleteObject ``If-Match: ETAG`` deletes. The age of a
+document is S3's own clock: the response's ``Date`` header minus the
+object's ``LastModified``. Messages and operation names are those the S3
+store of the previous release gave; :func:`open_s3_store` puts this adapter
+under :class:`keymgr.docstore.SharedStore`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from keymgr.docstore import STATE, Blob, DocumentAdapter, SharedStore
+from keymgr.errors import ConflictError, StoreError
+from keymgr.s3 import (
+    _CONFLICT_CODES,
+    _MAX_LOCK_TTL,
+    _MIN_LOCK_TTL,
+    _MISSING_CODES,
+    DEFAULT_LOCK_TTL,
+    AWSConnection,
+    _aws_errors,
+    _LazyS3,
+    _number,
+    _retried,
+    _store_params,
+    aws_error_code,
+    aws_reason,
+    parse_connection,
+)
+
+__all__ = ["S3Adapter", "open_s3_store"]
+
+
+class S3Adapter(_LazyS3, DocumentAdapter):
+    """``KEY``, ``KEY.lock``, ``KEY.lease`` in one bucket, by conditional requests."""
+
+    def __init__(self, bucket: str, key: str, connection: AWSConnection | None = None) -> None:
+        self.bucket, self.key = bucket, key
+        self.connection = connection or AWSConnection()
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def _key(self, name: str) -> str:
+        return self.key if name == STATE else f"{self.key}.{name}"
+
+    def _op(self, op: str, name: str) -> str:
+        """``PutObject`` for the state, ``PutObject KEY.lock (lock)`` for the others."""
+        return op if name == STATE else f"{op} {self._key(name)} ({name})"
+
+    def _error(self, operation: str, exc: BaseException) -> StoreError:
+        return StoreError(f"state {self.location}: {operation}: {aws_reason(exc)}")
+
+    def read(self, name: str) -> Blob | None:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            data: bytes = resp["Body"].read()
+        except _aws_errors() as e:
+            if aws_error_code(e) in _MISSING_CODES:
+                return None
+            raise self._error(self._op("GetObject", name), e) from None
+        return Blob(data, str(resp["ETag"]), _age(resp))
+
+    def create(self, name: str, data: bytes) -> object:
+        return self._put(name, data, {"IfNoneMatch": "*"})
+
+    def replace(self, name: str, data: bytes, version: object) -> object:
+        return self._put(name, data, {"IfMatch": str(version)})
+
+    def _put(self, name: str, data: bytes, condition: dict[str, str]) -> str:
+        try:
+            resp = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(name),
+                Body=data,
+                ContentType="application/json",
+                **condition,
+            )
+        except _aws_errors() as e:
+            code = aws_error_code(e)
+            if code not in _CONFLICT_CODES and code not in _MISSING_CODES:
+                raise self._error(self._op("PutObject", name), e) from None
+            # A request botocore retried after a timeout may have landed on
+            # the first attempt and then lost to itself: if the object now
+            # holds exactly our bytes (the store makes every write unique),
+            # the write is ours. A conflict on the first attempt is always real.
+            mine = self._current_if_equal(name, data) if _retried(e) else None
+            if mine is None:
+                raise ConflictError(
+                    f"state {self.location}: {self._op('PutObject', name)}: {code}"
+                ) from None
+            return mine
+        return str(resp["ETag"])
+
+    def _current_if_equal(self, name: str, data: bytes) -> str | None:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            if resp["Body"].read() == data:
+                return str(resp["ETag"])
+        except _aws_errors():
+            pass
+        return None
+
+    def delete(self, name: str, version: object) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name), IfMatch=str(version))
+        except _aws_errors() as e:
+            code = aws_error_code(e)
+            if code in _MISSING_CODES:
+                return
+            if code in _CONFLICT_CODES:
+                raise ConflictError(
+                    f"state {self.location}: {self._op('DeleteObject', name)}: {code}"
+                ) from None
+            raise self._error(self._op("DeleteObject", name), e) from None
+
+    def version(self, name: str) -> object | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except _aws_errors() as e:
+            if aws_error_code(e) in _MISSING_CODES:
+                return None
+            raise self._error(self._op("HeadObject", name), e) from None
+        return str(head["ETag"])
+
+    def __repr__(self) -> str:
+        return f"S3Adapter({self.location!r})"
+
+
+def _age(resp: Mapping[str, Any]) -> float | None:
+    """Seconds since the object was written, on S3's clock (its Date header vs LastModified)."""
+    try:
+        server_now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return float((server_now - resp["LastModified"]).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def open_s3_store(url: str) -> SharedStore:
+    """``s3://BUCKET/KEY[?region=..&endpoint_url=..&profile=..&lock_ttl=..&...]``; no I/O.
+
+    Validates the URL with :func:`keymgr.s3._store_params` (ConfigError naming
+    ``daemon.state`` and the culprit); see ``keymgr.stores._SHARED``.
+    """
+    bucket, key, params = _store_params(url)
+    where = f"daemon.state: {url!r}: parameter "
+    lock_ttl = _number(
+        params.pop("lock_ttl", DEFAULT_LOCK_TTL),
+        f"{where}lock_ttl",
+        low=_MIN_LOCK_TTL,
+        high=_MAX_LOCK_TTL,
+        integer=False,
+    )
+    adapter = S3Adapter(bucket, key, parse_connection(params, where))
+    return SharedStore(adapter, url=url, lock_ttl=float(lock_ttl))
