@@ -220,6 +220,12 @@ class Reconciler:
                         result.failures.append(str(err))
                         result.failed.append((gen, err))
                         events.append(self.failure_event(gen, err, now))
+                for pub, err in self.vet(state, wave):
+                    wave.remove(pub)
+                    failed.add(pub)
+                    result.failures.append(str(err))
+                    result.failed.append((pub, err))
+                    events.append(self.failure_event(pub, err, now))
                 new = state
                 for action in wave:
                     try:
@@ -355,13 +361,9 @@ class Reconciler:
     def publish(
         self, state: State, seen: State, name: str, now: datetime
     ) -> tuple[State, list[dict[str, Any]]]:
+        # The keys were vetted against their backends before the wave (vet()).
         keys = desired_keys(seen, self.config.policies, name)
         publisher = self.config.publishers[name]
-        current = publisher.fetch()
-        served = jwks.served_keys(current.body if current is not None else None)
-        # Only a key verifiers cannot already fetch from this target needs its
-        # backend's word (and a backend outage blocks adding keys, not removing).
-        self.check_keys(seen, [k for k in keys if served.get(k.kid) != jwks.jwk_for(k)])
         data = jwks.encode(jwks.document(keys))
         written = publisher.publish(data)
         crashpoint("publish.before_commit")
@@ -369,6 +371,34 @@ class Reconciler:
         return transitions.publisher_confirmed(
             state, name, digest, frozenset(k.kid for k in keys), now, written
         )
+
+    def vet(self, seen: State, wave: list[Action]) -> list[tuple[Publish, KeymgrError]]:
+        """Check every key the wave's publishes would add, before any of them writes.
+
+        Only a key verifiers cannot already fetch from a target needs its
+        backend's word: a backend outage blocks adding keys, never removing
+        them. A target that cannot be read counts as serving nothing (every
+        key is checked). A key its backend does not vouch for stops the whole
+        pass (StateError) before anything is written anywhere; a backend that
+        cannot answer fails that publish only (returned).
+        """
+        failed: list[tuple[Publish, KeymgrError]] = []
+        for action in wave:
+            if not isinstance(action, Publish):
+                continue
+            keys = desired_keys(seen, self.config.policies, action.publisher)
+            try:
+                current = self.config.publishers[action.publisher].fetch()
+            except PublishError:
+                current = None
+            served = jwks.served_keys(current.body if current is not None else None)
+            try:
+                self.check_keys(seen, [k for k in keys if served.get(k.kid) != jwks.jwk_for(k)])
+            except StateError:
+                raise
+            except KeymgrError as e:
+                failed.append((action, e))
+        return failed
 
     def check_keys(self, state: State, keys: list[Key]) -> None:
         """Publish no key whose public half its backend does not vouch for.
