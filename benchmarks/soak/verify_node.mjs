@@ -1,4 +1,4 @@
-// A Node verifier for the rollover soak (benchmarks/soak.py): npm `jose`.
+// A Node verifier for the rollover soak (python -m benchmarks.soak): npm `jose`.
 //
 // createRemoteJWKSet caches the JWKS for `cacheMaxAge` and refetches on an
 // unknown kid only once `cooldownDuration` has passed since the last fetch:

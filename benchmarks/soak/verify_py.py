@@ -1,4 +1,4 @@
-"""A Python verifier process for the rollover soak (``benchmarks/soak.py``).
+"""A Python verifier process for the rollover soak (``python -m benchmarks.soak``).
 
 It behaves like a real service: it fetches the JWKS over HTTP and caches it the
 way its library does, and never looks at keymgr's state or code.

@@ -1,0 +1,57 @@
+"""The keymgr home of a run: its config file and the ``keymgr`` CLI run against it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .environments import Env
+from .settings import PY, REPO, RING, Settings
+
+
+class Home:
+    def __init__(self, work: Path, env: Env) -> None:
+        self.work, self.env = work, env
+        self.config = work / "keymgr.toml"
+        #: The ``keymgr: warning:`` lines of ``config check``.
+        self.config_warnings: list[str] = []
+
+    def write_config(self, s: Settings) -> Path:
+        """``keymgr init``, then this run's config; ``config check`` must accept it."""
+        e = self.env
+        subprocess.run(
+            [PY, "-m", "keymgr.cli", "init", "--dir", str(self.work)],
+            check=True, capture_output=True, env=e.env, cwd=REPO,
+        )  # fmt: skip
+        self.config.write_text(
+            "# written by benchmarks/soak (python -m benchmarks.soak)\n"
+            f'[daemon]\nstate = "{e.state_url()}"\naudit_log = "audit.jsonl"\n'
+            'reconcile_interval = "1s"\nlisten = "127.0.0.1:0"\nlease_ttl = "3s"\n\n'
+            f"{e.backend_toml()}\n{e.publisher_toml()}\n"
+            f'[keyrings.{RING}]\nbackend = "{e.backend_name()}"\nalgorithm = "ES256"\n'
+            f'rotation_period = "{s.period}s"\npublish_ahead = "{s.publish_ahead}s"\n'
+            f'retire_grace = "{s.retire_grace}s"\ndestroy_after = "{s.destroy_after}s"\n'
+            f'publishers = ["{e.publisher}"]\n'
+        )
+        proc = self.cli("config", "check")
+        if proc.returncode != 0:
+            raise RuntimeError(f"config check failed: {proc.stderr.strip()}")
+        self.config_warnings = [
+            ln for ln in proc.stderr.splitlines() if ln.startswith("keymgr: warning:")
+        ]
+        return self.config
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "keymgr.cli", "--config", str(self.config), *args],
+            capture_output=True, text=True, env=self.env.env, cwd=self.work, timeout=timeout,
+        )  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        """``keymgr status --json``."""
+        proc = self.cli("status", "--json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"status --json exited {proc.returncode}: {proc.stderr.strip()}")
+        return dict(json.loads(proc.stdout))

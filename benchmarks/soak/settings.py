@@ -1,0 +1,92 @@
+"""The soak's knobs, what they resolve to (A, G, faults, time limit), and constants."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+#: This package's folder, which also holds the verifier scripts and node_modules.
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+RING = "default"
+BACKENDS = ("file", "aws-kms", "vault-transit")
+REGION = "us-east-1"
+
+#: The faults each backend can suffer (see the package docstring).
+FAULTS_ABLE: dict[str, tuple[str, ...]] = {
+    "file": ("kill", "block", "edge-stale"),
+    "aws-kms": ("kill", "pause", "edge-stale"),
+    "vault-transit": ("kill", "block", "pause", "edge-stale"),
+}
+#: What ``--faults`` injects without ``--fault-kinds``: every fault keymgr
+#: promises to survive. ``edge-stale`` (issue 20) is not one of them yet.
+DEFAULT_FAULTS: dict[str, tuple[str, ...]] = {
+    "file": ("kill", "block"),
+    "aws-kms": ("kill", "pause"),
+    "vault-transit": ("kill", "block", "pause"),
+}
+
+
+@dataclass
+class Settings:
+    backend: str = "file"
+    rotations: int = 10
+    period: int = 5  # P
+    cache: int = 2  # L: longest verifier JWKS cache lifetime, and the Cache-Control max-age
+    skew: int = 1  # S: issuer clocks off by up to +-S; every verifier's leeway
+    ttl: int = 3  # T: token lifetime
+    resolution: int = 0  # R: extra margin on A and G (s)
+    publish_ahead: int = 0  # A (0: L + R)
+    retire_grace: int = 0  # G (0: T + S + R)
+    destroy_after: int = 1  # D
+    rate: float = 20.0  # tokens per second
+    late_margin: float = 0.5  # the late check runs this long before exp
+    faults: bool = False
+    fault_kinds: tuple[str, ...] = ()
+    #: How long the edge serves its last good copy while its origin fails.
+    stale_if_error: float = 60.0
+    misconfigure: bool = False
+    cloud_state: bool = False  # state in S3 (aws-kms) / Vault KV (vault-transit)
+    node: bool = True
+    seed: int = 0
+    max_seconds: float = 0.0  # 0: derived from rotations and period
+    workdir: str | None = None
+    keep: bool = False
+
+    def resolve(self) -> None:
+        if self.misconfigure:
+            # Caches longer than publish_ahead: the promise cannot hold.
+            self.publish_ahead = self.publish_ahead or 1
+            self.cache = max(self.cache, self.publish_ahead + 3)
+            self.period = max(self.period, self.cache + 1)
+        self.publish_ahead = self.publish_ahead or self.cache + self.resolution
+        # Issuers on an S3 / Vault state store notice a promotion within 1 s
+        # (KeyManager.sign trusts the store's fingerprint that long): the old
+        # key may sign for up to 1 s after it retired.
+        window = 1 if self.cloud_state else 0
+        self.retire_grace = self.retire_grace or self.ttl + self.skew + self.resolution + window
+        if not self.seed:
+            self.seed = secrets.randbelow(2**31) + 1
+        if not self.fault_kinds:
+            self.fault_kinds = DEFAULT_FAULTS.get(self.backend, ())
+        if not self.max_seconds:
+            self.max_seconds = 60 + self.rotations * self.period * (3 if self.faults else 2)
+
+    def check(self) -> str | None:
+        if self.backend not in BACKENDS:
+            return f"--backend: one of {', '.join(BACKENDS)}"
+        if self.publish_ahead > self.period:
+            return "publish_ahead must not be longer than the period"
+        if min(self.period, self.cache, self.ttl, self.rotations) < 1:
+            return "--period, --cache, --ttl and --rotations must be at least 1"
+        if self.late_margin >= self.ttl:
+            return "--late-margin must be shorter than --ttl"
+        if self.stale_if_error < 0:
+            return "--stale-if-error must not be negative"
+        able = FAULTS_ABLE[self.backend]
+        if not set(self.fault_kinds) <= set(able):
+            return f"--fault-kinds: {self.backend} supports {', '.join(sorted(able))}"
+        return None
