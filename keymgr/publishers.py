@@ -83,10 +83,14 @@ class Publisher(abc.ABC):
         body = self.read()
         return None if body is None else Served(body, self.headers())
 
-    def publish(self, data: bytes) -> bool:
-        """Make the target serve ``data`` and confirm it; True if it was written."""
+    def publish(self, data: bytes, force: bool = False) -> bool:
+        """Make the target serve ``data`` and confirm it; True if it was written.
+
+        An unchanged target is not written again, unless ``force`` (an
+        earlier write was never confirmed and may still land after this one).
+        """
         want = Served(data, self.headers())
-        if self.fetch() == want:
+        if not force and self.fetch() == want:
             return False
         self.write(data)
         crashpoint("publish.after_write")

@@ -206,6 +206,14 @@ class Reconciler:
                 # Publishers first, against the state the planner saw.
                 wave.sort(key=lambda a: 0 if isinstance(a, Publish) else 1)
                 events: list[dict[str, Any]] = []
+                # Everything that can refuse the state runs before any commit or write.
+                for pub, err in self.vet(state, wave):
+                    wave.remove(pub)
+                    failed.add(pub)
+                    result.failures.append(str(err))
+                    result.failed.append((pub, err))
+                    events.append(self.failure_event(pub, err, now))
+                self.check_unknown_before_bootstrap(state, wave)
                 gens = [a for a in wave if isinstance(a, Generate)]
                 if gens:
                     try:
@@ -220,12 +228,6 @@ class Reconciler:
                         result.failures.append(str(err))
                         result.failed.append((gen, err))
                         events.append(self.failure_event(gen, err, now))
-                for pub, err in self.vet(state, wave):
-                    wave.remove(pub)
-                    failed.add(pub)
-                    result.failures.append(str(err))
-                    result.failed.append((pub, err))
-                    events.append(self.failure_event(pub, err, now))
                 new = state
                 for action in wave:
                     try:
@@ -365,7 +367,11 @@ class Reconciler:
         keys = desired_keys(seen, self.config.policies, name)
         publisher = self.config.publishers[name]
         data = jwks.encode(jwks.document(keys))
-        written = publisher.publish(data)
+        rec = state.publishers.get(name)
+        # An earlier write that was never confirmed may still land (a lagging
+        # or retried request): write again even if the target already shows
+        # these bytes, so the last write is ours.
+        written = publisher.publish(data, force=rec is not None and bool(rec.asked))
         crashpoint("publish.before_commit")
         digest = Served(data, publisher.headers()).digest()
         return transitions.publisher_confirmed(
@@ -465,6 +471,15 @@ class Reconciler:
         state, token = self.commit(new, [], token)
         return state, token, refused
 
+    def check_unknown_before_bootstrap(self, state: State, wave: list[Action]) -> None:
+        """Before a ring without a signer promotes at once (bootstrap, replace),
+        make sure no backend holds keymgr keys of that ring that state does not
+        know: a state whose active entry was deleted or lost would otherwise
+        promote a fresh key at once while verifiers still need the old one."""
+        for action in wave:
+            if isinstance(action, Promote) and action.retire is None:
+                self.orphans(state, action.ring, self.config.policies[action.ring].backend)
+
     def orphans(self, state: State, ring: str, backend_name: str) -> list[str]:
         """Keys of ``ring`` in the backend that state does not record and that
         carry the ring's open intent: crash orphans, safe to adopt or destroy.
@@ -473,24 +488,31 @@ class Reconciler:
         backend (lost, replaced by an old copy, mistyped URL, edited): that is
         refused with a StateError, and such a key is never destroyed.
         """
-        backend = self.backend(backend_name)
         known = {k.kid for k in state.ring(ring).keys}
-        try:
-            unrecorded = sorted(kid for kid in backend.list_keys(ring) if kid not in known)
-        except StateError:
-            raise
-        except KeymgrError as e:
-            raise BackendError(f"backend {backend_name}: list keys of ring {ring}: {e}") from None
         intent = state.intents.get(ring)
-        nonce = intent.nonce if intent is not None and intent.backend == backend_name else None
         orphans: list[str] = []
         unknown: list[str] = []
-        for kid in unrecorded:
-            mark = backend.intent_of(ring, kid) if nonce is not None else None
-            (orphans if mark is not None and mark == nonce else unknown).append(kid)
+        # Every configured backend, not only the ring's own: a ring moved to
+        # another backend left its earlier keys in the old one.
+        for name in sorted(self.config.backends, key=lambda n: n != backend_name):
+            backend = self.config.backends[name]
+            try:
+                unrecorded = sorted(kid for kid in backend.list_keys(ring) if kid not in known)
+            except StateError:
+                raise
+            except KeymgrError as e:
+                raise BackendError(f"backend {name}: list keys of ring {ring}: {e}") from None
+            nonce = intent.nonce if intent is not None and intent.backend == name else None
+            for kid in unrecorded:
+                mark = backend.intent_of(ring, kid) if nonce is not None else None
+                if mark is not None and mark == nonce and name == backend_name:
+                    orphans.append(kid)
+                else:
+                    unknown.append(kid)
         if unknown:
             raise StateError(
-                f"ring {ring}: backend {backend_name} holds {len(unknown)} keymgr key(s) that "
+                f"ring {ring}: backend(s) {', '.join(sorted(self.config.backends))} hold "
+                f"{len(unknown)} keymgr key(s) that "
                 f"state {self.store.url} does not record ({', '.join(unknown[:3])}"
                 f"{', ...' if len(unknown) > 3 else ''}): the state was lost, replaced or "
                 "edited; restore it, or take each key over with 'keymgr adopt "

@@ -1,59 +1,48 @@
-"""Property tests: the pure planner + transitions through years of simulated time.
+"""Properties of the pure planner alone, on arbitrary well-formed states.
 
-``World`` stands in for everything outside the pure core and runs the
-reconciler's loop over it (observe, then plan -> execute a wave, Publish first
-and from the state the planner saw -> apply the outcome through
-``keymgr.transitions`` -> repeat until nothing is due; a failed action is
-skipped for the rest of the pass). It keeps the facts the state cannot lie
-about:
+No reconcile loop here: ``tests/test_model_reconciler.py`` drives the real
+reconciler through time, faults and hostile acts. These tests build states
+directly (every key state, times in lifecycle order, publisher records fresh,
+stale or with unconfirmed writes, rotations requested) and check what a single
+``plan(state, policies, now)`` may return against design.md's rules, stated
+here on the state rather than copied from the planner:
 
-- what each publisher really serves (changed only by a Publish that wrote),
-- which private keys exist in the backend,
-- when each key last signed a token (the active key signs at every wake-up,
-  before and after the pass: the earliest and the latest moment of a state).
+- a key is promoted only from ``published``, and, while a signer exists and
+  no emergency was asked for, only once every publisher of its ring has
+  served it without a break for A and its predecessor's period (or a
+  requested rotation) is over (invariant 2, "Timing rules");
+- a key expires only ``retire_grace`` after it retired (invariant 3);
+- a key is destroyed only when expired for ``destroy_after`` or revoked, and
+  only while no managed publisher may still serve it (invariant 4);
+- sleeping until ``next_at`` misses nothing: no transition becomes due before
+  it that was not due already, and what it announces is due when it comes.
 
-The daemon wakes at ``Plan.next_at`` (or a retry interval after a failure),
-a bounded number of times per step; beyond that it is "down" until the step
-ends. Operators rotate, rotate --emergency and revoke; publishers and the key
-backend fail for a while. Every design.md invariant is checked at the moment it
-could break (a key leaving a served set, a destroy, a promotion, a signature)
-and after every transition and every pass.
+They are fast (the mutation-testing run in pyproject.toml selects this file).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
 
-from keymgr import jwks, transitions
-from keymgr.jose import PRIVATE_MEMBERS
 from keymgr.model import (
     ACTIVE,
     DESTROYED,
     EXPIRED,
-    HAS_PRIVATE,
     IN_JWKS,
     PENDING,
     PUBLISHED,
     RETIRED,
     REVOKED,
+    STATES,
+    Key,
+    PublisherRecord,
+    Ring,
     State,
 )
 from keymgr.planner import (
-    Action,
     Destroy,
     Expire,
     Generate,
@@ -62,689 +51,269 @@ from keymgr.planner import (
     Policy,
     Promote,
     Publish,
-    desired_keys,
     plan,
-    publishers_in_use,
 )
 
-START = datetime(2030, 1, 1, tzinfo=UTC)
+NOW = datetime(2031, 6, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
-MIN = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
-WEEK = timedelta(weeks=1)
-YEAR = 365 * DAY
-
-#: How soon the daemon first retries after a pass with failures.
-RETRY = 15 * MIN
-MAX_WAVES = 64
 PUBLISHERS = ("p0", "p1", "p2")
-RINGS = ("r0", "r1", "r2")
-
-#: Allowed key-state changes, and the audit event each one records (invariant 7).
-EVENT_FOR: dict[tuple[str | None, str], str] = {
-    (None, PENDING): "key.generated",
-    (PENDING, PUBLISHED): "key.published",
-    (PUBLISHED, ACTIVE): "key.promoted",
-    (ACTIVE, RETIRED): "key.retired",
-    (RETIRED, EXPIRED): "key.expired",
-    (EXPIRED, DESTROYED): "key.destroyed",
-    (REVOKED, DESTROYED): "key.destroyed",
-    **{(s, REVOKED): "key.revoked" for s in (PENDING, PUBLISHED, ACTIVE, RETIRED, EXPIRED)},
-}
-PUBLIC_MEMBERS = {"kty", "crv", "x", "y", "n", "e", "kid", "alg", "use"}
+RINGS = ("r0", "r1")
+#: How far back the generated history reaches.
+PAST = 120 * DAY
 
 
-class Failed(Exception):
-    """A simulated backend or publisher error (the reconciler's KeymgrError)."""
-
-
-def public_jwk(kid: str) -> dict[str, str]:
-    return {"kty": "OKP", "crv": "Ed25519", "x": f"pub-{kid}"}
-
-
-class World:
-    def __init__(self, policies: dict[str, Policy]) -> None:
-        self.pols = policies
-        self.pubs = publishers_in_use(policies)
-        self.state = State()
-        self.now = START
-        # What each publisher really serves, since when (continuously), and since
-        # when a successful publish (read back and compared) confirmed it.
-        self.served: dict[str, frozenset[str]] = {p: frozenset() for p in self.pubs}
-        self.served_since: dict[str, dict[str, datetime]] = {p: {} for p in self.pubs}
-        self.confirmed_since: dict[str, dict[str, datetime]] = {p: {} for p in self.pubs}
-        # Private keys that exist in each ring's backend.
-        self.backend: dict[str, set[str]] = {r: set() for r in policies}
-        self.destroyed: set[str] = set()
-        # Faults: until when, and how.
-        self.pub_fault: dict[str, tuple[datetime, str]] = {}
-        self.gen_fault: dict[str, tuple[datetime, str]] = {}
-        self.destroy_fault: dict[str, datetime] = {}
-        # Facts about signing.
-        self.last_signed: dict[str, datetime] = {}
-        self.signatures = 0
-        self.exempt: set[str] = set()  # promoted by bootstrap, replacement or emergency
-        self.emergency: set[str] = set()  # rings with an emergency rotation requested
-        self.bootstrapped: set[str] = set()
-        self.serial = 0
-        self.passes = 0
-        self.failed: list[Action] = []
-        self.failed_passes = 0
-        self.last_plan: Plan | None = None
-
-    # -- faults ------------------------------------------------------------
-
-    def _fault(self, table: dict[str, tuple[datetime, str]], name: str) -> str | None:
-        f = table.get(name)
-        return f[1] if f is not None and self.now < f[0] else None
-
-    def fail_publisher(self, p: str, duration: timedelta, mode: str) -> None:
-        self.pub_fault[p] = (self.now + duration, mode)
-
-    def fail_generate(self, ring: str, duration: timedelta, mode: str) -> None:
-        self.gen_fault[ring] = (self.now + duration, mode)
-
-    def fail_destroy(self, ring: str, duration: timedelta) -> None:
-        self.destroy_fault[ring] = self.now + duration
-
-    # -- operator ----------------------------------------------------------
-
-    def rotate(self, ring: str, emergency: bool) -> None:
-        assert self.state.ring(ring).active is not None
-        self._apply(transitions.request_rotation, ring, self.now, emergency)
-        if emergency:
-            self.emergency.add(ring)
-        self.wake()
-
-    def revoke(self, kid: str) -> None:
-        self._apply(transitions.revoke, kid, self.now, "compromised")
-        self.wake()
-
-    def live_kids(self) -> list[str]:
-        return [
-            k.kid
-            for name in sorted(self.state.rings)
-            for k in self.state.rings[name].keys
-            if k.state not in (DESTROYED, REVOKED)
-        ]
-
-    # -- time ----------------------------------------------------------------
-
-    def advance(self, dt: timedelta, max_wakes: int = 6) -> None:
-        """Time passes; the daemon wakes when its plan says (at most ``max_wakes``)."""
-        end = self.now + dt
-        for _ in range(max_wakes):
-            nxt = self.next_wake()
-            if nxt is None or nxt >= end:
-                break
-            assert nxt > self.now
-            self.now = nxt
-            self.wake()
-        self.now = end
-        self.wake()
-
-    def next_wake(self) -> datetime | None:
-        assert self.last_plan is not None
-        nxt = self.last_plan.next_at
-        if self.failed:
-            # Retry with backoff: 15 min, 30 min, ... at most 8 h.
-            retry = self.now + min(RETRY * 2 ** min(self.failed_passes, 6), 8 * HOUR)
-            nxt = retry if nxt is None else min(nxt, retry)
-        return nxt
-
-    def wake(self) -> None:
-        self.sign()
-        self.reconcile()
-        self.sign()
-
-    # -- the reconcile pass --------------------------------------------------
-
-    def reconcile(self) -> None:
-        self.passes += 1
-        self.observe()
-        failed: list[Action] = []
-        for _ in range(MAX_WAVES):
-            p = plan(self.state, self.pols, self.now)
-            wave = [a for a in p.due if a not in failed]
-            if not wave:
-                break
-            wave.sort(key=lambda a: not isinstance(a, Publish))
-            seen = self.state
-            for action in wave:
-                try:
-                    self.execute(action, seen)
-                except Failed:
-                    failed.append(action)
-        else:
-            raise AssertionError(f"the pass at {self.now} did not settle: {p.due}")
-        self.failed = failed
-        self.failed_passes = self.failed_passes + 1 if failed else 0
-        self.last_plan = p
-        self.check_pass(p)
-
-    def observe(self) -> None:
-        """As the reconciler: a record is stale when its target is unreadable or
-        serves something else (the ``stale`` flag is not persisted, so each pass
-        starts from what the store holds)."""
-        pubs = {}
-        for name, rec in self.state.publishers.items():
-            unreadable = self._fault(self.pub_fault, name) == "down"
-            pubs[name] = replace(rec, stale=unreadable or self.served[name] != rec.kids)
-        self.state = replace(self.state, publishers=pubs)
-
-    def execute(self, action: Action, seen: State) -> None:
-        if isinstance(action, Publish):
-            self.publish(action.publisher, seen)
-        elif isinstance(action, Generate):
-            self.generate(action)
-        elif isinstance(action, MarkPublished):
-            self.check_mark_published(action)
-            self._apply(transitions.mark_published, action.ring, action.kid, self.now)
-        elif isinstance(action, Promote):
-            self.promote(action)
-        elif isinstance(action, Expire):
-            key = self.state.ring(action.ring).key(action.kid)
-            assert key is not None and key.retired_at is not None
-            assert self.now >= key.retired_at + self.pols[action.ring].retire_grace
-            self._apply(transitions.expire, action.ring, action.kid, self.now)
-        elif isinstance(action, Destroy):
-            self.destroy(action)
-        else:  # pragma: no cover
-            raise AssertionError(action)
-
-    def publish(self, p: str, seen: State) -> None:
-        keys = desired_keys(seen, self.pols, p)
-        doc = jwks.document(keys)
-        # Invariant 5: public members only.
-        for j in doc["keys"]:
-            assert not PRIVATE_MEMBERS & set(j), j
-            assert set(j) <= PUBLIC_MEMBERS, j
-            assert j["use"] == "sig"
-        kids = frozenset(k.kid for k in keys)
-        assert [j["kid"] for j in doc["keys"]] == sorted(kids)
-        digest = jwks.digest(" ".join(sorted(kids)).encode())  # cheaper than encode()
-        mode = self._fault(self.pub_fault, p)
-        if mode in ("unconfirmed", "breaks"):  # written, but the read-back failed
-            self.serve(p, kids, confirmed=False)
-        if mode == "breaks":  # ... and then the publisher went down
-            self.pub_fault[p] = (self.pub_fault[p][0], "down")
-        if mode is not None:
-            raise Failed(f"publisher {p}: {mode}")
-        self.serve(p, kids, confirmed=True)
-        self._apply(
-            transitions.publisher_confirmed, p, digest, kids, self.now, True
-        )
-
-    def generate(self, action: Generate) -> None:
-        ring, pol = action.ring, self.pols[action.ring]
-        mode = self._fault(self.gen_fault, ring)
-        if mode == "before":
-            raise Failed("backend down")
-        known = {k.kid for k in self.state.ring(ring).keys}
-        orphans = sorted(self.backend[ring] - known)
-        assert len(orphans) <= 1, orphans
-        if orphans:  # a key made by an interrupted generate: adopt it
-            self._apply(
-                transitions.add_key,
-                ring,
-                orphans[0],
-                public_jwk(orphans[0]),
-                pol.algorithm,
-                pol.backend,
-                self.now,
-                action.reason,
-                True,
-                created="key.adopted",
-            )
-            return
-        self.serial += 1
-        kid = f"{ring}-k{self.serial}"
-        self.backend[ring].add(kid)
-        if mode == "after":  # the backend made the key, then the call failed
-            raise Failed("backend timeout")
-        self._apply(
-            transitions.add_key,
-            ring,
-            kid,
-            public_jwk(kid),
-            pol.algorithm,
-            pol.backend,
-            self.now,
-            action.reason,
-        )
-
-    def promote(self, action: Promote) -> None:
-        ring, kid, pol = action.ring, action.kid, self.pols[action.ring]
-        had_active = self.state.ring(ring).active is not None
-        exempt = not had_active or ring in self.emergency
-        for p in pol.publishers:
-            # Invariant 6: only a confirmed publish counts.
-            assert kid in self.served[p], f"promoting {kid}, not served by {p}"
-            assert kid in self.confirmed_since[p], f"promoting {kid}, never confirmed by {p}"
-            if not exempt:
-                # Invariant 2: confirmed published for at least A, everywhere.
-                since = max(self.served_since[p][kid], self.confirmed_since[p][kid])
-                assert since <= self.now - pol.publish_ahead, (
-                    f"{kid} promoted at {self.now}, served by {p} only since {since}"
-                )
-        if not exempt:
-            assert action.reason in ("scheduled", "rotate"), action
-        self._apply(
-            transitions.promote, ring, kid, action.retire, self.now, action.reason
-        )
-        if exempt:
-            self.exempt.add(kid)
-        self.emergency.discard(ring)
-        self.bootstrapped.add(ring)
-
-    def destroy(self, action: Destroy) -> None:
-        ring, kid = action.ring, action.kid
-        if self.now < self.destroy_fault.get(ring, self.now):
-            raise Failed("backend down")
-        key = self.state.ring(ring).key(kid)
-        assert key is not None and key.state in (EXPIRED, REVOKED), key
-        # Invariant 4: only once it left every publisher (revoked keys too).
-        serving = [p for p in self.pubs if kid in self.served[p]]
-        assert not serving, f"destroying {kid} ({key.state}) while {serving} serve it"
-        if key.state == EXPIRED:
-            assert key.expired_at is not None
-            assert self.now >= key.expired_at + self.pols[ring].destroy_after
-        assert kid in self.backend[ring]
-        self.backend[ring].discard(kid)
-        self.destroyed.add(kid)
-        self._apply(transitions.destroy, ring, kid, self.now)
-
-    def check_mark_published(self, action: MarkPublished) -> None:
-        for p in self.pols[action.ring].publishers:
-            assert action.kid in self.served[p], (action, p)
-            assert action.kid in self.confirmed_since[p], (action, p)
-
-    # -- what publishers serve -------------------------------------------------
-
-    def serve(self, p: str, kids: frozenset[str], confirmed: bool) -> None:
-        old = self.served[p]
-        for kid in old - kids:
-            self.check_leave(p, kid)
-            del self.served_since[p][kid]
-            self.confirmed_since[p].pop(kid, None)
-        for kid in kids - old:
-            found = self.state.find(kid)
-            assert found is not None and found[1].state != DESTROYED, (p, kid)
-            self.served_since[p][kid] = self.now
-        self.served[p] = kids
-        if confirmed:
-            for kid in kids:
-                self.confirmed_since[p].setdefault(kid, self.now)
-
-    def check_leave(self, p: str, kid: str) -> None:
-        """Invariant 3 and the central promise, when ``kid`` leaves ``p``."""
-        found = self.state.find(kid)
-        assert found is not None
-        ring, key = found
-        if key.revoked_at is not None:
-            return  # revocation excepted
-        assert key.state not in IN_JWKS, f"{kid} ({key.state}) left {p}"
-        grace = self.pols[ring.name].retire_grace
-        if key.activated_at is not None:
-            assert key.retired_at is not None, key
-            assert self.now >= key.retired_at + grace, (
-                f"{kid} left {p} at {self.now}, retired {key.retired_at}"
-            )
-        signed = self.last_signed.get(kid)
-        if signed is not None:
-            # A token signed at ``signed`` lives until signed + G (lifetime + skew = G).
-            assert self.now >= signed + grace, (
-                f"{kid} left {p} at {self.now}; a token it signed at {signed} is still valid"
-            )
-
-    # -- signing ---------------------------------------------------------------
-
-    def sign(self) -> None:
-        """Every ring's active key signs a token now; every verifier must accept it."""
-        for name, pol in self.pols.items():
-            key = self.state.ring(name).active
-            if key is None:
-                continue
-            assert key.activated_at is not None
-            # Invariant 4: never a destroyed key; the private key must exist.
-            assert key.kid not in self.destroyed and key.kid in self.backend[name], key
-            # A verifier whose cache is at most A old must already know the key:
-            # served continuously since now - A (bootstrap, replacement and
-            # emergency promotions: at least since the promotion).
-            required = self.now - pol.publish_ahead
-            if key.kid in self.exempt:
-                required = max(required, key.activated_at)
-            for p in pol.publishers:
-                assert key.kid in self.served[p], f"{key.kid} signs but {p} does not serve it"
-                since = self.served_since[p][key.kid]
-                assert since <= required, (
-                    f"{key.kid} signs at {self.now}, served by {p} only since {since}"
-                )
-            self.last_signed[key.kid] = self.now
-            self.signatures += 1
-
-    # -- state changes and their audit events --------------------------------------
-
-    def _apply(self, fn: Any, *args: Any, created: str = "key.generated") -> None:
-        before = self.state
-        after, events = fn(before, *args)
-        check_events(before, after, events, created)
-        self.state = after
-
-    # -- invariants after a pass ---------------------------------------------------------
-
-    def check_pass(self, p: Plan) -> None:
-        failed = self.failed
-        for name, pol in self.pols.items():
-            ring = self.state.ring(name)
-            active = ring.in_state(ACTIVE)
-            assert len(active) <= 1, active
-            if not active:
-                # Invariant 1: no signer only while a failure blocks its replacement
-                # (never bootstrapped yet, or the last signer was revoked).
-                blocked = [
-                    a
-                    for a in failed
-                    if (isinstance(a, Generate) and a.ring == name)
-                    or (isinstance(a, Publish) and a.publisher in pol.publishers)
-                ]
-                assert blocked, f"ring {name} has no active key after a pass without failures"
-                if name in self.bootstrapped:
-                    # Keys are appended in creation order: the last promoted is the last signer.
-                    last = [k for k in ring.keys if k.activated_at is not None][-1]
-                    assert last.revoked_at is not None, last
-        self.check_world()
-        if not failed:
-            assert p.due == (), p.due
-            self.check_upcoming(p)
-
-    def check_upcoming(self, p: Plan) -> None:
-        """Sleeping until next_at misses nothing, and next_at has what it announced."""
-        for name in self.pols:
-            if self.state.ring(name).active is not None:
-                assert p.upcoming[name] is not None, name
-        nxt = p.next_at
-        if nxt is None:
-            return
-        assert nxt > self.now
-        if nxt - SEC > self.now:
-            assert plan(self.state, self.pols, nxt - SEC).due == ()
-        due = plan(self.state, self.pols, nxt).due
-        for name, up in p.upcoming.items():
-            if up is not None and up.at == nxt:
-                assert any(
-                    a.name == up.action and getattr(a, "ring", None) == name and a.kid == up.kid
-                    for a in due
-                    if not isinstance(a, Publish)
-                ), (up, due)
-
-    def check_world(self) -> None:
-        for name in self.pols:
-            ring = self.state.ring(name)
-            pubs = self.pols[name].publishers
-            for k in ring.keys:
-                # Invariant 6: state never records a key the backend lost.
-                if k.state in HAS_PRIVATE:
-                    assert k.kid in self.backend[name], k
-                else:
-                    assert k.kid not in self.backend[name] and k.kid in self.destroyed, k
-                # Once confirmed, a key stays served while it belongs in the JWKS.
-                if k.state in (PUBLISHED, ACTIVE, RETIRED):
-                    for p in pubs:
-                        assert k.kid in self.served[p], (k, p)
-            # Orphans only come from an interrupted generate.
-            orphans = self.backend[name] - {k.kid for k in ring.keys}
-            assert len(orphans) <= 1, orphans
-        for p, kids in self.served.items():
-            assert not kids & self.destroyed, (p, kids & self.destroyed)
-
-
-def check_events(
-    before: State, after: State, events: list[dict[str, Any]], created: str
-) -> None:
-    """Invariant 7, and only legal transitions; no key ever leaves the state."""
-    want: Counter[tuple[str, str, str]] = Counter()
-    for name, old_ring in before.rings.items():
-        assert name in after.rings, f"ring {name} vanished from state"
-    for name, ring in after.rings.items():
-        old_ring = before.rings.get(name)
-        if old_ring is ring:
-            continue
-        old_keys = {k.kid: k for k in old_ring.keys} if old_ring is not None else {}
-        assert set(old_keys) <= {k.kid for k in ring.keys}, f"a key of {name} vanished"
-        assert len(ring.in_state(ACTIVE)) <= 1, f"ring {name} has several active keys"
-        for k in ring.keys:
-            old = old_keys.get(k.kid)
-            if old is k:
-                continue
-            old_state = old.state if old is not None else None
-            if old_state == k.state:
-                continue
-            assert (old_state, k.state) in EVENT_FOR, (k.kid, old_state, k.state)
-            ev = created if old_state is None else EVENT_FOR[(old_state, k.state)]
-            want[(ev, name, k.kid)] += 1
-    got = Counter(
-        (e["event"], e["ring"], e["kid"]) for e in events if e["event"].startswith("key.")
-    )
-    assert got == want, (got, want)
-
-
-# --- strategies -----------------------------------------------------------------
-
-
-def _secs(lo: timedelta, hi: timedelta) -> st.SearchStrategy[timedelta]:
+def secs(lo: timedelta, hi: timedelta) -> st.SearchStrategy[timedelta]:
     return st.integers(int(lo.total_seconds()), int(hi.total_seconds())).map(
         lambda s: timedelta(seconds=s)
     )
 
 
-@st.composite
-def ring_policy(draw: st.DrawFn, ring: str, min_period: timedelta = HOUR) -> Policy:
-    # P from hours to 90 days (from min_period on).
-    days = st.integers(max(1, -(-min_period // DAY)), 90).map(lambda d: d * DAY)
-    if min_period < 48 * HOUR:
-        hours = st.integers(-(-min_period // HOUR), 48).map(lambda h: h * HOUR)
-        days = st.one_of(hours, days)
-    period = draw(days)
-    ahead = draw(st.one_of(_secs(MIN, min(period, HOUR)), _secs(SEC, period)))
-    grace = draw(st.one_of(_secs(MIN, DAY), _secs(SEC, 30 * DAY)))
-    destroy_after = draw(st.one_of(st.just(timedelta(0)), _secs(SEC, 30 * DAY)))
-    pubs = draw(st.lists(st.sampled_from(PUBLISHERS), min_size=1, max_size=2, unique=True))
-    return Policy(
-        ring=ring,
-        backend=f"backend-{ring}",
-        algorithm="EdDSA",
-        rotation_period=period,
-        publish_ahead=ahead,
-        retire_grace=grace,
-        destroy_after=destroy_after,
-        publishers=tuple(pubs),
+def past() -> st.SearchStrategy[datetime]:
+    """A whole second in the last PAST before NOW: often NOW itself or just
+    before (where a wait of A or a grace G is not over yet)."""
+    return st.one_of(
+        st.just(NOW), secs(0 * SEC, 2 * DAY).map(NOW.__sub__), secs(0 * SEC, PAST).map(NOW.__sub__)
     )
 
 
 @st.composite
-def policies(draw: st.DrawFn, min_period: timedelta = HOUR) -> dict[str, Policy]:
-    n = draw(st.integers(1, 3))
-    return {r: draw(ring_policy(r, min_period)) for r in RINGS[:n]}
-
-
-#: Seconds to weeks.
-steps = st.one_of(
-    _secs(SEC, MIN),
-    _secs(MIN, HOUR),
-    _secs(HOUR, DAY),
-    _secs(DAY, WEEK),
-    _secs(WEEK, 6 * WEEK),
-)
-#: A while: minutes to weeks.
-outages = st.one_of(_secs(MIN, 2 * HOUR), _secs(2 * HOUR, 3 * DAY), _secs(3 * DAY, 3 * WEEK))
-#: reject: nothing written; down: nothing written, unreadable; unconfirmed: written,
-#: read-back failed; breaks: the first write goes through unconfirmed, then down.
-publisher_modes = st.sampled_from(["reject", "down", "unconfirmed", "breaks"])
-
-
-# --- the state machine ---------------------------------------------------------------
-
-
-class PlannerWorld(RuleBasedStateMachine):
-    """Random policies, time steps, operator commands and failures."""
-
-    world: World
-
-    @initialize(pols=policies())
-    def start(self, pols: dict[str, Policy]) -> None:
-        self.world = World(pols)
-        self.world.wake()
-        self.rings = sorted(pols)
-
-    def ring(self, i: int) -> str:
-        return self.rings[i % len(self.rings)]
-
-    @rule(dt=steps)
-    def time_passes(self, dt: timedelta) -> None:
-        self.world.advance(dt)
-
-    @rule(dt=_secs(30 * DAY, YEAR))
-    def daemon_down_for_months(self, dt: timedelta) -> None:
-        self.world.advance(dt, max_wakes=0)
-
-    @rule(i=st.integers(0, 2), emergency=st.booleans())
-    def rotate(self, i: int, emergency: bool) -> None:
-        ring = self.ring(i)
-        if self.world.state.ring(ring).active is not None:
-            self.world.rotate(ring, emergency)
-
-    @precondition(lambda self: self.world.live_kids())
-    @rule(i=st.integers(0, 15))
-    def revoke(self, i: int) -> None:
-        live = self.world.live_kids()
-        # Recent keys first: the pending/published/active ones are the interesting ones.
-        self.world.revoke(live[-1 - i % len(live)])
-
-    @rule(p=st.sampled_from(PUBLISHERS), duration=outages, mode=publisher_modes)
-    def publisher_fails(self, p: str, duration: timedelta, mode: str) -> None:
-        if p in self.world.pubs:
-            self.world.fail_publisher(p, duration, mode)
-
-    @rule(i=st.integers(0, 2), duration=outages, mode=st.sampled_from(["before", "after"]))
-    def generate_fails(self, i: int, duration: timedelta, mode: str) -> None:
-        self.world.fail_generate(self.ring(i), duration, mode)
-
-    @rule(i=st.integers(0, 2), duration=outages)
-    def destroy_fails(self, i: int, duration: timedelta) -> None:
-        self.world.fail_destroy(self.ring(i), duration)
-
-    @invariant()
-    def world_is_consistent(self) -> None:
-        if hasattr(self, "world"):
-            self.world.check_world()
-
-
-PlannerWorld.TestCase.settings = settings(
-    max_examples=100,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-test_planner_world = PlannerWorld.TestCase
-
-
-# --- years of unattended operation --------------------------------------------------------
-
-
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pols=policies(min_period=2 * WEEK), data=st.data())
-def test_years_of_operation_with_occasional_trouble(
-    pols: dict[str, Policy], data: st.DataObject
-) -> None:
-    """Three years, the daemon waking at every next_at, now and then a failure or
-    an operator command; every invariant checked at every step."""
-    w = World(pols)
-    w.wake()
-    rings = sorted(pols)
-    end = START + 3 * YEAR
-    while w.now < end:
-        what = data.draw(
-            st.sampled_from(
-                ["quiet"] * 6 + ["rotate", "emergency", "revoke", "publisher", "backend"]
+def ring_keys(draw: st.DrawFn, ring: str) -> tuple[Key, ...]:
+    if draw(often(4)):
+        # The usual shape: older keys, a signer, perhaps a successor.
+        old = (RETIRED, EXPIRED, DESTROYED, REVOKED)
+        states = draw(st.lists(st.sampled_from(old), max_size=3))
+        if draw(often(5)):
+            states.append(ACTIVE)
+        states.extend(draw(st.sampled_from([(), (PENDING,), (PUBLISHED,), (PUBLISHED,)])))
+    else:
+        states = draw(st.lists(st.sampled_from(STATES), max_size=5))
+    keys = []
+    active = False
+    for i, state in enumerate(states):
+        if state == ACTIVE and active:
+            state = RETIRED  # at most one signer (validate refuses more)
+        active = active or state == ACTIVE
+        # created <= published <= activated <= retired <= expired <= destroyed
+        c, p, a, r, e, d = sorted(draw(st.lists(past(), min_size=6, max_size=6)))
+        times: dict[str, datetime | None] = {"created_at": c}
+        if state in (PUBLISHED, ACTIVE, RETIRED, EXPIRED):
+            times["published_at"] = p
+        if state in (ACTIVE, RETIRED, EXPIRED):
+            times["activated_at"] = a
+        if state in (RETIRED, EXPIRED):
+            times["retired_at"] = r
+        if state == EXPIRED:
+            times["expired_at"] = e
+        if state == DESTROYED:
+            times["destroyed_at"] = d
+        if state == REVOKED:
+            times["revoked_at"] = d
+        keys.append(
+            Key(
+                kid=f"{ring}-k{i}",
+                alg="EdDSA",
+                backend="b0",
+                state=state,
+                public_jwk={"kty": "OKP", "crv": "Ed25519", "x": f"x{ring}{i}"},
+                **times,  # type: ignore[arg-type]
             )
         )
-        ring = data.draw(st.sampled_from(rings))
-        if what in ("rotate", "emergency") and w.state.ring(ring).active is not None:
-            w.rotate(ring, what == "emergency")
-        elif what == "revoke" and w.live_kids():
-            w.revoke(data.draw(st.sampled_from(w.live_kids())))
-        elif what == "publisher":
-            w.fail_publisher(
-                data.draw(st.sampled_from(w.pubs)), data.draw(outages), data.draw(publisher_modes)
-            )
-        elif what == "backend":
-            when = data.draw(st.sampled_from(["before", "after"]))
-            w.fail_generate(ring, data.draw(outages), when)
-            w.fail_destroy(ring, data.draw(outages))
-        # 1 to 84 days, simplest (for Hypothesis) the longest: few steps to shrink.
-        w.advance(85 * DAY - data.draw(_secs(DAY, 84 * DAY)), max_wakes=10**6)
-    assert w.now - START >= 3 * YEAR
+    return tuple(keys)
+
+
+def often(p_true: int) -> st.SearchStrategy[bool]:
+    """True about ``p_true`` times in 6."""
+    return st.sampled_from([True] * p_true + [False] * (6 - p_true))
+
+
+@st.composite
+def records(draw: st.DrawFn, keys: list[Key]) -> dict[str, PublisherRecord]:
+    """Mostly what keymgr would have confirmed (every key of the JWKS states),
+    sometimes any subset, stale, or with writes never confirmed."""
+    kids = [k.kid for k in keys]
+    in_jwks = {k.kid for k in keys if k.state in IN_JWKS}
+    out = {}
+    for p in PUBLISHERS:
+        if not draw(often(5)):
+            continue
+        usual = draw(often(4)) or not kids
+        held = set(in_jwks) if usual else draw(st.sets(st.sampled_from(kids)))
+        stale = draw(often(1))
+        since = {} if stale else {k: draw(past()) for k in sorted(held)}
+        asked = draw(st.sets(st.sampled_from(kids))) if kids and draw(often(1)) else set()
+        out[p] = PublisherRecord(
+            sha256=f"digest-{p}",
+            kids=frozenset(held),
+            confirmed_at=draw(past()),
+            stale=stale,
+            since=since,
+            asked=frozenset(asked),
+        )
+    return out
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> tuple[State, dict[str, Policy], datetime]:
+    rings = RINGS[: draw(st.integers(1, 2))]
+    policies = {}
+    state_rings = {}
     for name in rings:
-        promoted = [k for k in w.state.ring(name).keys if k.activated_at is not None]
-        assert len(promoted) >= 3 * YEAR / max(pols[name].rotation_period, 13 * WEEK) - 1
+        period = draw(secs(HOUR, 2 * DAY) | secs(HOUR, 60 * DAY))
+        policies[name] = Policy(
+            ring=name,
+            backend="b0",
+            algorithm="EdDSA",
+            rotation_period=period,
+            publish_ahead=draw(secs(SEC, min(period, DAY)) | secs(SEC, period)),
+            retire_grace=draw(secs(SEC, 2 * DAY) | secs(SEC, 30 * DAY)),
+            destroy_after=draw(st.just(timedelta(0)) | secs(SEC, 2 * DAY) | secs(SEC, 30 * DAY)),
+            publishers=tuple(
+                draw(st.lists(st.sampled_from(PUBLISHERS), min_size=1, max_size=3, unique=True))
+            ),
+        )
+        rotate_at = draw(st.none() | past())
+        state_rings[name] = Ring(
+            name=name,
+            keys=draw(ring_keys(name)),
+            rotate_at=rotate_at,
+            emergency=rotate_at is not None and draw(st.booleans()),
+        )
+    keys = [k for r in state_rings.values() for k in r.keys]
+    state = State(rings=state_rings, publishers=draw(records(keys)), clock=NOW)
+    # Often a boundary: a recorded time plus one of the ring's durations, to
+    # the second or one second either side of it.
+    edges = []
+    for name, r in state_rings.items():
+        pol = policies[name]
+        spans = (pol.publish_ahead, pol.retire_grace, pol.destroy_after, pol.rotation_period)
+        times = [t for k in r.keys for t in (k.published_at, k.activated_at, k.retired_at,
+                                             k.expired_at) if t is not None]
+        times += [t for rec in state.publishers.values() for t in rec.since.values()]
+        if r.rotate_at is not None:
+            times.append(r.rotate_at)
+        edges += [t + d + e for t in times for d in spans for e in (-SEC, 0 * SEC, SEC)]
+    edges = sorted(t for t in set(edges) if t >= NOW)
+    later = st.just(0 * SEC) | secs(SEC, DAY) | secs(SEC, 90 * DAY)
+    now = draw(st.sampled_from(edges)) if edges and draw(often(3)) else NOW + draw(later)
+    return state, policies, now
 
 
-@settings(max_examples=25, deadline=None)
-@given(pols=policies(min_period=WEEK))
-def test_two_years_without_trouble_rotate_exactly_on_schedule(pols: dict[str, Policy]) -> None:
-    """Nothing fails and nobody intervenes: every key signs for exactly P, is
-    published exactly A before, expires G after and is destroyed D after that."""
-    w = World(pols)
-    w.wake()
-    w.advance(2 * YEAR, max_wakes=10**6)
-    assert not w.failed
-    for name, pol in pols.items():
-        keys = sorted(w.state.ring(name).keys, key=lambda k: k.created_at)
-        assert len(keys) >= 2 * YEAR // pol.rotation_period
-        for prev, nxt in itertools.pairwise(keys):
-            assert prev.activated_at is not None
-            assert nxt.created_at == nxt.published_at == (
-                prev.activated_at + pol.rotation_period - pol.publish_ahead
-            )
-            if nxt.activated_at is not None:
-                assert nxt.activated_at == prev.activated_at + pol.rotation_period
-                assert prev.retired_at == nxt.activated_at
-            if prev.expired_at is not None:
-                assert prev.retired_at is not None
-                assert prev.expired_at == prev.retired_at + pol.retire_grace
-            if prev.destroyed_at is not None:
-                assert prev.expired_at is not None
-                assert prev.destroyed_at == prev.expired_at + pol.destroy_after
-        assert keys[0].created_at == keys[0].activated_at == START
+def _key(state: State, ring: str, kid: str) -> Key:
+    key = state.ring(ring).key(kid)
+    assert key is not None, (ring, kid)
+    return key
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pols=policies(), data=st.data())
-def test_revocations_and_rotations_while_publishers_misbehave(
-    pols: dict[str, Policy], data: st.DataObject
+def ring_actions(p: Plan) -> set[object]:
+    return {a for a in p.due if not isinstance(a, Publish)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(worlds())
+def test_what_is_due_follows_the_timing_rules(
+    world: tuple[State, dict[str, Policy], datetime],
 ) -> None:
-    """A dense mix of the risky moments: revocations (mostly of the newest key),
-    rotations and publisher faults, minutes to hours apart."""
-    w = World(pols)
-    w.wake()
-    rings = sorted(pols)
-    for _ in range(data.draw(st.integers(1, 30))):
-        what = data.draw(st.sampled_from(["revoke-newest", "revoke", "fault", "rotate", "wait"]))
-        live = w.live_kids()
-        if what == "revoke-newest" and live:
-            w.revoke(max(live, key=lambda kid: w.state.find(kid)[1].created_at))  # type: ignore[index]
-        elif what == "revoke" and live:
-            w.revoke(data.draw(st.sampled_from(live)))
-        elif what == "fault":
-            w.fail_publisher(
-                data.draw(st.sampled_from(w.pubs)),
-                data.draw(_secs(MIN, DAY)),
-                data.draw(publisher_modes),
-            )
-        elif what == "rotate":
-            ring = data.draw(st.sampled_from(rings))
-            if w.state.ring(ring).active is not None:
-                w.rotate(ring, data.draw(st.booleans()))
-        w.advance(data.draw(_secs(SEC, 6 * HOUR)))
+    state, policies, now = world
+    p = plan(state, policies, now, PUBLISHERS)
+    assert p == plan(state, policies, now, PUBLISHERS)  # pure: same question, same answer
+    promoted: set[str] = set()
+    for a in p.due:
+        if isinstance(a, Publish):
+            assert a.publisher in PUBLISHERS
+            continue
+        pol = policies[a.ring]
+        ring = state.ring(a.ring)
+        if isinstance(a, Promote):
+            assert a.ring not in promoted, f"two promotions in {a.ring}"
+            promoted.add(a.ring)
+            key = _key(state, a.ring, a.kid)
+            assert key.state == PUBLISHED, a
+            active = ring.active
+            assert a.retire == (active.kid if active is not None else None), a
+            recs = [state.publishers.get(q) for q in pol.publishers]
+            for q, rec in zip(pol.publishers, recs, strict=True):
+                assert rec is not None and not rec.stale and a.kid in rec.kids, (a, q, rec)
+            if active is not None and not ring.emergency:
+                assert active.activated_at is not None and key.published_at is not None
+                for rec in recs:
+                    assert rec is not None
+                    since = rec.since.get(a.kid)
+                    assert since is not None and since + pol.publish_ahead <= now, (a, rec)
+                assert key.published_at + pol.publish_ahead <= now, a
+                period_over = active.activated_at + pol.rotation_period <= now
+                asked = ring.rotate_at is not None and ring.rotate_at <= now
+                assert period_over or asked, a
+        elif isinstance(a, MarkPublished):
+            assert _key(state, a.ring, a.kid).state == PENDING, a
+            for q in pol.publishers:
+                rec = state.publishers.get(q)
+                assert rec is not None and not rec.stale and a.kid in rec.kids, (a, q)
+        elif isinstance(a, Generate):
+            assert not ring.in_state(PENDING, PUBLISHED), (a, ring.keys)
+        elif isinstance(a, Expire):
+            key = _key(state, a.ring, a.kid)
+            assert key.state == RETIRED and key.retired_at is not None, a
+            assert key.retired_at + pol.retire_grace <= now, a
+        elif isinstance(a, Destroy):
+            key = _key(state, a.ring, a.kid)
+            assert key.state in (EXPIRED, REVOKED), a
+            if key.state == EXPIRED:
+                assert key.expired_at is not None
+                assert key.expired_at + pol.destroy_after <= now, a
+            for q, rec in state.publishers.items():
+                assert not (rec.stale or a.kid in rec.kids or a.kid in rec.asked), (a, q, rec)
+        else:  # pragma: no cover
+            raise AssertionError(a)
+
+
+@settings(max_examples=200, deadline=None)
+@given(world=worlds(), fraction=st.floats(0, 1))
+def test_sleeping_until_next_at_misses_nothing(
+    world: tuple[State, dict[str, Policy], datetime], fraction: float
+) -> None:
+    state, policies, now = world
+    p = plan(state, policies, now, PUBLISHERS)
+    nxt = p.next_at
+    if nxt is None:
+        # Nothing announced: nothing may become due later either.
+        for t in (now + SEC, now + timedelta(seconds=int(400 * 86400 * fraction) + 1)):
+            assert ring_actions(plan(state, policies, t, PUBLISHERS)) <= ring_actions(p), t
+        return
+    assert nxt > now, (nxt, now)
+    due_now = ring_actions(p)
+    # Any moment before next_at: nothing new is due (the daemon may sleep).
+    seconds = int((nxt - now).total_seconds())
+    for t in {now + SEC, nxt - SEC, now + timedelta(seconds=int(seconds * fraction))}:
+        if now < t < nxt:
+            assert ring_actions(plan(state, policies, t, PUBLISHERS)) <= due_now, t
+    # At next_at, what was announced for then is due: expiry and generation
+    # unconditionally, promotion once every publisher serves the key without
+    # a break, destruction once no publisher may serve it.
+    at_next = ring_actions(plan(state, policies, nxt, PUBLISHERS))
+    for name, up in p.upcoming.items():
+        if up is None or up.at != nxt:
+            continue
+        kinds = {type(a) for a in at_next if getattr(a, "ring", None) == name}
+        kids = {getattr(a, "kid", None) for a in at_next if getattr(a, "ring", None) == name}
+        if up.action == "expire":
+            assert Expire(name, up.kid or "") in at_next, up
+        elif up.action == "generate":
+            assert Generate in kinds, up
+        elif up.action == "promote" and served_everywhere(state, policies[name], up.kid):
+            assert Promote in kinds and up.kid in kids, up
+        elif up.action == "destroy" and not maybe_served(state, up.kid):
+            assert Destroy(name, up.kid or "") in at_next, up
+
+
+def served_everywhere(state: State, pol: Policy, kid: str | None) -> bool:
+    for q in pol.publishers:
+        rec = state.publishers.get(q)
+        if rec is None or rec.stale or kid not in rec.kids or kid not in rec.since:
+            return False
+    return True
+
+
+def maybe_served(state: State, kid: str | None) -> bool:
+    return any(r.stale or kid in r.kids or kid in r.asked for r in state.publishers.values())

@@ -1,20 +1,27 @@
-"""The timing rules of design.md, one by one, on hand-built in-memory states.
+"""The timing rules of design.md, one by one.
 
 Each test either asks the pure planner directly (``plan(state, policies, now)``)
-or runs ``Sim``: the reconciler's loop (plan, execute a wave with Publish first,
-apply the outcome through ``keymgr.transitions``, repeat until nothing is due)
-over in-memory publishers and an in-memory key backend. No I/O, no clock.
+on a hand-built state, or runs ``Sim``: the real ``keymgr.reconciler.Reconciler``
+over the in-memory plug-ins of ``keymgr.testing.memory`` (store, key backend,
+publishers; real keys and JWKS bytes) and a real audit log, in simulated time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from keymgr import jwks, transitions
+from keymgr.audit import AuditLog
+from keymgr.config import Config, DaemonConfig
+from keymgr.errors import PublishError
 from keymgr.model import (
     ACTIVE,
     DESTROYED,
@@ -43,6 +50,9 @@ from keymgr.planner import (
     plan,
     publishers_in_use,
 )
+from keymgr.publishers import Served
+from keymgr.reconciler import PassResult, Reconciler
+from keymgr.testing.memory import MemoryBackend, MemoryPublisher, MemoryStore
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
@@ -124,44 +134,208 @@ def build(
     return replace(state, publishers=recs)
 
 
-class Failed(Exception):
-    """A simulated backend or publisher error."""
+#: Each test's tmp_path, where its Sims keep their audit logs.
+_SCRATCH: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _scratch(tmp_path: Path) -> Iterator[None]:
+    _SCRATCH.append(tmp_path)
+    yield
+    _SCRATCH.remove(tmp_path)
+
+
+class SimPublisher(MemoryPublisher):
+    """A ``MemoryPublisher`` with the two failures it has no knob for.
+
+    ``reject``: every write is refused (nothing written; reads still work).
+    ``unconfirmed``: writes land (verifiers get them), but every read returns
+    what was served when the knob was set, so no read-back ever matches.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.reject = False
+        self.unconfirmed = False
+        self._stale: bytes | None = None
+
+    def set_unconfirmed(self, on: bool) -> None:
+        if on and not self.unconfirmed:
+            self._stale = self.peek()
+        self.unconfirmed = on
+
+    def read(self) -> bytes | None:
+        body = super().read()
+        return self._stale if self.unconfirmed else body
+
+    def write(self, data: bytes) -> None:
+        if self.reject:
+            raise PublishError(f"publisher {self.name}: write: rejected")
+        super().write(data)
 
 
 class Sim:
-    """The reconciler's loop over the pure core, with in-memory publishers and backend.
+    """The real ``Reconciler`` over in-memory plug-ins, in simulated time.
 
-    ``served`` is what each publisher really serves: it changes only when a Publish
-    writes. ``fail`` makes a publisher fail: "reject" (nothing written), "down"
-    (nothing written and unreadable) or "unconfirmed" (written, read-back failed).
+    One ``MemoryStore``, one ``MemoryBackend`` ("mem"), a ``SimPublisher`` per
+    publisher the policies use and a real ``AuditLog``; ``run(at)`` is one
+    ``Reconciler.run`` with the clock at ``at``; ``rotate`` and ``revoke``
+    commit through the store as ``KeyManager`` does (without the pass after).
+
+    Keys are real, so their kids are thumbprints. Sim names them "RING-N" in
+    the order the backend made them (N counts across rings), or, for a
+    hand-built ``state``, by the kids it was built with (each gets a real key,
+    and each publisher serves what its record says it confirmed).
+    ``kid(name)`` and ``name(kid)`` translate; ``key(name)``, ``revoke(name)``
+    and everything Sim reports (events, ``served``, ``backend``, ``plan``,
+    ``upcoming``, ``log``) use names.
+
+    ``served`` is what each publisher really serves. ``fail[p]`` makes publisher
+    p fail from the next run on: "reject" (nothing written), "down" (nothing
+    written and unreadable) or "unconfirmed" (written, read-back fails);
+    ``backend_down`` makes every backend call fail. Destroying a key that a
+    publisher still serves fails the test.
     """
 
     def __init__(
         self, *pols: Policy, state: State | None = None, now: datetime = T0
     ) -> None:
         self.policies = policies(*pols)
-        self.state = state or State()
         self.now = now
-        self.served: dict[str, frozenset[str]] = {
-            p: (rec.kids if (rec := self.state.publishers.get(p)) else frozenset())
-            for p in publishers_in_use(self.policies)
-        }
-        self.backend: set[str] = {
-            k.kid for r in self.state.rings.values() for k in r.keys if k.state != DESTROYED
-        }
+        self.mem = MemoryBackend("mem")
+        self.publishers = {p: SimPublisher(p) for p in publishers_in_use(self.policies)}
+        self.store = MemoryStore()
+        home = Path(tempfile.mkdtemp(dir=_SCRATCH[-1]))
+        config = Config(
+            path=home / "keymgr.toml",
+            daemon=DaemonConfig(
+                state=self.store.url,
+                audit_log=home / "audit.jsonl",
+                reconcile_interval=MIN,
+                listen=("127.0.0.1", 0),
+                log_level="info",
+                lease_ttl=30 * SEC,
+            ),
+            backends={"mem": self.mem},
+            publishers=dict(self.publishers),
+            policies=self.policies,
+            cache_control=dict.fromkeys(self.publishers),
+        )
+        self.reconciler = Reconciler(config, self.store, AuditLog(home / "audit.jsonl"), "daemon")
         self.fail: dict[str, str] = {}
-        self.backend_down = False
         self.log: list[tuple[datetime, str]] = []
-        self.serial = 0
+        self.last: PassResult | None = None
+        self._names: dict[str, str] = {}  # kid -> name
+        self._named = 0  # entries of mem.created named so far
+        self._serial = 0
+        if state is not None:
+            self._seed(state)
+        self.mem.before_destroy = self._not_served
 
-    # -- operator ----------------------------------------------------------
+    def _seed(self, state: State) -> None:
+        kids: dict[str, str] = {}
+        rings = {}
+        for ring in state.rings.values():
+            keys = []
+            for k in ring.keys:
+                made = self.mem.generate(ring.name, k.alg)
+                kids[k.kid] = made.kid
+                self._names[made.kid] = k.kid
+                if k.state == DESTROYED:
+                    self.mem.destroy(ring.name, made.kid)
+                keys.append(replace(k, kid=made.kid, public_jwk=made.public_jwk))
+            rings[ring.name] = replace(ring, keys=tuple(keys))
+        real = replace(state, rings=rings)
+        recs = {}
+        for p, rec in state.publishers.items():
+            held = [k for r in rings.values() for k in r.keys if self.name(k.kid) in rec.kids]
+            data = jwks.encode(jwks.document(held))
+            pub = self.publishers[p]
+            pub.write(data)
+            recs[p] = replace(
+                rec,
+                sha256=Served(data, pub.headers()).digest(),
+                kids=frozenset(kids[k] for k in rec.kids),
+                since={kids[k]: t for k, t in rec.since.items()},
+                asked=frozenset(kids[k] for k in rec.asked),
+            )
+        self.store.commit(replace(real, publishers=recs), 0)
+
+    def _not_served(self, ring: str, kid: str) -> None:
+        serving = sorted(
+            p for p, pub in self.publishers.items() if kid in jwks.served_keys(pub.peek())
+        )
+        assert not serving, f"destroyed {self.name(kid)} while {serving} still serve it"
+
+    # -- names -------------------------------------------------------------
+
+    def _name_new_keys(self) -> None:
+        for ring, kid in self.mem.created[self._named :]:
+            if kid not in self._names:
+                self._serial += 1
+                self._names[kid] = f"{ring}-{self._serial}"
+        self._named = len(self.mem.created)
+
+    def name(self, kid: str) -> str:
+        self._name_new_keys()
+        return self._names.get(kid, kid)
+
+    def kid(self, name: str) -> str:
+        self._name_new_keys()
+        found = [kid for kid, n in self._names.items() if n == name]
+        assert found, f"no key named {name}"
+        return found[0]
+
+    def _action(self, a: Action) -> Action:
+        if isinstance(a, Promote):
+            retire = None if a.retire is None else self.name(a.retire)
+            return replace(a, kid=self.name(a.kid), retire=retire)
+        if isinstance(a, MarkPublished | Expire | Destroy):
+            return replace(a, kid=self.name(a.kid))
+        return a
+
+    def _record(self, events: Iterable[dict[str, Any]]) -> list[str]:
+        out = [
+            f"{e['event']} {self.name(e['kid'])}"
+            for e in events
+            if str(e["event"]).startswith("key.")
+        ]
+        self.log.extend((self.now, e) for e in out)
+        return out
+
+    # -- knobs -------------------------------------------------------------
+
+    @property
+    def backend_down(self) -> bool:
+        return self.mem.down
+
+    @backend_down.setter
+    def backend_down(self, down: bool) -> None:
+        self.mem.down = down
+
+    def _apply_faults(self) -> None:
+        for p, pub in self.publishers.items():
+            mode = self.fail.get(p)
+            assert mode in (None, "reject", "down", "unconfirmed"), mode
+            pub.down = mode == "down"
+            pub.reject = mode == "reject"
+            pub.set_unconfirmed(mode == "unconfirmed")
+
+    # -- operator (as KeyManager: mutate under the store's lock, commit) -----
+
+    def _mutate(self, fn: Callable[[State, datetime], transitions.Result]) -> None:
+        with self.store.exclusive():
+            state, token = self.reconciler.load()
+            new, events = fn(state, self.now)
+            self.reconciler.commit(new, events, token)
+        self._record(events)
 
     def rotate(self, ring: str = "api", *, emergency: bool = False) -> None:
-        self.state, _ = transitions.request_rotation(self.state, ring, self.now, emergency)
+        self._mutate(lambda s, at: transitions.request_rotation(s, ring, at, emergency))
 
-    def revoke(self, kid: str) -> None:
-        self.state, evs = transitions.revoke(self.state, kid, self.now, "test")
-        self.log.extend((self.now, f"{e['event']} {e['kid']}") for e in evs)
+    def revoke(self, name: str) -> None:
+        kid = self.kid(name)
+        self._mutate(lambda s, at: transitions.revoke(s, kid, at, "test"))
 
     # -- the pass ----------------------------------------------------------
 
@@ -170,93 +344,52 @@ class Sim:
         if at is not None:
             assert at >= self.now
             self.now = at
-        start = len(self.log)
-        self.observe()
-        failed: set[Action] = set()
-        for _ in range(32):
-            wave = [a for a in plan(self.state, self.policies, self.now).due if a not in failed]
-            if not wave:
-                return [e for _, e in self.log[start:]]
-            wave.sort(key=lambda a: not isinstance(a, Publish))
-            seen = self.state
-            for action in wave:
-                try:
-                    self.execute(action, seen)
-                except Failed:
-                    failed.add(action)
-        raise AssertionError("the pass did not settle")
-
-    def observe(self) -> None:
-        for p, rec in self.state.publishers.items():
-            if self.fail.get(p) == "down" or self.served[p] != rec.kids:
-                self.state = transitions.publisher_drifted(self.state, p)
-
-    def execute(self, action: Action, seen: State) -> None:
-        s, now = self.state, self.now
-        if isinstance(action, Publish):
-            keys = desired_keys(seen, self.policies, action.publisher)
-            data = jwks.encode(jwks.document(keys))
-            kids = frozenset(k.kid for k in keys)
-            mode = self.fail.get(action.publisher)
-            if mode == "unconfirmed":
-                self.served[action.publisher] = kids
-            if mode is not None:
-                self.state = transitions.publisher_unconfirmed(s, action.publisher, kids)
-                raise Failed(action.publisher)
-            self.served[action.publisher] = kids
-            s, evs = transitions.publisher_confirmed(
-                s, action.publisher, jwks.digest(data), kids, now, True
-            )
-        elif isinstance(action, Generate):
-            if self.backend_down:
-                raise Failed("backend")
-            self.serial += 1
-            kid = f"{action.ring}-{self.serial}"
-            self.backend.add(kid)
-            s, evs = transitions.add_key(
-                s, action.ring, kid, jwk(kid), "EdDSA", "mem", now, action.reason
-            )
-        elif isinstance(action, MarkPublished):
-            s, evs = transitions.mark_published(s, action.ring, action.kid, now)
-        elif isinstance(action, Promote):
-            s, evs = transitions.promote(
-                s, action.ring, action.kid, action.retire, now, action.reason
-            )
-        elif isinstance(action, Expire):
-            s, evs = transitions.expire(s, action.ring, action.kid, now)
-        elif isinstance(action, Destroy):
-            if self.backend_down:
-                raise Failed("backend")
-            serving = sorted(p for p, kids in self.served.items() if action.kid in kids)
-            assert not serving, f"destroyed {action.kid} while {serving} still serve it"
-            self.backend.discard(action.kid)
-            s, evs = transitions.destroy(s, action.ring, action.kid, now)
-        else:  # pragma: no cover
-            raise AssertionError(action)
-        self.state = s
-        self.log.extend((now, f"{e['event']} {e['kid']}") for e in evs if "kid" in e)
+        self._apply_faults()
+        self.last = self.reconciler.run(lambda: self.now)
+        assert not any("did not settle" in f for f in self.last.failures), self.last.failures
+        return self._record(self.last.events)
 
     # -- looking -----------------------------------------------------------
 
-    def key(self, kid: str) -> Key:
-        found = self.state.find(kid)
-        assert found is not None, kid
+    @property
+    def state(self) -> State:
+        return self.store.load()[0]
+
+    @property
+    def served(self) -> dict[str, frozenset[str]]:
+        return {
+            p: frozenset(self.name(kid) for kid in jwks.served_keys(pub.peek()))
+            for p, pub in self.publishers.items()
+        }
+
+    @property
+    def backend(self) -> set[str]:
+        """The keys the backend holds."""
+        return {self.name(kid) for _, kid in self.mem.held()}
+
+    def key(self, name: str) -> Key:
+        found = self.state.find(self.kid(name))
+        assert found is not None, name
         return found[1]
 
     def ring(self, name: str = "api") -> Ring:
         return self.state.ring(name)
 
     def plan(self, at: datetime) -> tuple[Action, ...]:
-        return plan(self.state, self.policies, at).due
+        return tuple(self._action(a) for a in self.reconciler.plan(self.state, at).due)
 
     def upcoming(self, at: datetime, ring: str = "api") -> Upcoming | None:
-        return plan(self.state, self.policies, at).upcoming[ring]
+        up = self.reconciler.plan(self.state, at).upcoming[ring]
+        if up is None or up.kid is None:
+            return up
+        return replace(up, kid=self.name(up.kid))
 
     def wake_until(self, end: datetime) -> None:
-        """The daemon: sleep until the plan's next_at, reconcile, repeat."""
+        """The daemon: sleep until the last pass's plan's next_at, reconcile, repeat."""
         self.run()
         while True:
-            nxt = plan(self.state, self.policies, self.now).next_at
+            assert self.last is not None and self.last.plan is not None
+            nxt = self.last.plan.next_at
             if nxt is None or nxt > end:
                 return
             assert nxt > self.now
@@ -605,7 +738,7 @@ def test_revoked_pending_key_not_destroyed_while_a_publisher_still_serves_it() -
     sim.fail["site"] = "unconfirmed"
     assert sim.run(gen_at) == ["key.generated api-2"]
     assert sim.served["site"] == {"api-1", "api-2"}
-    assert sim.state.publishers["site"].kids == {"api-1"}
+    assert sim.state.publishers["site"].kids == {sim.kid("api-1")}
     sim.now = gen_at + MIN
     sim.revoke("api-2")
     sim.fail["site"] = "down"
@@ -650,8 +783,10 @@ def test_shared_publisher_serves_every_ring_that_uses_it() -> None:
     sim = Sim(*pols)
     sim.run(T0)
     assert sim.served == {"site": {"api-1", "web-2"}, "cdn": {"web-2"}}
-    doc = jwks.document(desired_keys(sim.state, sim.policies, "site"))
-    assert [j["kid"] for j in doc["keys"]] == ["api-1", "web-2"]
+    served = sim.publishers["site"].peek()
+    assert served == jwks.encode(jwks.document(desired_keys(sim.state, sim.policies, "site")))
+    doc = json.loads(served or b"{}")
+    assert [j["kid"] for j in doc["keys"]] == sorted([sim.kid("api-1"), sim.kid("web-2")])
     assert all(set(j) == {"kty", "crv", "x", "kid", "alg", "use"} for j in doc["keys"])
 
 
@@ -703,12 +838,14 @@ def test_daemon_waking_at_next_at_follows_the_timeline() -> None:
         (2 * P + G, "key.expired api-2"),
         (2 * P + G + D, "key.destroyed api-2"),
     ]
-    assert {k.kid: k.state for k in sim.ring().keys} == {
+    assert {sim.name(k.kid): k.state for k in sim.ring().keys} == {
         "api-1": DESTROYED,
         "api-2": DESTROYED,
         "api-3": ACTIVE,
     }
-    assert all(k.state in IN_JWKS or k.kid not in sim.served["site"] for k in sim.ring().keys)
+    assert all(
+        k.state in IN_JWKS or sim.name(k.kid) not in sim.served["site"] for k in sim.ring().keys
+    )
 
 
 # --- sub-second clocks ----------------------------------------------------------------
@@ -757,3 +894,108 @@ def test_promotion_in_the_second_of_publication_never_precedes_it() -> None:
     state, _ = transitions.promote(state, "api", "k1", None, at, "bootstrap")
     k = state.ring("api").key("k1")
     assert k.created_at <= k.published_at <= k.activated_at == T0 + SEC
+
+
+# --- gaps found by mutation testing (benchmarks/README.md, "Mutation testing") --------
+
+
+def _expired_and_listed_by(publisher: str) -> State:
+    """k1 expired D ago (due for destruction), k2 the signer; ``publisher``,
+    used by no ring, last confirmed a document still holding k1."""
+    t = T0 + P + G
+    state = build(
+        key("k1", EXPIRED, T0, published_at=T0, activated_at=T0, retired_at=T0 + P, expired_at=t),
+        key("k2", ACTIVE, T0 + P - A, published_at=T0 + P - A, activated_at=T0 + P),
+    )
+    rec = PublisherRecord(
+        sha256="1" * 64, kids=frozenset({"k1", "k2"}), confirmed_at=t, since={"k1": T0, "k2": T0}
+    )
+    return replace(state, publishers={**state.publishers, publisher: rec})
+
+
+def test_a_publisher_removed_from_the_config_does_not_block_destruction() -> None:
+    """Its last record is no longer ours to confirm (docs: a removed publisher must
+    not keep a key alive forever), whether the configured publishers are given
+    or default to those the rings use."""
+    state = _expired_and_listed_by("gone")
+    at = T0 + P + G + D
+    assert plan(state, policies(), at).due == (Destroy("api", "k1"),)
+    assert plan(state, policies(), at, publishers=["site", "cdn"]).due == (Destroy("api", "k1"),)
+    # the same for a revoked key, destroyed as soon as no publisher of ours lists it
+    k1 = state.ring("api").key("k1")
+    assert k1 is not None
+    revoked = state.with_ring(state.ring("api").with_key(replace(k1, state=REVOKED, revoked_at=at)))
+    assert plan(revoked, policies(), at).due == (Destroy("api", "k1"),)
+    assert plan(revoked, policies(), at, publishers=["site", "cdn", "gone"]).due == (
+        Publish("gone"),
+    )
+
+
+def test_a_configured_publisher_no_ring_uses_is_kept_and_blocks_destruction() -> None:
+    """Dropped from every ring but still configured: its document is brought up to
+    date (k1 leaves it), and k1 is destroyed only once it confirmed that."""
+    state = _expired_and_listed_by("old")
+    at = T0 + P + G + D
+    assert plan(state, policies(), at, publishers=["site", "cdn", "old"]).due == (Publish("old"),)
+    done = replace(
+        state,
+        publishers={
+            **state.publishers,
+            "old": replace(state.publishers["old"], kids=frozenset({"k2"}), since={"k2": T0}),
+        },
+    )
+    # k2 stays there: it is the signer, and verifiers may have fetched it from "old".
+    assert plan(done, policies(), at, publishers=["site", "cdn", "old"]).due == (
+        Destroy("api", "k1"),
+    )
+
+
+def test_promotion_without_a_signer_is_bootstrap_until_a_key_was_ever_active() -> None:
+    """The reason reaches the audit log (``key.promoted``): "bootstrap" for a ring's
+    first key, "replace" once a signer existed and was revoked."""
+    k1 = key("k1", PUBLISHED, T0, published_at=T0)
+    assert plan(build(k1), policies(), T0).due == (Promote("api", "k1", None, "bootstrap"),)
+
+    k0 = key("k0", REVOKED, T0, published_at=T0, activated_at=T0, revoked_at=T0 + DAY)
+    k2 = key("k2", PUBLISHED, T0 + DAY, published_at=T0 + DAY)
+    due = plan(build(k0, k2), policies(), T0 + DAY).due
+    assert Promote("api", "k2", None, "replace") in due
+
+
+@pytest.mark.parametrize(
+    ("broken", "field"),
+    [
+        (key("k1", ACTIVE, T0, published_at=T0), "activated_at"),
+        (key("k1", PUBLISHED, T0), "published_at"),
+        (key("k1", RETIRED, T0, published_at=T0, activated_at=T0), "retired_at"),
+        (key("k1", EXPIRED, T0, published_at=T0, activated_at=T0, retired_at=T0), "expired_at"),
+    ],
+)
+def test_a_key_missing_a_time_its_state_needs_is_refused_naming_ring_key_and_field(
+    broken: Key, field: str
+) -> None:
+    """keymgr.validate refuses such a state first; the planner on an unchecked
+    state still fails with the one line an operator can act on (errors.py: every
+    error names the thing at fault), not a TypeError from ``None + timedelta``."""
+    from keymgr.errors import StateError
+
+    signer = key("k0", ACTIVE, T0, published_at=T0, activated_at=T0)
+    keys = (broken,) if broken.state == ACTIVE else (signer, broken)
+    with pytest.raises(StateError) as err:
+        plan(build(*keys), policies(), T0 + HOUR)
+    assert str(err.value) == f"ring api: key k1: {field} missing for a {broken.state} key"
+
+
+def test_an_emergency_promotion_blocked_by_a_publisher_has_no_upcoming_time() -> None:
+    """Waiting for a publisher is not waiting for a time: nothing is "upcoming" (the
+    publish is retried every reconcile interval). An upcoming time of now would
+    make a daemon that wakes at ``next_at`` run pass after pass for nothing."""
+    t = T0 + 5 * DAY
+    k1 = key("k1", ACTIVE, T0, published_at=T0, activated_at=T0)
+    k2 = key("k2", PUBLISHED, t, published_at=t)
+    state = build(k1, k2, listed={"site": ["k1", "k2"], "cdn": ["k1"]})
+    state = state.with_ring(replace(state.ring("api"), rotate_at=t, emergency=True))
+    p = plan(state, policies(), t)
+    assert p.due == (Publish("cdn"),)
+    assert p.upcoming == {"api": None}
+    assert p.next_at is None
