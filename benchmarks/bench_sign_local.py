@@ -18,6 +18,11 @@ t(pyjwt) / t(keymgr), target >= 0.95; ``vs bare`` = t(bare) / t(keymgr),
 target >= 0.85. Every keymgr token is also verified with PyJWT once. The last
 column is ``KeyManager.sign`` with the signature stubbed out (a constant): what
 keymgr adds around the crypto, measured alone.
+
+Also counted: calls of ``jose.compact_json`` (the stdlib JSON encoder) per
+signature once the ring's signer is cached. It must stay 0: the JWS header is
+encoded once per key and claims go through orjson, which is why that encoder
+is the plain public ``json.JSONEncoder`` and not a faster private one.
 """
 
 from __future__ import annotations
@@ -69,6 +74,28 @@ def bare_signer(key: Any, alg: str) -> Any:
         else padding.PKCS1v15()
     )
     return lambda data: sign(data, pad, digest)
+
+
+def stdlib_json_calls(km: Any, ring: str, n: int) -> int:
+    """Calls of ``jose.compact_json`` while ``km`` signs ``n`` times (warm)."""
+    from keymgr import jose
+
+    km.sign(ring, CLAIMS)
+    real = jose.compact_json
+    calls = 0
+
+    def counting(obj: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return real(obj)
+
+    jose.compact_json = counting
+    try:
+        for _ in range(n):
+            km.sign(ring, CLAIMS)
+    finally:
+        jose.compact_json = real
+    return calls
 
 
 def main() -> int:
@@ -140,6 +167,8 @@ def main() -> int:
         per = max((time.thread_time() - t0) / 20, 1e-6)
         number = max(10, int(0.03 / per * number_scale))
         best = c.interleaved(candidates, number=number, repeat=repeat)
+        json_calls = stdlib_json_calls(km, ring, 100 if args.smoke else 1000)
+        assert json_calls == 0, f"{label}: jose.compact_json on the signing path ({json_calls})"
         vs_pyjwt = best["pyjwt"] / best["keymgr"]
         vs_bare = best["bare"] / best["keymgr"]
         results.append(
@@ -149,6 +178,7 @@ def main() -> int:
                 "pyjwt_us": best["pyjwt"] * 1e6,
                 "bare_us": best["bare"] * 1e6,
                 "jose_us": best["stub"] * 1e6,
+                "stdlib_json_calls": json_calls,
                 "vs_pyjwt": vs_pyjwt,
                 "vs_bare": vs_bare,
                 "ok": vs_pyjwt >= 0.95 and vs_bare >= 0.85,
@@ -164,6 +194,9 @@ def main() -> int:
             f"{r['bare_us']:.1f} us | {r['vs_pyjwt']:.2f}x | {r['vs_bare']:.2f}x | "
             f"{r['jose_us']:.1f} us |"
         )
+    n = 100 if args.smoke else 1000
+    counts = ", ".join(f"{r['alg']} {r['stdlib_json_calls']}" for r in results)
+    print(f"\njose.compact_json (stdlib JSON) calls in {n} warm signatures: {counts}")
     ok = all(r["ok"] for r in results)
     print(f"\nthroughput ratios (per-call CPU time, best of {repeat} interleaved rounds): "
           f"{c.verdict(ok, args.smoke)}")

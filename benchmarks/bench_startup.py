@@ -1,10 +1,14 @@
 """Start-up and footprint: ``keymgr --help``, ``keymgr status``, daemon RSS.
 
-    .venv/bin/python benchmarks/bench_startup.py [--rings 100] [--smoke] [--json FILE]
+    .venv/bin/python benchmarks/bench_startup.py [--rings 100] [--instructions]
+                                                 [--smoke] [--json FILE]
 
 - ``--help`` and ``status`` (a bootstrapped one-ring home) are run as the
   console script, interleaved with a bare ``python -c pass`` (the interpreter's
   own start-up, the floor), best wall time of several runs each.
+- With ``--instructions``, the same three commands once each under valgrind
+  (``--tool=callgrind``): the instructions the whole process executes, a
+  figure a loaded machine does not move (wall times do, by tens of ms).
 - Which heavy modules a ``status`` process imports (structlog/asyncio,
   importlib.metadata, boto3, hvac, apscheduler, prometheus_client): none of
   them is needed to print the status of a local-backend home.
@@ -43,6 +47,19 @@ def best_wall(cmds: dict[str, list[str]], runs: int, **kw: Any) -> dict[str, flo
         for name in names[i % len(names) :] + names[: i % len(names)]:
             best[name] = min(best[name], c.wall(cmds[name], **kw))
     return best
+
+
+def instructions(cmd: list[str], **kw: Any) -> int | None:
+    """Instructions (callgrind's Ir) of one run of ``cmd``; None without valgrind."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return None
+    proc = subprocess.run(
+        [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw,
+    )
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    return int(found.group(1)) if found else None
 
 
 def status_imports(cfg: Path) -> list[str]:
@@ -101,6 +118,8 @@ def daemon_rss(home: Path, timeout: float = 120) -> dict[str, Any]:
 def main() -> int:
     p = c.parser(__doc__)
     p.add_argument("--rings", type=int, default=100, help="rings of the daemon's home")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count each command's instructions under valgrind (callgrind)")
     args = p.parse_args()
     c.quiet_logs()
     runs = 3 if args.smoke else 15
@@ -113,15 +132,16 @@ def main() -> int:
         shutil.rmtree(small, ignore_errors=True)
         cfg = home / "keymgr.toml"
         keymgr = c.venv_bin("keymgr")
-        walls = best_wall(
-            {
-                "python -c pass": [sys.executable, "-c", "pass"],
-                "keymgr --help": [keymgr, "--help"],
-                "keymgr status": [keymgr, "--config", str(cfg), "status"],
-            },
-            runs,
-            env=c.clean_env(),
-        )
+        cmds = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "keymgr --help": [keymgr, "--help"],
+            "keymgr status": [keymgr, "--config", str(cfg), "status"],
+        }
+        walls = best_wall(cmds, runs, env=c.clean_env())
+        irs: dict[str, int | None] = {}
+        if args.instructions:
+            env = c.clean_env(PYTHONHASHSEED="0")
+            irs = {name: instructions(cmd, env=env) for name, cmd in cmds.items()}
         heavy = status_imports(cfg)
         src = c.scale_fixture(rings, 0.1, None)
         dhome = c.copy_home(src, tmp, "daemon")
@@ -140,6 +160,9 @@ def main() -> int:
           f"{c.verdict(ok_help, args.smoke)} |")
     print(f"| `keymgr status` (1 ring) | {walls['keymgr status'] * 1e3:.0f} ms | < 400 ms: "
           f"{c.verdict(ok_status, args.smoke)} |")
+    for name, ir in irs.items():
+        value = f"{ir / 1e6:.1f} M" if ir is not None else "(no valgrind)"
+        print(f"| `{name}`, instructions (callgrind) | {value} | |")
     print(f"| heavy modules imported by `status` | {', '.join(heavy) or 'none'} | none |")
     print(f"| daemon ready (first reconcile done), {rings} rings | {mem['ready_s']:.2f} s | |")
     print(f"| daemon VmRSS, {rings} rings | {mem['rss_mb']:.1f} MB | < 80 MB: "
@@ -148,7 +171,8 @@ def main() -> int:
     print(f"\n(best wall time of {runs} interleaved runs each)")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"startup": {**{k: v for k, v in walls.items()}, "heavy": heavy, **mem}}, indent=2))
+            {"startup": {**{k: v for k, v in walls.items()}, "heavy": heavy, **mem,
+                         "instructions": irs}}, indent=2))
     return 0
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -19,18 +20,52 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: A key id: the RFC 7638 SHA-256 thumbprint, 43 base64url characters.
 _KID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
+#: Options whose value is a kid.
+_KID_OPTIONS = frozenset({"--kid"})
+
+
+def _dash_kid(arg: str) -> bool:
+    """A kid that argparse would take for an option: one kid in 64 begins with
+    "-" (base64url). No option of keymgr is 43 characters of the kid alphabet."""
+    return arg[:1] == "-" and len(arg) == 43 and _KID_CHARS.issuperset(arg)
+
+
+def kid_safe_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each kid that begins with "-" spelled so that argparse
+    takes it as the argument it is, with argparse's own public syntax:
+    ``--kid -53xY...`` becomes ``--kid=-53xY...``, and a positional kid
+    (``revoke -53xY...``, ``adopt api -53xY...``) moves after a ``--``, at
+    the end (in every command a kid is the last positional argument). What
+    already follows a ``--`` is left alone, so the rewrite is idempotent and
+    ``keymgr revoke -- -53xY...`` works as typed."""
+    out: list[str] = []
+    kids: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            if kids:
+                return [*out, "--", *kids, *argv[i + 1 :]]
+            return [*out, *argv[i:]]
+        if not _dash_kid(arg):
+            out.append(arg)
+        elif out and out[-1] in _KID_OPTIONS:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            kids.append(arg)
+    return [*out, "--", *kids] if kids else out
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
-    def _parse_optional(self, arg_string: str) -> Any:
-        # One kid in 64 starts with "-" (base64url): argparse would take
-        # ``keymgr revoke -53xY...`` or ``--kid -53xY...`` for an unknown
-        # option. No option of keymgr is 43 characters of the kid alphabet.
-        if len(arg_string) == 43 and _KID_CHARS.issuperset(arg_string):
-            return None
-        return super()._parse_optional(arg_string)
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        # Subcommand parsers get their part of the already rewritten argv:
+        # the rewrite leaves it unchanged.
+        return super().parse_known_args(
+            kid_safe_argv(sys.argv[1:] if args is None else list(args)), namespace
+        )
 
 
 def _time(text: str) -> Any:

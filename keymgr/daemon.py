@@ -34,19 +34,18 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-import structlog
-
 from keymgr import sdnotify
 from keymgr.config import Config, load_config
 from keymgr.errors import KeymgrError
 from keymgr.lease import Lease, supports_lease
+from keymgr.logs import get_logger
 from keymgr.manager import KeyManager
 from keymgr.metrics import Metrics
 from keymgr.model import State
 from keymgr.planner import Plan
 from keymgr.timefmt import format_time, utcnow
 
-log = structlog.get_logger("keymgr.daemon")
+log = get_logger("keymgr.daemon")
 
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 86400}
 #: A pass or heartbeat running longer than this counts as hung: the watchdog

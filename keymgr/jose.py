@@ -181,28 +181,11 @@ def _json_default(obj: object) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
-def _make_compact_json() -> Callable[[Any], str]:
-    # json.dumps builds a new encoder object on every call; the C encoder made
-    # once and called directly gives the same text at about half the cost.
-    # No circular-reference bookkeeping: a cyclic claims set fails with
-    # RecursionError instead of ValueError, and is an error either way.
-    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_make_encoder is None:  # pragma: no cover - CPython always has _json
-        return json.JSONEncoder(separators=(",", ":")).encode
-    encode = c_make_encoder(
-        None, _json_default, json.encoder.encode_basestring_ascii, None, ":", ",",
-        False, False, True,
-    )
-    join = "".join
-
-    def compact_json(obj: Any) -> str:
-        return join(encode(obj, 0))
-
-    return compact_json
-
-
-#: ``json.dumps(obj, separators=(",", ":"))``, same text, cheaper per call.
-compact_json: Callable[[Any], str] = _make_compact_json()
+#: ``json.dumps(obj, separators=(",", ":"))``, same text. Off the signing hot
+#: path: the JWS header is encoded once per key (``KeyManager`` caches it) and
+#: claims go through orjson (:data:`claims_json`), which falls back here only
+#: for what it refuses.
+compact_json: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _make_claims_json() -> Callable[[Any], bytes]:

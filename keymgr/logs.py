@@ -3,7 +3,6 @@ console output on a TTY. Separate from the audit log, which is evidence."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -47,14 +46,13 @@ def configure(level: str = "info", cli: bool = False, json_logs: bool | None = N
     and a second copy from the log would break that contract.
 
     For the CLI, while nothing has imported structlog yet, the setup is only
-    recorded, and applied the moment anything imports structlog (an import
-    hook) or a :func:`get_logger` logger is first used: ``keymgr status``
-    never pays for structlog's import, and nothing can log unconfigured."""
+    recorded, and applied when a :func:`get_logger` logger is first used:
+    ``keymgr status`` never pays for structlog's import. Hence every keymgr
+    module logs through :func:`get_logger`, never ``structlog.get_logger``
+    (a logger of structlog's own would bypass the deferred setup)."""
     global _pending
     if cli and "structlog" not in sys.modules:
         _pending = (level, cli, json_logs)
-        if _HOOK not in sys.meta_path:
-            sys.meta_path.insert(0, _HOOK)
         return
     _pending = None
     _configure(level, cli, json_logs)
@@ -138,34 +136,6 @@ def _apply_pending() -> None:
     if _pending is not None:
         args, _pending = _pending, None
         _configure(*args)
-
-
-class _ConfigureOnImport:
-    """A ``sys.meta_path`` finder that finishes a deferred :func:`configure` right
-    after structlog's own module has run, before the importer gets it back."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "structlog":
-            return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-        from importlib.machinery import PathFinder
-
-        spec = PathFinder.find_spec(name, path)
-        loader = getattr(spec, "loader", None)
-        if loader is None or not hasattr(loader, "exec_module"):
-            return None  # found some other way: get_logger() still applies it
-        exec_module = loader.exec_module
-
-        def exec_then_configure(module: Any) -> None:
-            exec_module(module)
-            _apply_pending()
-
-        setattr(loader, "exec_module", exec_then_configure)  # noqa: B010
-        return spec
-
-
-_HOOK = _ConfigureOnImport()
 
 
 class _LazyLogger:

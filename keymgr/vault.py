@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-import structlog
-
 from keymgr.errors import ConfigError
+from keymgr.logs import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     import requests
@@ -57,7 +56,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-log = structlog.get_logger("keymgr.vault")
+log = get_logger("keymgr.vault")
 
 AUTH_METHODS = ("token", "approle", "kubernetes")
 DEFAULT_TIMEOUT = 10.0
