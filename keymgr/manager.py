@@ -192,7 +192,9 @@ class KeyManager:
 
         The deliberate, audited counterpart of the refusal a pass gives when
         it finds such a key: its public key comes from the backend (and must
-        hash to ``kid``), its lifecycle from the operator (``as_state``).
+        hash to ``kid``), its lifecycle from the operator (``as_state``). It
+        records the key and runs no pass: the next ``reconcile`` (or the
+        daemon) goes on once every key the backend holds is known again.
         """
         if ring not in self.config.policies:
             raise UsageError(
@@ -228,9 +230,9 @@ class KeyManager:
         _, events = self._mutate(fn, now)
         self._sign_cache.clear()
         self._sign_fresh_until = 0
-        res = self.reconcile(now)
-        res.events[:0] = events
-        return res
+        # No pass here: after a lost state, every key the backend holds must be
+        # adopted before a pass may act (it refuses while any is unknown).
+        return PassResult(events=events)
 
     # -- signing ---------------------------------------------------------------
 

@@ -398,6 +398,20 @@ class Reconciler:
             except PublishError:
                 current = None
             served = jwks.served_keys(current.body if current is not None else None)
+            # A key the target serves that state does not record at all was
+            # forgotten by the state (lost, restored from an old copy, entry
+            # deleted): unpublishing it could reject live tokens. Refuse.
+            wanted = {k.kid for k in keys}
+            forgotten = sorted(k for k in served if k not in wanted and seen.find(k) is None)
+            if forgotten:
+                raise StateError(
+                    f"state {self.store.url}: publisher {action.publisher} serves "
+                    f"{len(forgotten)} key(s) that state does not record "
+                    f"({', '.join(forgotten[:3])}{', ...' if len(forgotten) > 3 else ''}); "
+                    "refusing to unpublish them: "
+                    "restore the state, or take each key over with 'keymgr adopt RING KID "
+                    "--as retired' (or remove them from the target if they are not keymgr's)"
+                )
             try:
                 self.check_keys(seen, [k for k in keys if served.get(k.kid) != jwks.jwk_for(k)])
             except StateError:

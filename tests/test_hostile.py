@@ -184,7 +184,9 @@ def test_lost_state_with_no_audit_log_names_ring_count_and_adopt(home: Home) -> 
     signing with its old signer (no verifier rejects anything)."""
     _rotated_twice(home)
     signer = keys(home, "active")[0]["kid"]
-    others = [k["kid"] for k in keys(home) if k["state"] in ("retired", "expired")]
+    retired = [k["kid"] for k in keys(home) if k["state"] == "retired"]
+    expired = [k["kid"] for k in keys(home) if k["state"] == "expired"]
+    others = retired + expired
     files = key_files(home)
     shutil.move(home.dir / "state.json", home.dir / "state.json.bak")
     shutil.move(home.dir / "audit.jsonl", home.dir / "audit.jsonl.old")
@@ -199,11 +201,16 @@ def test_lost_state_with_no_audit_log_names_ring_count_and_adopt(home: Home) -> 
     t = T0 + 2 * P + 2 * SEC
     proc = home.run("adopt", RING, signer, "--as", "active", "--at", at(t), inproc=True)
     assert proc.returncode == 0, proc.stderr
-    for kid in others:
-        proc = home.run("adopt", RING, kid, "--as", "retired", "--at", at(t), inproc=True)
+    # Until every key the backend holds is adopted, a pass still refuses.
+    if others:
+        proc = home.run("reconcile", "--at", at(t), inproc=True)
+        assert proc.returncode == 1 and "keymgr adopt" in proc.stderr, proc.stderr
+    for kid, as_state in [*((k, "retired") for k in retired), *((k, "expired") for k in expired)]:
+        proc = home.run("adopt", RING, kid, "--as", as_state, "--at", at(t), inproc=True)
         assert proc.returncode == 0, proc.stderr
     assert keys(home, "active")[0]["kid"] == signer
-    assert served_kids(home.jwks_path) >= {signer, *others}
+    reconcile(home, t)
+    assert served_kids(home.jwks_path) >= {signer, *retired}
     events = [json.loads(ln) for ln in (home.dir / "audit.jsonl").read_text().splitlines()]
     adopted = [e for e in events if e["event"] == "key.adopted"]
     assert {e["kid"] for e in adopted} == {signer, *others}
