@@ -490,9 +490,25 @@ class Reconciler:
         make sure no backend holds keymgr keys of that ring that state does not
         know: a state whose active entry was deleted or lost would otherwise
         promote a fresh key at once while verifiers still need the old one."""
-        for action in wave:
-            if isinstance(action, Promote) and action.retire is None:
-                self.orphans(state, action.ring, self.config.policies[action.ring].backend)
+        rings = {a.ring for a in wave if isinstance(a, Promote) and a.retire is None}
+        # A ring that has keys but no signer is either bootstrapping (its first
+        # key not yet confirmed) or missing its signer's entry: either way the
+        # backends must hold no keymgr key of it that state does not know.
+        if any(isinstance(a, Publish) for a in wave):
+            rings.update(
+                name
+                for name in self.config.policies
+                if (r := state.rings.get(name)) is not None and r.keys and r.active is None
+            )
+        for ring in sorted(rings):
+            try:
+                self.orphans(state, ring, self.config.policies[ring].backend)
+            except StateError:
+                raise
+            except KeymgrError:
+                # A backend that cannot answer now: the actions that need it
+                # fail on their own and are recorded; the check runs again.
+                continue
 
     def orphans(self, state: State, ring: str, backend_name: str) -> list[str]:
         """Keys of ``ring`` in the backend that state does not record and that
