@@ -122,47 +122,27 @@ def take_over(
     if state.ring(ring).key(kid) is not None or state.find(kid) is not None:
         raise KeyError(f"state already records key {kid!r}")
     at = _floor(now)
-    if as_state == ACTIVE:
-        if state.ring(ring).active is not None:
-            raise ValueError(f"ring {ring} already has an active key")
-        key = Key(
-            kid=kid,
-            alg=alg,
-            backend=backend,
-            state=ACTIVE,
-            public_jwk=public_jwk,
-            created_at=at,
-            published_at=at,
-            activated_at=at,
-            reason=actor_reason,
-        )
-    elif as_state == RETIRED:
-        key = Key(
-            kid=kid,
-            alg=alg,
-            backend=backend,
-            state=RETIRED,
-            public_jwk=public_jwk,
-            created_at=at,
-            published_at=at,
-            activated_at=at,
-            retired_at=_ceil(now),
-            reason=actor_reason,
-        )
-    elif as_state == EXPIRED:
-        key = Key(
-            kid=kid,
-            alg=alg,
-            backend=backend,
-            state=EXPIRED,
-            public_jwk=public_jwk,
-            created_at=at,
-            retired_at=at,
-            expired_at=at,
-            reason=actor_reason,
-        )
-    else:
+    # The times each adopted state needs (keymgr.validate), all "now": the
+    # key's real history is in the audit log of the state that was lost.
+    times: dict[str, dict[str, datetime]] = {
+        ACTIVE: {"published_at": at, "activated_at": at},
+        RETIRED: {"published_at": at, "activated_at": at, "retired_at": _ceil(now)},
+        EXPIRED: {"retired_at": at, "expired_at": at},
+    }
+    if as_state not in times:
         raise ValueError(f"cannot adopt a key as {as_state!r} (active, retired or expired)")
+    if as_state == ACTIVE and state.ring(ring).active is not None:
+        raise ValueError(f"ring {ring} already has an active key")
+    key = Key(
+        kid=kid,
+        alg=alg,
+        backend=backend,
+        state=as_state,
+        public_jwk=public_jwk,
+        created_at=at,
+        reason=actor_reason,
+        **times[as_state],
+    )
     return _set_key(state, ring, key, now), [
         _event("key.adopted", ring, key, now, reason=actor_reason, state=as_state)
     ]

@@ -88,6 +88,20 @@ class Home:
     def jwks(self) -> dict[str, Any]:
         return json.loads(self.jwks_path.read_text())
 
+    def kid_in(self, state: str, ring: str = "default") -> str:
+        """The one kid of ``ring`` in ``state`` (read from the state file)."""
+        kids = [k["kid"] for k in self.state()["rings"][ring]["keys"] if k["state"] == state]
+        assert len(kids) == 1, kids
+        return kids[0]
+
+    def files(self) -> dict[str, bytes]:
+        """Every file of the home (not the lock file), by relative path."""
+        return {
+            str(p.relative_to(self.dir)): p.read_bytes()
+            for p in sorted(self.dir.rglob("*"))
+            if p.is_file() and p.name != "state.json.lock"
+        }
+
     def set_ring(self, ring: str = "default", **fields: str) -> None:
         """Rewrite fields of ``[keyrings.RING]`` in the config (string values)."""
         lines = self.config.read_text().splitlines()

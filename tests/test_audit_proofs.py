@@ -89,19 +89,6 @@ class Proofs(Home):
     def write_state(self, doc: dict[str, Any]) -> None:
         self.state_path.write_text(json.dumps(doc, indent=1) + "\n")
 
-    def kid_in(self, state: str) -> str:
-        kids = [k["kid"] for k in self.state()["rings"][RING]["keys"] if k["state"] == state]
-        assert len(kids) == 1, kids
-        return kids[0]
-
-    def files(self) -> dict[str, bytes]:
-        """Every file of the home (not the lock file), by relative path."""
-        return {
-            str(p.relative_to(self.dir)): p.read_bytes()
-            for p in sorted(self.dir.rglob("*"))
-            if p.is_file() and p.name != "state.json.lock"
-        }
-
     def add_audit(self, algorithm: str, rotation_period: str = "90d") -> None:
         with self.config.open("a") as f:
             f.write(

@@ -76,18 +76,8 @@ class Tampered(Home):
                 assert not leaked, f"master key leaked in output of {args}"
         return proc
 
-    def kid_in(self, state: str) -> str:
-        kids = [k["kid"] for k in self.state()["rings"][RING]["keys"] if k["state"] == state]
-        assert len(kids) == 1, kids
-        return kids[0]
-
     def snapshot(self) -> dict[str, bytes]:
-        """Every file of the home (not the lock file), by relative path."""
-        return {
-            str(p.relative_to(self.dir)): p.read_bytes()
-            for p in sorted(self.dir.rglob("*"))
-            if p.is_file() and p.name != "state.json.lock"
-        }
+        return self.files()
 
 
 def without_audit(snapshot: dict[str, bytes]) -> dict[str, bytes]:
