@@ -40,7 +40,7 @@ from keymgr.model import AuditAnchor
 from keymgr.timefmt import format_duration, format_time
 
 if TYPE_CHECKING:
-    from backends import Backend, Signer
+    from keymgr.backend import Backend, Signer
     from keymgr.config import AuditSettings
 
 #: Domain separation: an audit key signs nothing but this prefix and a head.

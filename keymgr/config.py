@@ -18,12 +18,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backends import Backend, backend_class
+from keymgr.backend import Backend
 from keymgr.errors import ConfigError
 from keymgr.jose import ALGORITHMS
 from keymgr.model import gc_paused
 from keymgr.planner import Policy
-from keymgr.publishers import Publisher, publisher_class
+from keymgr.plugins import backend_class, publisher_class
+from keymgr.publishers import Publisher
 from keymgr.timefmt import format_duration, parse_duration
 
 #: ``max-age=N`` / ``s-maxage=N`` in a Cache-Control value (a CDN honours s-maxage).

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from keymgr.backend import Signer
+
 __all__ = [
     "ALGORITHMS",
     "MIN_RSA_BITS",
@@ -85,9 +87,6 @@ PRIVATE_MEMBERS: frozenset[str] = frozenset({"d", "p", "q", "dp", "dq", "qi", "o
 Family = Literal["EC", "RSA", "OKP"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-#: Same shape as ``backends.Signer``; repeated so this module stays import-free
-#: of the backend package.
-Signer = Callable[[bytes], bytes]
 
 _EC_CURVES: dict[str, tuple[str, ec.EllipticCurve, int]] = {
     # alg: (JWK crv, cryptography curve, coordinate size in bytes)

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from backends import Signer
 from keymgr import jose, jwks, transitions
 from keymgr.audit import AuditLog
+from keymgr.backend import Signer
 from keymgr.config import Config, load_config
 from keymgr.errors import KeymgrError, UsageError
 from keymgr.model import ACTIVE, DESTROYED, PUBLISHED, REVOKED, State

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from keymgr.errors import ConfigError, PublishError
+from keymgr.errors import PublishError
 from keymgr.faults import crashpoint
-from keymgr.fsutil import atomic_write
 
 
 @dataclass(frozen=True)
@@ -105,91 +103,3 @@ class Publisher(abc.ABC):
             detail = ", ".join(f"{k} {got.headers.get(k)!r}" for k in wrong)
             raise PublishError(f"{self.where}: read-back: served with {detail}")
         return True
-
-
-def _check_fields(name: str, options: Mapping[str, Any], allowed: set[str]) -> None:
-    for k in options:
-        if k not in allowed:
-            raise ConfigError(f"publishers.{name}.{k}: unknown field")
-
-
-class FilePublisher(Publisher):
-    """A JWKS file for nginx or any static server, replaced atomically."""
-
-    type_name = "file"
-
-    def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
-        super().__init__(name, options, config_dir)
-        _check_fields(name, options, {"type", "path", "mode", "cache_control"})
-        raw = options.get("path")
-        if not isinstance(raw, str) or not raw.strip():
-            raise ConfigError(f"publishers.{name}.path: is required (a file path)")
-        path = Path(raw)
-        self.path = path if path.is_absolute() else Path(config_dir) / path
-        mode = options.get("mode", "0644")
-        try:
-            self.mode = int(mode, 8) if isinstance(mode, str) else -1
-        except ValueError:
-            self.mode = -1
-        if not 0 <= self.mode <= 0o777:
-            raise ConfigError(f"publishers.{name}.mode: expected an octal string like '0644'")
-        if self.mode & 0o022:
-            # Whoever could rewrite the JWKS could publish a key of their own.
-            raise ConfigError(
-                f"publishers.{name}.mode: {mode} lets group or others write the JWKS "
-                f"(use '0644' or '0640')"
-            )
-        cc = options.get("cache_control")
-        if cc is not None and not isinstance(cc, str):
-            raise ConfigError(f"publishers.{name}.cache_control: must be a string")
-        #: Documented for the static server in front of the file (see deploy/nginx).
-        self.cache_control = cc
-
-    def headers(self) -> dict[str, str]:
-        # The static server in front sets these from its own config; keymgr
-        # counts the configured value as part of the document, so changing
-        # cache_control restarts the continuous-publication clock.
-        return {} if self.cache_control is None else {"Cache-Control": self.cache_control}
-
-    def paths(self) -> dict[str, Path]:
-        return {"path": self.path}
-
-    def read(self) -> bytes | None:
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise PublishError(
-                f"publisher {self.name}: cannot read {self.path}: {e.strerror}"
-            ) from None
-
-    def write(self, data: bytes) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, data, self.mode)
-        except OSError as e:
-            raise PublishError(
-                f"publisher {self.name}: cannot write {self.path}: {e.strerror}"
-            ) from None
-
-    def __repr__(self) -> str:
-        return f"FilePublisher({self.name!r}, {os.fspath(self.path)!r})"
-
-
-_PUBLISHERS: dict[str, str] = {
-    "file": "keymgr.publishers:FilePublisher",
-    "s3": "keymgr.s3:S3Publisher",
-}
-
-
-def publisher_class(type_name: str, where: str) -> type[Publisher]:
-    target = _PUBLISHERS.get(type_name)
-    if target is None:
-        known = ", ".join(sorted(_PUBLISHERS))
-        raise ConfigError(f"{where}: unknown publisher type {type_name!r} (known: {known})")
-    import importlib
-
-    mod, _, attr = target.partition(":")
-    cls: type[Publisher] = getattr(importlib.import_module(mod), attr)
-    return cls

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from backends import Backend
 from keymgr import jwks, transitions
 from keymgr.audit import AuditLog
+from keymgr.backend import Backend
 from keymgr.config import Config
 from keymgr.errors import (
     BackendError,

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import fcntl
-import json
-import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from keymgr.errors import ConfigError, ConflictError, StoreError
-from keymgr.faults import crashpoint
-from keymgr.fsutil import atomic_write
-from keymgr.model import State, gc_paused
+from keymgr.errors import ConfigError, StoreError
+from keymgr.model import State
+from keymgr.plugins import store_factory
 
 Token = Any
 
@@ -29,9 +23,10 @@ Token = Any
 class StateStore(abc.ABC):
     """Where the state document lives, written by compare-and-swap.
 
-    Implementations: FileStore (one host) and keymgr.docstore.SharedStore
-    (S3, Vault KV, any object store with conditional writes, over a small
-    adapter). Capabilities are declared, never guessed from overrides:
+    Implementations: ``keymgr.backends.local.store.FileStore`` (one host) and
+    :class:`keymgr.docstore.SharedStore` (S3, Vault KV, any object store with
+    conditional writes, over a small adapter). Stores are found by URL scheme
+    through :mod:`keymgr.plugins`. Capabilities are declared, never guessed from overrides:
 
     - ``supports_lease``: :meth:`read_lease`/:meth:`write_lease` work, so
       daemon replicas can elect one holder (keymgr.lease).
@@ -72,151 +67,6 @@ class StateStore(abc.ABC):
         raise StoreError(f"state {self.url}: this store does not support leases")
 
 
-class FileStore(StateStore):
-    """``file:PATH``: lock file + atomic rename + fsync."""
-
-    fingerprint_window: ClassVar[float] = 0.001
-    supports_lease: ClassVar[bool] = True
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.url = f"file:{path}"
-        self.lock_path = path.with_name(path.name + ".lock")
-        # The last document parsed: its exact bytes, the State and the version.
-        self._parsed: tuple[bytes, State, int] | None = None
-        self._thread_lock = threading.RLock()
-        self._depth = 0  # nesting of exclusive() in the thread holding _thread_lock
-
-    def _read(self) -> tuple[State, int]:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return State(), 0
-        except OSError as e:
-            raise StoreError(f"state {self.path}: cannot read: {e.strerror}") from None
-        # Reading is cheap, parsing is not (about 0.5 s for 10,000 rings): when
-        # the bytes are exactly those parsed last time, so is the result. State
-        # is immutable data (every change makes a new object), so sharing it
-        # between loads is safe. No stat-based shortcut: equal bytes or a parse.
-        parsed = self._parsed
-        if parsed is not None and parsed[0] == raw:
-            return parsed[1], parsed[2]
-        try:
-            with gc_paused():
-                doc = json.loads(raw)
-                version = int(doc.pop("version"))
-                state = State.from_dict(doc)
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"state {self.path}: corrupt state document ({e})") from None
-        self._parsed = (raw, state, version)
-        return state, version
-
-    def load(self) -> tuple[State, int]:
-        return self._read()
-
-    @contextlib.contextmanager
-    def _flock(self, timeout: float) -> Iterator[None]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise StoreError(f"state {self.path}: cannot open lock file: {e.strerror}") from None
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreError(
-                            f"state {self.path}: locked by another keymgr process"
-                        ) from None
-                    time.sleep(0.02)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
-        """Held across processes (flock) and threads (an RLock), re-entrant per thread.
-
-        The in-process lock matters: flock is per open file, so two threads of
-        one daemon (a pass and a SIGHUP reload) would otherwise both "hold" it.
-        """
-        if not self._thread_lock.acquire(timeout=timeout):
-            raise StoreError(f"state {self.path}: locked by another thread of this process")
-        try:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            with self._flock(timeout):
-                self._depth = 1
-                try:
-                    yield
-                finally:
-                    self._depth = 0
-        finally:
-            self._thread_lock.release()
-
-    def commit(self, state: State, token: int) -> int:
-        with self.exclusive():
-            _, current = self._read()
-            if current != token:
-                raise ConflictError(
-                    f"state {self.path}: changed by another writer (version {current}, "
-                    f"expected {token})"
-                )
-            doc = {"version": token + 1, **state.to_dict()}
-            data = (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
-            crashpoint("store.before_write")
-            try:
-                atomic_write(self.path, data, 0o600)
-            except OSError as e:
-                raise StoreError(f"state {self.path}: cannot write: {e.strerror}") from None
-            crashpoint("store.after_write")
-            return token + 1
-
-    # -- lease: its own small file and lock, so renewing never waits for a pass --
-
-    @property
-    def _lease_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lease")
-
-    def read_lease(self) -> tuple[dict[str, Any] | None, int]:
-        try:
-            doc = json.loads(self._lease_path.read_bytes())
-            return doc, int(doc["version"])
-        except FileNotFoundError:
-            return None, 0
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"lease {self._lease_path}: unreadable ({e})") from None
-
-    def write_lease(self, doc: dict[str, Any], token: int) -> int:
-        lock = FileStore(self._lease_path)
-        with lock._flock(timeout=5.0):
-            _, current = self.read_lease()
-            if current != token:
-                raise ConflictError(f"lease {self._lease_path}: changed by another replica")
-            data = json.dumps({**doc, "version": token + 1}).encode()
-            try:
-                atomic_write(self._lease_path, data, 0o600)
-            except OSError as e:
-                raise StoreError(f"lease {self._lease_path}: cannot write: {e.strerror}") from None
-            return token + 1
-
-    def fingerprint(self) -> object:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 def _file_path(url: str, base: Path) -> Path:
     if url.startswith("file://"):
         rest = url[len("file://") :]
@@ -230,44 +80,30 @@ def _file_path(url: str, base: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0] if "://" in url or url.startswith("file:") else "file"
+
+
 def check_state_url(url: str, base: Path) -> str:
-    """Validate a ``[daemon] state`` URL and make a relative file path absolute."""
-    scheme = url.split(":", 1)[0] if "://" in url or url.startswith("file:") else "file"
+    """Validate a ``[daemon] state`` URL and make a relative file path absolute.
+
+    A store's factory validates its URL offline (bucket, parameters; no I/O),
+    so ``config check`` reports a bad one with the file and field like any
+    other error.
+    """
+    scheme = _scheme(url)
     if scheme == "file":
         return f"file:{_file_path(url, base)}"
-    if scheme in _SHARED:
-        # A shared store's constructor validates its URL offline (bucket,
-        # parameters; no I/O), so `config check` reports it with the file and
-        # field like any other error.
-        try:
-            _store_class(scheme)(url)
-        except ConfigError as e:
-            raise ValueError(str(e).removeprefix("daemon.state: ")) from None
-        return url
-    known = "".join(f", {s}://..." for s in _SHARED)
-    raise ValueError(f"unsupported state store {url!r} (file:PATH{known})")
-
-
-#: Shared stores (s3, vault) register here when their module is available.
-_SHARED: dict[str, str] = {
-    "s3": "keymgr.docstore_s3:open_s3_store",
-    "vault": "keymgr.docstore_vault:open_vault_store",
-}
+    try:
+        store_factory(scheme, "daemon.state")(url)
+    except ConfigError as e:
+        raise ValueError(str(e).removeprefix("daemon.state: ")) from None
+    return url
 
 
 def open_store(url: str) -> StateStore:
-    if url.startswith("file:"):
-        return FileStore(Path(url[len("file:") :]))
-    scheme = url.split(":", 1)[0]
-    if scheme not in _SHARED:
-        raise StoreError(f"unsupported state store {url!r}")
-    store: StateStore = _store_class(scheme)(url)
-    return store
-
-
-def _store_class(scheme: str) -> Any:
-    """The factory of the StateStore for ``scheme``: it takes the URL, no I/O."""
-    import importlib
-
-    mod, _, attr = _SHARED[scheme].partition(":")
-    return getattr(importlib.import_module(mod), attr)
+    """The store for a URL that :func:`check_state_url` accepted (no I/O yet)."""
+    try:
+        return store_factory(_scheme(url), "daemon.state")(url)
+    except ConfigError as e:
+        raise StoreError(str(e)) from None

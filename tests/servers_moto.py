@@ -331,7 +331,7 @@ def aliases(kms: Any) -> dict[str, str]:
 
 
 def backend_for(url: str, tmp_path: Path, **options: Any) -> Any:
-    from backends.aws_kms import KMSBackend
+    from keymgr.backends.aws.kms import KMSBackend
 
     opts: dict[str, Any] = {"type": "aws-kms", "endpoint_url": url, "region": REGION}
     opts.update(options)

@@ -39,8 +39,7 @@ import pytest
 from botocore.stub import ANY, Stubber
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
-
-from backends.aws_kms import (
+from keymgr.backends.aws.kms import (
     SIGNING_ALGORITHMS,
     TAG_ALG,
     TAG_INTENT,
@@ -50,6 +49,7 @@ from backends.aws_kms import (
     TAG_RING,
     KMSBackend,
 )
+
 from keymgr import jose
 from keymgr.errors import BackendError, ConfigError
 from tests.conftest import T0, A, G, P
@@ -949,13 +949,12 @@ def test_iam_policy_is_valid_and_covers_every_call() -> None:
             assert set(actions) <= {"kms:CreateKey", "kms:TagResource", "kms:ListKeys",
                                     "kms:ListAliases"}, st
     assert len(sids) == len(set(sids))
-    kms_source = (repo / "backends" / "aws_kms.py").read_text()
+    kms_source = (repo / "backends" / "aws" / "kms.py").read_text()
     kms_ops = set(re.findall(r'_(?:call|paginate)\(\s*"([A-Za-z]+)"', kms_source)) | {"Sign"}
     assert {"CreateKey", "ScheduleKeyDeletion", "ListResourceTags", "ListKeys"} <= kms_ops
-    # The S3 publisher (keymgr/s3.py) and the S3 state store's adapter
-    # (keymgr/docstore_s3.py) together.
+    # The S3 publisher and the S3 state store's adapter together.
     s3_source = "".join(
-        (repo / "keymgr" / name).read_text() for name in ("s3.py", "docstore_s3.py")
+        (repo / "backends" / "aws" / name).read_text() for name in ("publisher.py", "store.py")
     )
     s3_calls = set(re.findall(r"\.([a-z_]+_object)\(", s3_source))
     s3_actions = {"get_object": "s3:GetObject", "head_object": "s3:GetObject",
@@ -975,7 +974,7 @@ def test_iam_policy_tag_permissions_cannot_relabel_keys() -> None:
 
     repo = Path(__file__).resolve().parent.parent
     policy = json.loads((repo / "deploy" / "aws" / "iam-policy.json").read_text())
-    source = (repo / "backends" / "aws_kms.py").read_text()
+    source = (repo / "backends" / "aws" / "kms.py").read_text()
     code_tags = dict(re.findall(r'^(TAG_[A-Z]+) = "([^"]+)"', source, re.M))
     kid_tag = code_tags.pop("TAG_KID")
     creation_tags = set(code_tags.values())

@@ -320,12 +320,13 @@ def _backend(home: Home) -> Any:
 
 
 def test_every_crash_point_is_covered() -> None:
-    """A crash point added to the core or the file backend must be added to MAX_N.
+    """A crash point added to the core or the local adapters (key files, JWKS
+    file, state file) must be added to MAX_N.
 
-    (Crash points of other backends, e.g. ``aws_kms.*``, belong to their own tests.)
+    (Crash points of other providers, e.g. ``aws_kms.*``, belong to their own tests.)
     """
     found: set[str] = set()
-    for path in [*(REPO / "keymgr").rglob("*.py"), REPO / "backends" / "file.py"]:
+    for path in [*(REPO / "keymgr").rglob("*.py"), *(REPO / "backends" / "local").glob("*.py")]:
         found |= set(re.findall(r"""crashpoint\(\s*["']([^"']+)["']""", path.read_text()))
     assert found == set(MAX_N)
 

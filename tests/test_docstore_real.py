@@ -22,15 +22,15 @@ import uuid
 from typing import Any
 
 import pytest
+from keymgr.backends.aws.client import AWSConnection
+from keymgr.backends.aws.store import S3Adapter, open_s3_store
+from keymgr.backends.vault.client import vault_client
+from keymgr.backends.vault.store import VaultKVAdapter, open_vault_store
 
 from keymgr.docstore import LOCK, SharedStore, encode_state
-from keymgr.docstore_s3 import S3Adapter, open_s3_store
-from keymgr.docstore_vault import VaultKVAdapter, open_vault_store
 from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.model import State
-from keymgr.s3 import AWSConnection
 from keymgr.testing.docstore import DocHarness, SharedStoreTests, sample_state
-from keymgr.vault import vault_client
 from tests.servers_moto import REGION, s3_client, s3_state_url
 
 #: Several times the stores' 1 s clock resolution plus a request's latency.

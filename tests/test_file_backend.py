@@ -1,4 +1,4 @@
-"""backends.file.FileBackend with real files and real crypto.
+"""keymgr.backends.local.keys.FileBackend with real files and real crypto.
 
 Signatures are verified by PyJWT and jwcrypto, and the file format is checked
 by decrypting it here with AESGCM directly, not through the backend.
@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jwt as jwc_jwt
+from keymgr.backends.local.keys import FileBackend
 
-from backends import GeneratedKey, backend_class
-from backends.file import FileBackend
 from keymgr import jose
+from keymgr.backend import GeneratedKey
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError
+from keymgr.plugins import backend_class
 
 ALL_ALGS = sorted(jose.ALGORITHMS)
 RING = "api"
@@ -416,7 +417,9 @@ def test_generate_never_overwrites(
     tmp_path: Path, backend: FileBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fixed = jose.generate_private_key("ES256")
-    monkeypatch.setattr("backends.file.jose.generate_private_key", lambda alg, bits: fixed)
+    monkeypatch.setattr(
+        "keymgr.backends.local.keys.jose.generate_private_key", lambda alg, bits: fixed
+    )
     first = backend.generate(RING, "ES256")
     path = key_file(tmp_path, first.kid)
     before = path.read_bytes()

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keymgr.backends.local.keys import FileBackend, master_key_exposure
+from keymgr.backends.local.publisher import FilePublisher
 
-from backends.file import FileBackend, master_key_exposure
 from keymgr import fsutil
 from keymgr.errors import BackendError, ConfigError
 from keymgr.fsutil import atomic_write
-from keymgr.publishers import FilePublisher
 from tests.conftest import Home
 
 TMP_NAME = re.compile(r"\.jwks\.json\.[0-9a-f]{16}\.tmp")

@@ -47,7 +47,7 @@ from tests.test_vault import kv_state, setup_home, unique
 
 SEC = timedelta(seconds=1)
 RING = "default"
-#: The S3 publisher's Cache-Control when the config sets none (keymgr.s3).
+#: The S3 publisher's Cache-Control when the config sets none (keymgr.backends.aws.publisher).
 DEFAULT_CC = "public, max-age=300"
 
 

@@ -12,10 +12,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from keymgr.backends.local.store import FileStore
 
 from keymgr import jose
 from keymgr.manager import KeyManager
-from keymgr.stores import FileStore
 from keymgr.timefmt import format_time, parse_time
 
 T0 = datetime(2031, 1, 1, tzinfo=UTC)

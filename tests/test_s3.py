@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keymgr.backends.aws.publisher import S3Publisher
 
 from keymgr.errors import ConfigError, PublishError
-from keymgr.s3 import S3Publisher
 from tests.conftest import T0, A, D, G, P
 from tests.servers_moto import (
     JWKS_KEY,
@@ -323,7 +323,7 @@ def test_concurrent_reconciles_share_one_s3_store(
 #: upload the JWKS: an outage in the middle of a pass, at an exact request.
 _STOP_AT_JWKS_UPLOAD = """
 import os, signal, sys
-import keymgr.s3 as s3
+import keymgr.backends.aws.client as s3
 _client = s3.AWSConnection.client
 def client(self, service):
     c = _client(self, service)
@@ -418,8 +418,7 @@ def test_region_from_aws_region_env(moto: Any, monkeypatch: pytest.MonkeyPatch) 
 def test_aws_reason_is_one_line_and_redacted() -> None:
     """Throttling after botocore's retries, and secrets a server might echo."""
     from botocore.exceptions import ClientError, ReadTimeoutError
-
-    from keymgr.s3 import aws_reason
+    from keymgr.backends.aws.client import aws_reason
 
     throttled = ClientError(
         {

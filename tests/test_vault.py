@@ -34,8 +34,8 @@ import jwt
 import pytest
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
+from keymgr.backends.vault.transit import VaultTransitBackend, key_type_for
 
-from backends.vault_transit import VaultTransitBackend, key_type_for
 from keymgr.errors import BackendError, ConfigError, StoreError
 from keymgr.model import State
 from tests.conftest import SHORT_POLICY, T0, A, D, G, P
@@ -553,7 +553,7 @@ def test_public_key_and_params_match_what_verifiers_expect(vault_env):
 def test_existing_key_of_another_type_is_refused(vault_env, monkeypatch):
     """create_key on an existing name answers 200 and changes nothing: detected."""
     bao = vault_env
-    import backends.vault_transit as vt
+    import keymgr.backends.vault.transit as vt
 
     b = backend(bao)
     fixed = "ab" * 16
@@ -840,7 +840,7 @@ def test_kv_store_errors_when_vault_hangs(home, bao):
 
 def test_sealed_throttled_and_denied_are_one_line_errors(home, bao, monkeypatch):
     """Sealed (503), throttled (429) and denied (403): exit 1, one line naming backend and op."""
-    from keymgr.docstore_vault import open_vault_store
+    from keymgr.backends.vault.store import open_vault_store
 
     vh = setup_home(home, bao, "ES256")
     vh.ok("reconcile", "--at", ts(T0))
@@ -946,7 +946,8 @@ def test_least_privilege_policy_is_enough_and_no_more(home, bao, monkeypatch):
     assert states == ["active", "destroyed"], states
     verify_token(vh.jwks(), vh.sign(T0 + P + G + D, timedelta(minutes=5), "p"), "RS256")
     # The daemon replicas' lease, with the same token.
-    from keymgr.docstore_vault import open_vault_store
+    from keymgr.backends.vault.store import open_vault_store
+
     from keymgr.lease import Lease
 
     monkeypatch.setenv("VAULT_ADDR", bao.addr)
@@ -1205,7 +1206,7 @@ def test_kubernetes_auth_login(vault_env, tmp_path):
 
 def test_namespace(vault_env, monkeypatch):
     """Keys and state inside an OpenBao namespace: from the config field or VAULT_NAMESPACE."""
-    from keymgr.docstore_vault import open_vault_store
+    from keymgr.backends.vault.store import open_vault_store
 
     bao = vault_env
     ns = unique("ns-")
@@ -1237,7 +1238,8 @@ def test_namespace(vault_env, monkeypatch):
 
 def test_tls_ca_bundle(tmp_path, monkeypatch):
     """A TLS server with its own CA: trusted through ca_cert or VAULT_CACERT, refused without."""
-    from keymgr.docstore_vault import open_vault_store
+    from keymgr.backends.vault.store import open_vault_store
+
     from tests.servers_bao import start_bao
 
     for k in list(os.environ):

@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
+from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import (
     BackendError,
     ConfigError,

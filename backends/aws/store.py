@@ -15,30 +15,73 @@ import threading
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from keymgr.docstore import STATE, Blob, DocumentAdapter, SharedStore
-from keymgr.errors import ConflictError, StoreError
-from keymgr.s3 import (
-    _CONFLICT_CODES,
-    _MAX_LOCK_TTL,
-    _MIN_LOCK_TTL,
-    _MISSING_CODES,
-    DEFAULT_LOCK_TTL,
+from keymgr.errors import ConfigError, ConflictError, StoreError
+
+from .client import (
+    AWS_CONNECTION_OPTIONS,
+    CONFLICT_CODES,
+    MISSING_CODES,
     AWSConnection,
-    _aws_errors,
-    _LazyS3,
+    LazyS3,
     _number,
     _retried,
-    _store_params,
     aws_error_code,
+    aws_errors,
     aws_reason,
+    check_bucket,
+    check_key,
     parse_connection,
 )
 
 __all__ = ["S3Adapter", "open_s3_store"]
 
+# --------------------------------------------------------------------------- the URL
 
-class S3Adapter(_LazyS3, DocumentAdapter):
+
+_STORE_PARAMS = frozenset(AWS_CONNECTION_OPTIONS | {"lock_ttl"})
+_FLOAT_PARAMS = frozenset({"connect_timeout", "read_timeout", "lock_ttl"})
+DEFAULT_LOCK_TTL = 30.0
+_MIN_LOCK_TTL, _MAX_LOCK_TTL = 5, 3600
+
+
+def _store_params(url: str) -> tuple[str, str, dict[str, Any]]:
+    """Split and validate ``s3://BUCKET/KEY?params``: (bucket, key, params). No I/O.
+
+    Raises ConfigError naming ``daemon.state`` and the culprit.
+    """
+    where = "daemon.state"
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ConfigError(f"{where}: expected s3://BUCKET/KEY, got {url!r}")
+    bucket = check_bucket(parts.netloc, f"{where}: bucket of {url!r}")
+    key = check_key(parts.path[1:], f"{where}: object key of {url!r}")
+    if parts.fragment:
+        raise ConfigError(f"{where}: {url!r}: unexpected '#' fragment")
+    params: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if name not in _STORE_PARAMS:
+            raise ConfigError(
+                f"{where}: {url!r}: unknown parameter {name!r} "
+                f"(known: {', '.join(sorted(_STORE_PARAMS))})"
+            )
+        if name in params:
+            raise ConfigError(f"{where}: {url!r}: parameter {name!r} given twice")
+        if name in _FLOAT_PARAMS or name == "max_attempts":
+            try:
+                params[name] = int(value) if name == "max_attempts" else float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}: {url!r}: parameter {name!r} must be a number, got {value!r}"
+                ) from None
+        else:
+            params[name] = value
+    return bucket, key, params
+
+
+class S3Adapter(LazyS3, DocumentAdapter):
     """``KEY``, ``KEY.lock``, ``KEY.lease`` in one bucket, by conditional requests."""
 
     def __init__(self, bucket: str, key: str, connection: AWSConnection | None = None) -> None:
@@ -65,8 +108,8 @@ class S3Adapter(_LazyS3, DocumentAdapter):
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
             data: bytes = resp["Body"].read()
-        except _aws_errors() as e:
-            if aws_error_code(e) in _MISSING_CODES:
+        except aws_errors() as e:
+            if aws_error_code(e) in MISSING_CODES:
                 return None
             raise self._error(self._op("GetObject", name), e) from None
         return Blob(data, str(resp["ETag"]), _age(resp))
@@ -86,9 +129,9 @@ class S3Adapter(_LazyS3, DocumentAdapter):
                 ContentType="application/json",
                 **condition,
             )
-        except _aws_errors() as e:
+        except aws_errors() as e:
             code = aws_error_code(e)
-            if code not in _CONFLICT_CODES and code not in _MISSING_CODES:
+            if code not in CONFLICT_CODES and code not in MISSING_CODES:
                 raise self._error(self._op("PutObject", name), e) from None
             # A request botocore retried after a timeout may have landed on
             # the first attempt and then lost to itself: if the object now
@@ -107,18 +150,18 @@ class S3Adapter(_LazyS3, DocumentAdapter):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
             if resp["Body"].read() == data:
                 return str(resp["ETag"])
-        except _aws_errors():
+        except aws_errors():
             pass
         return None
 
     def delete(self, name: str, version: object) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name), IfMatch=str(version))
-        except _aws_errors() as e:
+        except aws_errors() as e:
             code = aws_error_code(e)
-            if code in _MISSING_CODES:
+            if code in MISSING_CODES:
                 return
-            if code in _CONFLICT_CODES:
+            if code in CONFLICT_CODES:
                 raise ConflictError(
                     f"state {self.location}: {self._op('DeleteObject', name)}: {code}"
                 ) from None
@@ -127,8 +170,8 @@ class S3Adapter(_LazyS3, DocumentAdapter):
     def version(self, name: str) -> object | None:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-        except _aws_errors() as e:
-            if aws_error_code(e) in _MISSING_CODES:
+        except aws_errors() as e:
+            if aws_error_code(e) in MISSING_CODES:
                 return None
             raise self._error(self._op("HeadObject", name), e) from None
         return str(head["ETag"])
@@ -149,8 +192,8 @@ def _age(resp: Mapping[str, Any]) -> float | None:
 def open_s3_store(url: str) -> SharedStore:
     """``s3://BUCKET/KEY[?region=..&endpoint_url=..&profile=..&lock_ttl=..&...]``; no I/O.
 
-    Validates the URL with :func:`keymgr.s3._store_params` (ConfigError naming
-    ``daemon.state`` and the culprit); see ``keymgr.stores._SHARED``.
+    Validates the URL with :func:`_store_params` (ConfigError naming
+    ``daemon.state`` and the culprit); registered as the ``s3`` store in :mod:`keymgr.plugins`.
     """
     bucket, key, params = _store_params(url)
     where = f"daemon.state: {url!r}: parameter "

@@ -20,10 +20,9 @@ re-reads ``token_file`` / ``VAULT_TOKEN`` (Vault Agent rotates the sink file),
 in a message: reasons are built from the server's error list or the transport
 error class, and scrubbed of every credential this client holds.
 
-:mod:`keymgr.docstore_vault` keeps keymgr's state in KV v2 secrets (an adapter
-under :class:`keymgr.docstore.SharedStore`, written with KV's check-and-set);
-this module keeps what it shares with the transit backend, and the parsing of
-the ``vault://`` state URL's options.
+:mod:`keymgr.backends.vault.store` keeps keymgr's state in KV v2 secrets (an
+adapter under :class:`keymgr.docstore.SharedStore`, written with KV's
+check-and-set); this module is what it shares with the transit backend.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from keymgr.errors import ConfigError
 from keymgr.logs import get_logger
@@ -56,7 +55,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-log = get_logger("keymgr.vault")
+log = get_logger("keymgr.backends.vault.client")
 
 AUTH_METHODS = ("token", "approle", "kubernetes")
 DEFAULT_TIMEOUT = 10.0
@@ -554,61 +553,3 @@ def _make_session(s: VaultSettings) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
-
-
-# ---------------------------------------------------- KV v2 state store URL (keymgr.docstore_vault)
-
-#: Store-only URL parameters (the rest are the client options above).
-STORE_OPTIONS: frozenset[str] = frozenset({"lock_ttl"})
-DEFAULT_LOCK_TTL = 20.0
-_LOCK_TTL_RANGE = (2.0, 3600.0)
-
-
-def _query_options(url: str, query: str) -> dict[str, Any]:
-    where = f"state {url} parameter"
-    pairs = parse_qsl(query, keep_blank_values=True)
-    seen: dict[str, Any] = {}
-    known = CLIENT_OPTIONS | STORE_OPTIONS
-    for key, value in pairs:
-        if key in seen:
-            raise ConfigError(f"{where} {key}: given twice")
-        if key == "token":
-            raise ConfigError(
-                f"{where} token: a token never goes in the state URL; use token_file or VAULT_TOKEN"
-            )
-        if key not in known:
-            raise ConfigError(f"{where} {key}: unknown (known: {', '.join(sorted(known))})")
-        conv: Any = value
-        try:
-            if key in ("timeout", "lock_ttl"):
-                conv = float(value)
-            elif key == "retries":
-                conv = int(value)
-            elif key == "tls_verify":
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                conv = value.lower() in ("true", "1")
-        except ValueError:
-            raise ConfigError(f"{where} {key}: bad value {value!r}") from None
-        seen[key] = conv
-    return seen
-
-
-def _kv_time(text: Any) -> datetime | None:
-    """A KV ``created_time`` (RFC 3339, nanoseconds) as an aware datetime, or None."""
-    if not isinstance(text, str) or not text:
-        return None
-    m = _KV_TIME_RE.fullmatch(text)
-    if m is None:
-        return None
-    try:
-        return datetime.fromisoformat(f"{m.group(1)}{(m.group(2) or '')[:7]}+00:00")
-    except ValueError:
-        return None
-
-
-_KV_TIME_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z")
-
-
-def _is_cas_failure(e: VaultCallError) -> bool:
-    return e.status == 400 and any("check-and-set" in x for x in e.errors)

@@ -32,8 +32,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
+from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
 from keymgr.fsutil import TMP_SUFFIX, atomic_write, dir_problem, fsync_dir, is_temp_of
 

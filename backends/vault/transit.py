@@ -42,13 +42,14 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
+from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import BackendError, ConfigError, KeyNotFoundError
 from keymgr.logs import get_logger
-from keymgr.vault import CLIENT_OPTIONS, VaultCallError, VaultClient, vault_client
 
-log = get_logger("keymgr.backends.vault_transit")
+from .client import CLIENT_OPTIONS, VaultCallError, VaultClient, vault_client
+
+log = get_logger("keymgr.backends.vault.transit")
 
 TYPE_NAME = "vault-transit"
 #: Every key keymgr creates is used at this version only (see module docstring).

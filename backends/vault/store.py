@@ -29,21 +29,20 @@ have reached the server, so a lost answer surfaces as a StoreError.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from keymgr.docstore import LEASE, LOCK, STATE, Blob, DocumentAdapter, SharedStore
 from keymgr.errors import ConfigError, ConflictError, StoreError
-from keymgr.vault import (
-    _LOCK_TTL_RANGE,
+
+from .client import (
     _MOUNT_RE,
-    DEFAULT_LOCK_TTL,
+    CLIENT_OPTIONS,
     VaultCallError,
     VaultClient,
-    _is_cas_failure,
-    _kv_time,
-    _query_options,
     vault_client,
 )
 
@@ -60,6 +59,64 @@ _OPS = {
     ("write", LOCK): "lock",
     ("delete", LOCK): "unlock",
 }
+
+
+# --------------------------------------------------------------------------- the URL
+
+#: Store-only URL parameters (the rest are the client options above).
+STORE_OPTIONS: frozenset[str] = frozenset({"lock_ttl"})
+DEFAULT_LOCK_TTL = 20.0
+_LOCK_TTL_RANGE = (2.0, 3600.0)
+
+
+def _query_options(url: str, query: str) -> dict[str, Any]:
+    where = f"state {url} parameter"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    seen: dict[str, Any] = {}
+    known = CLIENT_OPTIONS | STORE_OPTIONS
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"{where} {key}: given twice")
+        if key == "token":
+            raise ConfigError(
+                f"{where} token: a token never goes in the state URL; use token_file or VAULT_TOKEN"
+            )
+        if key not in known:
+            raise ConfigError(f"{where} {key}: unknown (known: {', '.join(sorted(known))})")
+        conv: Any = value
+        try:
+            if key in ("timeout", "lock_ttl"):
+                conv = float(value)
+            elif key == "retries":
+                conv = int(value)
+            elif key == "tls_verify":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                conv = value.lower() in ("true", "1")
+        except ValueError:
+            raise ConfigError(f"{where} {key}: bad value {value!r}") from None
+        seen[key] = conv
+    return seen
+
+
+def _kv_time(text: Any) -> datetime | None:
+    """A KV ``created_time`` (RFC 3339, nanoseconds) as an aware datetime, or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    m = _KV_TIME_RE.fullmatch(text)
+    if m is None:
+        return None
+    try:
+        return datetime.fromisoformat(f"{m.group(1)}{(m.group(2) or '')[:7]}+00:00")
+    except ValueError:
+        return None
+
+
+_KV_TIME_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z")
+
+
+def _is_cas_failure(e: VaultCallError) -> bool:
+    return e.status == 400 and any("check-and-set" in x for x in e.errors)
 
 
 def _op(kind: str, name: str) -> str:
@@ -258,7 +315,7 @@ def open_vault_store(url: str) -> SharedStore:
     """``vault://MOUNT/PATH[?auth=..&lock_ttl=..&...]``; validated, no I/O.
 
     A bad URL is a ConfigError naming ``daemon.state`` (or the state and the
-    parameter) and the culprit; see ``keymgr.stores._SHARED``.
+    parameter) and the culprit; registered as the ``vault`` store in :mod:`keymgr.plugins`.
     """
     parts = urlsplit(url)
     mount = parts.netloc

@@ -41,12 +41,13 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from backends import Backend, GeneratedKey, Signer
 from keymgr import jose
+from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
-from keymgr.s3 import (
+
+from .client import (
     AWS_CONNECTION_OPTIONS,
     AWSConnection,
     aws_error_code,
@@ -54,7 +55,7 @@ from keymgr.s3 import (
     parse_connection,
 )
 
-log = get_logger("keymgr.backends.aws_kms")
+log = get_logger("keymgr.backends.aws.kms")
 
 TYPE_NAME = "aws-kms"
 
@@ -499,9 +500,7 @@ class KMSBackend(Backend):
             for k in [k for k in self._signers if k[:2] == (ring, kid)]:
                 del self._signers[k]
 
-    def _key_id_for_destroy(
-        self, ring: str, kid: str, alias: str
-    ) -> tuple[str | None, str | None]:
+    def _key_id_for_destroy(self, ring: str, kid: str, alias: str) -> tuple[str | None, str | None]:
         """(KeyId, KeyState if this lookup learnt it) of the key to destroy; (None, None)
         when there is none (already destroyed, or never created)."""
         with self._lock:

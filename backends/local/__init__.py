@@ -1,0 +1,1 @@
+"""Local files: encrypted private keys, the JWKS file, the state file."""

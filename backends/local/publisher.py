@@ -1,0 +1,86 @@
+"""A JWKS file for nginx or any static server: publisher ``type = "file"``.
+
+The file is replaced atomically (temp file, fsync, rename), so a verifier
+never reads half a document, and read back before the write counts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from keymgr.errors import ConfigError, PublishError
+from keymgr.fsutil import atomic_write
+from keymgr.publishers import Publisher
+
+
+def _check_fields(name: str, options: Mapping[str, Any], allowed: set[str]) -> None:
+    for k in options:
+        if k not in allowed:
+            raise ConfigError(f"publishers.{name}.{k}: unknown field")
+
+
+class FilePublisher(Publisher):
+    """A JWKS file for nginx or any static server, replaced atomically."""
+
+    type_name = "file"
+
+    def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
+        super().__init__(name, options, config_dir)
+        _check_fields(name, options, {"type", "path", "mode", "cache_control"})
+        raw = options.get("path")
+        if not isinstance(raw, str) or not raw.strip():
+            raise ConfigError(f"publishers.{name}.path: is required (a file path)")
+        path = Path(raw)
+        self.path = path if path.is_absolute() else Path(config_dir) / path
+        mode = options.get("mode", "0644")
+        try:
+            self.mode = int(mode, 8) if isinstance(mode, str) else -1
+        except ValueError:
+            self.mode = -1
+        if not 0 <= self.mode <= 0o777:
+            raise ConfigError(f"publishers.{name}.mode: expected an octal string like '0644'")
+        if self.mode & 0o022:
+            # Whoever could rewrite the JWKS could publish a key of their own.
+            raise ConfigError(
+                f"publishers.{name}.mode: {mode} lets group or others write the JWKS "
+                f"(use '0644' or '0640')"
+            )
+        cc = options.get("cache_control")
+        if cc is not None and not isinstance(cc, str):
+            raise ConfigError(f"publishers.{name}.cache_control: must be a string")
+        #: Documented for the static server in front of the file (see deploy/nginx).
+        self.cache_control = cc
+
+    def headers(self) -> dict[str, str]:
+        # The static server in front sets these from its own config; keymgr
+        # counts the configured value as part of the document, so changing
+        # cache_control restarts the continuous-publication clock.
+        return {} if self.cache_control is None else {"Cache-Control": self.cache_control}
+
+    def paths(self) -> dict[str, Path]:
+        return {"path": self.path}
+
+    def read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise PublishError(
+                f"publisher {self.name}: cannot read {self.path}: {e.strerror}"
+            ) from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, data, self.mode)
+        except OSError as e:
+            raise PublishError(
+                f"publisher {self.name}: cannot write {self.path}: {e.strerror}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"FilePublisher({self.name!r}, {os.fspath(self.path)!r})"

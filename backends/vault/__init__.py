@@ -1,0 +1,1 @@
+"""Vault / OpenBao: transit keys and the state in KV v2."""
