@@ -12,7 +12,7 @@ did not reach the log is appended from the outbox. A crash therefore never
 loses an event and never writes one twice (invariant 7).
 
 Nothing is appended, and no new head is sealed, unless the log's last line is
-exactly the anchored head (design.md, "Trust boundaries"): a log rewritten with
+exactly the anchored head (docs/design.md#trust-boundaries): a log rewritten with
 a recomputed chain is refused before anything commits, never re-anchored. The
 outbox itself is checked before it is appended: it must chain, end at the
 anchor, and every key event in it must agree with the state it was committed

@@ -102,7 +102,7 @@ examples:
 
 Exit codes: 0 ok, 1 an operation failed, 2 bad usage or config.
 Every command reads --config PATH (default: $KEYMGR_CONFIG, then ./keymgr.toml).
-Reference: README.md, "CLI reference"."""
+Reference: docs/cli.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:

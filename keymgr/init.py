@@ -10,7 +10,7 @@ from pathlib import Path
 from keymgr.errors import ConfigError, KeymgrError
 
 CONFIG_TEMPLATE = """\
-# keymgr configuration: see README.md, "Configuration reference".
+# keymgr configuration: see docs/configuration/index.md.
 
 [daemon]
 state = "file:state.json"              # or s3://bucket/key, vault://mount/path

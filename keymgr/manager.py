@@ -245,13 +245,13 @@ class KeyManager:
         right after this process itself reconciled, rotated or revoked. So
         after another process promotes a successor, this one may go on signing
         with the previous key for up to that window. That is harmless, by
-        design.md's timing rules: promotion retires the previous key but keeps
+        the timing rules of docs/design.md#timing: promotion retires the previous key but keeps
         it published for ``retire_grace`` (G >= the longest token lifetime plus
         clock skew, and at least 1 s), so a token it signs one window late
         still verifies for its whole life; at worst its last window-length
         of validity comes out of the clock-skew margin. No key can go from active to
         unpublished within the window except through ``revoke`` (compromise,
-        where design.md already accepts rejected tokens), and a revoking
+        where docs/design.md#exclusions already accepts rejected tokens), and a revoking
         process drops its own cache at once. A per-call ``stat`` would not
         close that gap either (the state can change between the stat and the
         signature); it would only make it microseconds wide, at ~10% of an

@@ -186,7 +186,7 @@ class PublisherRecord:
     longer serves the confirmed document (reverted, deleted, edited, its
     headers changed, or unreadable) marks the record ``stale`` and forgets
     every time. Promotion waits for the latest of these across a ring's
-    publishers plus A (design.md, "Timing rules").
+    publishers plus A (docs/design.md#promotion).
 
     ``asked`` holds the kids of writes that were never confirmed: such a write
     may have put them on the target, so they block destruction like confirmed

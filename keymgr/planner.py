@@ -31,7 +31,7 @@ from keymgr.model import (
 
 @dataclass(frozen=True)
 class Policy:
-    """The timing rules of one key ring (design.md, "Timing rules")."""
+    """The timing rules of one key ring (docs/design.md#timing)."""
 
     ring: str
     backend: str
@@ -166,7 +166,7 @@ def _confirmed_everywhere(state: State, pol: Policy, kid: str) -> bool:
 def served_since(state: State, pol: Policy, kid: str) -> datetime | None:
     """Since when every publisher of the ring has served ``kid`` without a
     break: the latest of their continuity times, or None while any of them
-    does not (design.md, "Timing rules")."""
+    does not (docs/design.md#promotion)."""
     latest: datetime | None = None
     for p in pol.publishers:
         rec = state.publishers.get(p)
@@ -302,7 +302,7 @@ def plan_ring(
         elif published is not None and pending is None:
             # Promotion waits A from the moment the *last* publisher started
             # serving the key without a break: a document reverted or lost
-            # since restarts the wait (design.md invariant 2).
+            # since restarts the wait (docs/design.md#invariant-2).
             served = served_since(state, pol, published.kid)
             start = served if served is not None else now
             start = max(start, _required(published.published_at, ring, published, "published_at"))

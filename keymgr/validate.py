@@ -1,6 +1,6 @@
 """Small, pure checks of a state document before anything acts on it.
 
-Nothing read from storage is trusted (design.md, "Trust boundaries"): a state
+Nothing read from storage is trusted (docs/design.md#trust-boundaries): a state
 document may have been edited by anyone with write access to the store. Each
 check below is one rule, and each failure is one line naming the ring, the kid
 and the field, raised as :class:`~keymgr.errors.StateError` so that the CLI
@@ -29,7 +29,7 @@ from keymgr.model import (
     State,
 )
 
-#: Times each state needs recorded (besides created_at), by design.md's states.
+#: Times each state needs recorded (besides created_at), per docs/design.md#states.
 _REQUIRED: dict[str, tuple[str, ...]] = {
     PENDING: (),
     PUBLISHED: ("published_at",),

@@ -1,4 +1,4 @@
-"""A corpus of bad configurations, each refused the way design.md promises.
+"""A corpus of bad configurations, each refused as docs/design.md#config-errors promises.
 
 "Every config error names the file, the field and what is wrong, exits with code
 2, and changes nothing." Each ``tests/bad_configs/NN-name.toml`` starts with one

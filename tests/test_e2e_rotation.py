@@ -311,7 +311,7 @@ def driver(home: Any, alg: str, seed: str) -> Driver:
 
 
 def expected_next(ring: dict[str, Any]) -> tuple[str, str | None, datetime]:
-    """The next transition per design.md's timing rules, from ``status --json`` keys."""
+    """The next transition per docs/design.md#timing, from ``status --json`` keys."""
     cands: list[tuple[datetime, str, str | None]] = []
     by = {s: [k for k in ring["keys"] if k["state"] == s] for s in ("active", "published")}
     active = by["active"][0]

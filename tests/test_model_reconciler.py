@@ -26,7 +26,7 @@ The oracle (independent of the planner)
     cache lifetime C <= A and bound to one publisher of a ring, fetch at
     arbitrary times and whenever their cache is older than C; at every check
     each must accept every live token of its ring, its signature checked by
-    PyJWT against the cached JWKS. The only exclusions are those design.md
+    PyJWT against the cached JWKS. The only exclusions are those docs/design.md#exclusions
     allows: the tokens of a revoked key; for A after a promotion forced by
     ``rotate --emergency`` or by revoking the signer, the new signer's tokens;
     and, for a document a revert (a hostile act) put on a publisher, the keys
@@ -302,7 +302,7 @@ class World:
     last_state: State = field(default_factory=State)
     seen_commits: int = 0
     seen_writes: dict[str, int] = field(default_factory=dict)
-    # Exclusions (design.md) and the facts they rest on.
+    # Exclusions (docs/design.md#exclusions) and the facts they rest on.
     revoked: set[str] = field(default_factory=set)
     disrupted: set[str] = field(default_factory=set)  # rings whose next promotion is forced
     hasty_until: dict[str, datetime] = field(default_factory=dict)
@@ -1190,7 +1190,7 @@ def _keys(w: World, ring: str = "r0") -> dict[str, Any]:
 
 
 def test_a_reverted_jwks_restarts_the_wait_for_promotion() -> None:
-    """design.md, invariant 2: the successor's A starts again once a document
+    """docs/design.md#invariant-2: the successor's A starts again once a document
     without it was served; a verifier that cached the reverted document at
     23:30 for A = 1 h still holds it at 00:00, when the successor would
     otherwise be promoted."""
@@ -1214,7 +1214,7 @@ def test_a_reverted_jwks_restarts_the_wait_for_promotion() -> None:
 
 
 def test_a_lost_state_is_refused_and_nothing_is_destroyed() -> None:
-    """design.md, "Crash safety": a missing state while the backend holds
+    """docs/design.md#crash-safety: a missing state while the backend holds
     keymgr keys is refused, never treated as a fresh start; restored from a
     copy, the ring goes on as if nothing happened."""
     w = make_world({"r0": _policy()}, [Verifier("v0", "r0", "p0", HOUR)])

@@ -4,7 +4,7 @@ No reconcile loop here: ``tests/test_model_reconciler.py`` drives the real
 reconciler through time, faults and hostile acts. These tests build states
 directly (every key state, times in lifecycle order, publisher records fresh,
 stale or with unconfirmed writes, rotations requested) and check what a single
-``plan(state, policies, now)`` may return against design.md's rules, stated
+``plan(state, policies, now)`` may return against the rules of docs/design.md#timing, stated
 here on the state rather than copied from the planner:
 
 - a key is promoted only from ``published``, and, while a signer exists and

@@ -1,4 +1,4 @@
-"""The timing rules of design.md, one by one.
+"""The timing rules of docs/design.md#timing, one by one.
 
 Each test either asks the pure planner directly (``plan(state, policies, now)``)
 on a hand-built state, or runs ``Sim``: the real ``keymgr.reconciler.Reconciler``
@@ -817,7 +817,7 @@ def test_upcoming_with_nothing_time_based_left() -> None:
 
 
 def test_daemon_waking_at_next_at_follows_the_timeline() -> None:
-    """Sleeping until ``Plan.next_at`` and reconciling reproduces design.md's timeline."""
+    """Sleeping until ``Plan.next_at`` and reconciling reproduces docs/design.md#timeline."""
     sim = Sim()
     sim.wake_until(T0 + 2 * P + G + D)
     timeline = [(t - T0, e) for t, e in sim.log]
