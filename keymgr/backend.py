@@ -10,12 +10,10 @@ found by type name through the entry-point group ``keymgr.backends`` (see
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-
-from keymgr.errors import ConfigError
 
 #: A function that turns a JWS signing input into the JWS signature bytes
 #: (for ECDSA the raw fixed-length r||s, as RFC 7518 requires).
@@ -34,9 +32,9 @@ class Backend(abc.ABC):
     """Base class every key backend derives from.
 
     ``name`` is the config table name (``[backends.NAME]``); ``options`` is that
-    table. Constructors validate options and raise :class:`ConfigError` naming
-    ``backends.NAME.FIELD``; they must not do network I/O so that
-    ``keymgr config check`` stays offline and fast.
+    table. Constructors read it with :class:`keymgr.options.Options` (one
+    wording for every bad option, naming ``backends.NAME.FIELD``); they must
+    not do network I/O so that ``keymgr config check`` stays offline and fast.
     """
 
     type_name: ClassVar[str]
@@ -44,19 +42,6 @@ class Backend(abc.ABC):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         self.name = name
-
-    def _refuse_unknown(
-        self, options: Mapping[str, Any], known: Collection[str], also: Collection[str] = ()
-    ) -> None:
-        """A misspelt option is an error, not a silent default. ``also``: accepted
-        here but left out of the list shown (options refused later with a message
-        of their own)."""
-        unknown = sorted(set(options) - set(known) - set(also))
-        if unknown:
-            raise ConfigError(
-                f"backends.{self.name}.{unknown[0]}: unknown option "
-                f"(known: {', '.join(sorted(known))})"
-            )
 
     @abc.abstractmethod
     def generate(self, ring: str, alg: str, *, intent: str | None = None) -> GeneratedKey:

@@ -133,7 +133,8 @@ class _Ctx:
     ) -> None:
         for k in tbl:
             if k not in allowed:
-                raise self.err(f"{prefix}{k}", "unknown field")
+                known = ", ".join(sorted(allowed))
+                raise self.err(f"{prefix}{k}", f"unknown option (known: {known})")
 
     def name(self, name: str, field: str) -> None:
         if not NAME_RE.fullmatch(name):
@@ -189,8 +190,8 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
 
     try:
         state_url = check_state_url(merged["state"], base)
-    except ValueError as e:
-        raise ctx.err("daemon.state", str(e)) from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     audit = Path(merged["audit_log"])
     daemon = DaemonConfig(
         state=state_url,

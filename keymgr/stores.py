@@ -89,15 +89,16 @@ def check_state_url(url: str, base: Path) -> str:
 
     A store's factory validates its URL offline (bucket, parameters; no I/O),
     so ``config check`` reports a bad one with the file and field like any
-    other error.
+    other error: ConfigError naming ``daemon.state`` (``daemon.state?NAME`` for
+    a URL parameter).
     """
     scheme = _scheme(url)
     if scheme == "file":
-        return f"file:{_file_path(url, base)}"
-    try:
-        store_factory(scheme, "daemon.state")(url)
-    except ConfigError as e:
-        raise ValueError(str(e).removeprefix("daemon.state: ")) from None
+        try:
+            return f"file:{_file_path(url, base)}"
+        except ValueError as e:
+            raise ConfigError(f"daemon.state: {e}") from None
+    store_factory(scheme, "daemon.state")(url)
     return url
 
 

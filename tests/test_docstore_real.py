@@ -30,6 +30,7 @@ from keymgr.backends.vault.store import VaultKVAdapter, open_vault_store
 from keymgr.docstore import LOCK, SharedStore, encode_state
 from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.model import State
+from keymgr.options import Options
 from keymgr.testing.docstore import DocHarness, SharedStoreTests, sample_state
 from tests.servers_moto import REGION, s3_client, s3_state_url
 
@@ -105,18 +106,20 @@ def test_s3_objects_and_messages(moto: Any, s3_key: str) -> None:
         SharedStore(S3Adapter("no-such-bucket", "k", s3_connection(moto.url))).load()
 
 
-#: A bad S3 state URL and its message (those of the previous release's S3 store).
+#: A bad S3 state URL and its message: a URL parameter is named ``daemon.state?NAME``
+#: and worded like every other plug-in option (keymgr.options).
 S3_URL_ERRORS = [
     (
         "s3://bucket/state.json?regoin=x",
-        "daemon.state: 's3://bucket/state.json?regoin=x': unknown parameter 'regoin' (known: "
+        "daemon.state?regoin: unknown option (known: "
         "connect_timeout, endpoint_url, lock_ttl, max_attempts, profile, read_timeout, region)",
     ),
     (
         "s3://bucket/state.json?lock_ttl=1",
-        "daemon.state: 's3://bucket/state.json?lock_ttl=1': parameter lock_ttl: must be between "
-        "5 and 3600, got 1.0",
+        "daemon.state?lock_ttl: must be between 5 and 3600, got 1.0",
     ),
+    ("s3://bucket/k?max_attempts=2.5", "daemon.state?max_attempts: expected an integer, got '2.5'"),
+    ("s3://bucket/k?region=a&region=b", "daemon.state?region: given twice"),
     (
         "s3://B_AD/state.json",
         "daemon.state: bucket of 's3://B_AD/state.json': expected an S3 bucket name, got 'B_AD'",
@@ -127,7 +130,7 @@ S3_URL_ERRORS = [
     ),
     (
         "s3://bucket/k?endpoint_url=ftp://x",
-        "daemon.state: 's3://bucket/k?endpoint_url=ftp://x': parameter endpoint_url: expected an "
+        "daemon.state?endpoint_url: expected an "
         "http(s) URL like 'https://kms.eu-west-1.amazonaws.com', got 'ftp://x'",
     ),
 ]
@@ -198,8 +201,7 @@ def vault_env(bao: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def kv_adapter(path: str, mount: str = "secret") -> VaultKVAdapter:
     """A new client each time: another process's view."""
-    url = f"vault://{mount}/{path}"
-    return VaultKVAdapter(mount, path, vault_client({}, f"state {url}", None, sep=" parameter "))
+    return VaultKVAdapter(mount, path, vault_client(Options({}, "daemon.state", ())))
 
 
 class TestVaultKV(SharedStoreTests):
@@ -287,29 +289,27 @@ def test_vault_a_deleted_or_destroyed_state_is_refused_not_emptied(vault_env: An
     assert store.load() == (State(), None)
 
 
-#: A bad Vault state URL and its message (those of the previous release's Vault KV store).
+#: A bad Vault state URL and its message, worded like the S3 store's (keymgr.options).
 VAULT_URL_ERRORS = [
     ("vault://secret", "daemon.state: 'vault://secret': expected vault://MOUNT/PATH"),
     (
         "vault://secret/x?token=abc",
-        "state vault://secret/x parameter token: a token never goes in the state URL; "
-        "use token_file or VAULT_TOKEN",
+        "daemon.state?token: a literal token is refused (it would sit in the config file and "
+        "in backups); use token_file or VAULT_TOKEN",
     ),
     (
         "vault://secret/x?colour=blue",
-        "state vault://secret/x parameter colour: unknown (known: approle_mount, auth, ca_cert, "
+        "daemon.state?colour: unknown option (known: approle_mount, auth, ca_cert, "
         "jwt_file, kubernetes_mount, lock_ttl, namespace, retries, role, role_id, "
         "secret_id_file, timeout, tls_verify, token_file, url)",
     ),
-    ("vault://secret/x?timeout=soon", "state vault://secret/x parameter timeout: bad value 'soon'"),
+    ("vault://secret/x?timeout=soon", "daemon.state?timeout: expected a number, got 'soon'"),
     (
-        "vault://secret/x?lock_ttl=1",
-        "state vault://secret/x parameter lock_ttl: must be between 2 and 3600 seconds, got 1",
+        "vault://secret/x?tls_verify=maybe",
+        "daemon.state?tls_verify: expected true or false, got 'maybe'",
     ),
-    (
-        "vault://secret/x?auth=approle",
-        'state vault://secret/x parameter role_id: required with auth = "approle"',
-    ),
+    ("vault://secret/x?lock_ttl=1", "daemon.state?lock_ttl: must be between 2 and 3600, got 1.0"),
+    ("vault://secret/x?auth=approle", 'daemon.state?role_id: required with auth = "approle"'),
 ]
 
 

@@ -210,7 +210,9 @@ def test_store_url_is_checked_at_config_load(home: Any, tmp_path: Path) -> None:
         assert str(home.config) in line and "daemon.state" in line, line
         return line
 
-    assert "unknown parameter 'regoin'" in config_error("s3://bucket/state.json?regoin=x", True)
+    assert "daemon.state?regoin: unknown option" in config_error(
+        "s3://bucket/state.json?regoin=x", True
+    )
     assert "lock_ttl" in config_error("s3://bucket/state.json?lock_ttl=1")
     assert "bucket" in config_error("s3://B_AD/state.json")
     assert "object key" in config_error("s3://bucket/")

@@ -1292,8 +1292,8 @@ def test_tls_ca_bundle(tmp_path, monkeypatch):
         ({"key_prefix": "-x"}, "backends.vault.key_prefix: expected"),
         ({"key_prefix": "a/b"}, "backends.vault.key_prefix: expected"),
         ({"mount": "a b"}, "backends.vault.mount: expected a mount path"),
-        ({"timeout": 0}, "backends.vault.timeout: must be more than 0"),
-        ({"timeout": "2s"}, "backends.vault.timeout: expected a number of seconds"),
+        ({"timeout": 0}, "backends.vault.timeout: must be between 0.1 and 300, got 0"),
+        ({"timeout": "2s"}, "backends.vault.timeout: expected a number, got '2s'"),
         ({"tls_verify": "no"}, "backends.vault.tls_verify: expected true or false"),
         ({"auth": "ldap"}, "backends.vault.auth: unknown auth method 'ldap'"),
         ({"auth": "approle"}, 'backends.vault.role_id: required with auth = "approle"'),
@@ -1370,6 +1370,5 @@ def test_config_check_is_offline_and_names_file_and_field(home):
     proc = home.run("config", "check")
     assert proc.returncode == 2
     assert proc.stderr.startswith(
-        f"keymgr: error: {home.config}: daemon.state: state vault://secret/keymgr/state "
-        "parameter colour: unknown"
+        f"keymgr: error: {home.config}: daemon.state?colour: unknown option (known: "
     ), proc.stderr

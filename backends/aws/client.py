@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from keymgr.errors import ConfigError
+from keymgr.options import Options
 
 # --------------------------------------------------------------------------- AWS connection
 
@@ -101,66 +101,27 @@ class AWSConnection:
             )
 
 
-def _number(value: Any, field: str, *, low: float, high: float, integer: bool) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        kind = "an integer" if integer else "a number of seconds"
-        raise ConfigError(f"{field}: expected {kind}, got {value!r}")
-    if integer and not isinstance(value, int):
-        raise ConfigError(f"{field}: expected an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{field}: must be between {low:g} and {high:g}, got {value!r}")
-    return value
-
-
-def parse_connection(options: Mapping[str, Any], prefix: str) -> AWSConnection:
-    """Validate the connection options; ``prefix`` + field names the culprit. No I/O.
-
-    ``prefix`` is e.g. ``"backends.kms."`` so errors read ``backends.kms.region: ...``.
-    """
-    region = options.get("region")
-    if region is not None and (not isinstance(region, str) or not _REGION_RE.fullmatch(region)):
-        raise ConfigError(
-            f"{prefix}region: expected an AWS region like 'eu-west-1', got {region!r}"
-        )
-    endpoint = options.get("endpoint_url")
+def parse_connection(o: Options) -> AWSConnection:
+    """Validate the connection options (errors name ``o.field(...)``). No I/O."""
+    region = o.string("region")
+    if region is not None and not _REGION_RE.fullmatch(region):
+        raise o.err("region", f"expected an AWS region like 'eu-west-1', got {region!r}")
+    endpoint = o.string("endpoint_url")
     if endpoint is not None:
-        parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(
-                f"{prefix}endpoint_url: expected an http(s) URL like "
-                f"'https://kms.eu-west-1.amazonaws.com', got {endpoint!r}"
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise o.err(
+                "endpoint_url",
+                f"expected an http(s) URL like 'https://kms.eu-west-1.amazonaws.com', "
+                f"got {endpoint!r}",
             )
-    profile = options.get("profile")
-    if profile is not None and (not isinstance(profile, str) or not profile.strip()):
-        raise ConfigError(f"{prefix}profile: expected a non-empty profile name, got {profile!r}")
-    connect = _number(
-        options.get("connect_timeout", 5),
-        f"{prefix}connect_timeout",
-        low=0.1,
-        high=_MAX_TIMEOUT,
-        integer=False,
-    )
-    read = _number(
-        options.get("read_timeout", 10),
-        f"{prefix}read_timeout",
-        low=0.1,
-        high=_MAX_TIMEOUT,
-        integer=False,
-    )
-    attempts = _number(
-        options.get("max_attempts", 5),
-        f"{prefix}max_attempts",
-        low=1,
-        high=_MAX_ATTEMPTS,
-        integer=True,
-    )
     return AWSConnection(
         region=region,
         endpoint_url=endpoint,
-        profile=profile,
-        connect_timeout=float(connect),
-        read_timeout=float(read),
-        max_attempts=int(attempts),
+        profile=o.string("profile"),
+        connect_timeout=o.number("connect_timeout", 5, 0.1, _MAX_TIMEOUT),
+        read_timeout=o.number("read_timeout", 10, 0.1, _MAX_TIMEOUT),
+        max_attempts=o.integer("max_attempts", 5, 1, _MAX_ATTEMPTS),
     )
 
 

@@ -43,9 +43,10 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from keymgr import jose
 from keymgr.backend import Backend, GeneratedKey, Signer
-from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
+from keymgr.errors import BackendError, KeyIntegrityError, KeyNotFoundError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
+from keymgr.options import Options
 
 from .client import (
     AWS_CONNECTION_OPTIONS,
@@ -136,39 +137,27 @@ class KMSBackend(Backend):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        self._refuse_unknown(options, _OPTIONS)
-        self.connection: AWSConnection = parse_connection(options, f"backends.{name}.")
-        prefix = options.get("alias_prefix", "keymgr")
+        o = Options(options, f"backends.{name}", _OPTIONS)
+        self.connection: AWSConnection = parse_connection(o)
+        prefix = o.raw("alias_prefix", "keymgr")
         if (
             not isinstance(prefix, str)
             or not _PREFIX_RE.fullmatch(prefix)
             or len(prefix) > _MAX_PREFIX
         ):
-            raise ConfigError(
-                f"backends.{name}.alias_prefix: expected letters, digits, '_', '-' and inner "
-                f"'/' (at most {_MAX_PREFIX} characters), got {prefix!r}"
+            raise o.err(
+                "alias_prefix",
+                f"expected letters, digits, '_', '-' and inner "
+                f"'/' (at most {_MAX_PREFIX} characters), got {prefix!r}",
             )
         if prefix.lower() == "aws" or prefix.lower().startswith("aws/"):
-            raise ConfigError(f"backends.{name}.alias_prefix: 'aws' is reserved by AWS")
+            raise o.err("alias_prefix", "'aws' is reserved by AWS")
         self.alias_prefix: str = prefix
-        window = options.get("deletion_window_days", _MAX_WINDOW)
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise ConfigError(
-                f"backends.{name}.deletion_window_days: expected an integer, got {window!r}"
-            )
-        if not _MIN_WINDOW <= window <= _MAX_WINDOW:
-            raise ConfigError(
-                f"backends.{name}.deletion_window_days: must be between {_MIN_WINDOW} and "
-                f"{_MAX_WINDOW} (the KMS pending window), got {window}"
-            )
-        self.deletion_window_days: int = window
-        spec = options.get("rsa_key_spec", "RSA_3072")
-        if spec not in RSA_KEY_SPECS:
-            raise ConfigError(
-                f"backends.{name}.rsa_key_spec: expected one of {', '.join(RSA_KEY_SPECS)}, "
-                f"got {spec!r}"
-            )
-        self.rsa_key_spec: str = spec
+        #: The KMS pending window: AWS accepts 7 to 30 days.
+        self.deletion_window_days: int = o.integer(
+            "deletion_window_days", _MAX_WINDOW, _MIN_WINDOW, _MAX_WINDOW
+        )
+        self.rsa_key_spec: str = o.choice("rsa_key_spec", "RSA_3072", RSA_KEY_SPECS)
         self._lock = threading.RLock()
         self._client: Any = None
         self._keys: dict[tuple[str, str], _Key] = {}

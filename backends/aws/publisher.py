@@ -12,7 +12,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from keymgr.errors import ConfigError, PublishError
+from keymgr.errors import PublishError
+from keymgr.options import Options
 from keymgr.publishers import Publisher, Served
 
 from .client import (
@@ -42,37 +43,25 @@ class S3Publisher(LazyS3, Publisher):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        where = f"publishers.{name}"
-        for k in options:
-            if k not in _PUBLISHER_FIELDS:
-                raise ConfigError(
-                    f"{where}.{k}: unknown field (known: {', '.join(sorted(_PUBLISHER_FIELDS))})"
-                )
-        if "bucket" not in options:
-            raise ConfigError(f"{where}.bucket: is required")
-        if "key" not in options:
-            raise ConfigError(f"{where}.key: is required (e.g. '.well-known/jwks.json')")
-        self.bucket = check_bucket(options["bucket"], f"{where}.bucket")
-        self.key = check_key(options["key"], f"{where}.key")
-        cc = options.get("cache_control", DEFAULT_CACHE_CONTROL)
-        if not isinstance(cc, str) or not cc.strip() or "\n" in cc or "\r" in cc:
-            raise ConfigError(f"{where}.cache_control: expected a Cache-Control header value")
+        o = Options(options, f"publishers.{name}", _PUBLISHER_FIELDS)
+        self.bucket = check_bucket(o.required("bucket"), o.field("bucket"))
+        self.key = check_key(o.required("key", "e.g. '.well-known/jwks.json'"), o.field("key"))
+        cc = o.string("cache_control", DEFAULT_CACHE_CONTROL)
+        if cc is None or "\n" in cc or "\r" in cc:
+            raise o.err("cache_control", "expected a Cache-Control header value")
         #: Sent as Cache-Control with every upload; verifiers and CDNs cache the
         #: JWKS this long, so a ring's publish_ahead should cover its max-age
         #: (keymgr.config warns when it does not).
         self.cache_control: str = cc
-        sse = options.get("sse")
-        if sse is not None and sse not in _SSE_VALUES:
-            raise ConfigError(f"{where}.sse: expected 'AES256' or 'aws:kms', got {sse!r}")
-        kms_key = options.get("sse_kms_key_id")
-        if kms_key is not None:
-            if sse != "aws:kms":
-                raise ConfigError(f"{where}.sse_kms_key_id: only valid with sse = 'aws:kms'")
-            if not isinstance(kms_key, str) or not kms_key.strip():
-                raise ConfigError(f"{where}.sse_kms_key_id: expected a KMS key id, ARN or alias")
+        sse = o.raw("sse")
+        if sse is not None:
+            sse = o.choice("sse", "", _SSE_VALUES)
+        kms_key = o.string("sse_kms_key_id")
+        if kms_key is not None and sse != "aws:kms":
+            raise o.err("sse_kms_key_id", "only valid with sse = 'aws:kms'")
         self.sse: str | None = sse
         self.sse_kms_key_id: str | None = kms_key
-        self.connection = parse_connection(options, f"{where}.")
+        self.connection = parse_connection(o)
         self._lock = threading.Lock()
         self._client: Any = None
 

@@ -15,10 +15,11 @@ import threading
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from keymgr.docstore import STATE, Blob, DocumentAdapter, SharedStore
 from keymgr.errors import ConfigError, ConflictError, StoreError
+from keymgr.options import Options
 
 from .client import (
     AWS_CONNECTION_OPTIONS,
@@ -26,7 +27,6 @@ from .client import (
     MISSING_CODES,
     AWSConnection,
     LazyS3,
-    _number,
     _retried,
     aws_error_code,
     aws_errors,
@@ -42,15 +42,15 @@ __all__ = ["S3Adapter", "open_s3_store"]
 
 
 _STORE_PARAMS = frozenset(AWS_CONNECTION_OPTIONS | {"lock_ttl"})
-_FLOAT_PARAMS = frozenset({"connect_timeout", "read_timeout", "lock_ttl"})
 DEFAULT_LOCK_TTL = 30.0
 _MIN_LOCK_TTL, _MAX_LOCK_TTL = 5, 3600
 
 
-def _store_params(url: str) -> tuple[str, str, dict[str, Any]]:
-    """Split and validate ``s3://BUCKET/KEY?params``: (bucket, key, params). No I/O.
+def _store_params(url: str) -> tuple[str, str, Options]:
+    """Split and validate ``s3://BUCKET/KEY?params``: (bucket, key, options). No I/O.
 
-    Raises ConfigError naming ``daemon.state`` and the culprit.
+    Raises ConfigError naming ``daemon.state`` (``daemon.state?NAME`` for a
+    parameter) and the culprit.
     """
     where = "daemon.state"
     parts = urlsplit(url)
@@ -60,25 +60,7 @@ def _store_params(url: str) -> tuple[str, str, dict[str, Any]]:
     key = check_key(parts.path[1:], f"{where}: object key of {url!r}")
     if parts.fragment:
         raise ConfigError(f"{where}: {url!r}: unexpected '#' fragment")
-    params: dict[str, Any] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if name not in _STORE_PARAMS:
-            raise ConfigError(
-                f"{where}: {url!r}: unknown parameter {name!r} "
-                f"(known: {', '.join(sorted(_STORE_PARAMS))})"
-            )
-        if name in params:
-            raise ConfigError(f"{where}: {url!r}: parameter {name!r} given twice")
-        if name in _FLOAT_PARAMS or name == "max_attempts":
-            try:
-                params[name] = int(value) if name == "max_attempts" else float(value)
-            except ValueError:
-                raise ConfigError(
-                    f"{where}: {url!r}: parameter {name!r} must be a number, got {value!r}"
-                ) from None
-        else:
-            params[name] = value
-    return bucket, key, params
+    return bucket, key, Options.query(parts.query, where, _STORE_PARAMS)
 
 
 class S3Adapter(LazyS3, DocumentAdapter):
@@ -195,14 +177,6 @@ def open_s3_store(url: str) -> SharedStore:
     Validates the URL with :func:`_store_params` (ConfigError naming
     ``daemon.state`` and the culprit); registered as the ``s3`` store in :mod:`keymgr.plugins`.
     """
-    bucket, key, params = _store_params(url)
-    where = f"daemon.state: {url!r}: parameter "
-    lock_ttl = _number(
-        params.pop("lock_ttl", DEFAULT_LOCK_TTL),
-        f"{where}lock_ttl",
-        low=_MIN_LOCK_TTL,
-        high=_MAX_LOCK_TTL,
-        integer=False,
-    )
-    adapter = S3Adapter(bucket, key, parse_connection(params, where))
-    return SharedStore(adapter, url=url, lock_ttl=float(lock_ttl))
+    bucket, key, o = _store_params(url)
+    lock_ttl = o.number("lock_ttl", DEFAULT_LOCK_TTL, _MIN_LOCK_TTL, _MAX_LOCK_TTL)
+    return SharedStore(S3Adapter(bucket, key, parse_connection(o)), url=url, lock_ttl=lock_ttl)

@@ -36,6 +36,7 @@ from keymgr import jose
 from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
 from keymgr.fsutil import TMP_SUFFIX, atomic_write, dir_problem, fsync_dir, is_temp_of
+from keymgr.options import Options
 
 MASTER_KEY_ENV = "KEYMGR_MASTER_KEY"
 MASTER_KEY_SIZE = 32
@@ -68,26 +69,18 @@ class FileBackend(Backend):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        self._refuse_unknown(options, _OPTIONS)
-        path = self._path_option(options, "path", config_dir, required=True)
-        assert path is not None  # required=True never returns None
-        self._path: Path = path
-        self._master_key_file = self._path_option(
-            options, "master_key_file", config_dir, required=False
-        )
+        # Paths are relative to the config file, not the working directory, so
+        # the same config means the same files under systemd or from a shell.
+        o = Options(options, f"backends.{name}", _OPTIONS, config_dir=config_dir)
+        self._path: Path = Path(config_dir) / o.required("path", "the key directory")
+        self._master_key_file = o.path("master_key_file")
         if self._master_key_file is not None and _inside(self._master_key_file, self._path):
-            raise ConfigError(
-                f"backends.{name}.master_key_file: must not be inside the key directory "
-                f"{self._path} (a copy of that directory alone must reveal nothing)"
+            raise o.err(
+                "master_key_file",
+                f"must not be inside the key directory {self._path} "
+                f"(a copy of that directory alone must reveal nothing)",
             )
-        rsa_bits = options.get("rsa_bits", 3072)
-        if isinstance(rsa_bits, bool) or not isinstance(rsa_bits, int):
-            raise ConfigError(f"backends.{name}.rsa_bits: expected an integer, got {rsa_bits!r}")
-        if not jose.MIN_RSA_BITS <= rsa_bits <= _MAX_RSA_BITS:
-            raise ConfigError(
-                f"backends.{name}.rsa_bits: must be between {jose.MIN_RSA_BITS} and "
-                f"{_MAX_RSA_BITS}, got {rsa_bits}"
-            )
+        rsa_bits = o.integer("rsa_bits", 3072, jose.MIN_RSA_BITS, _MAX_RSA_BITS)
         self._rsa_bits = rsa_bits
         self._lock = threading.RLock()
         self._aead: AESGCM | None = None
@@ -100,25 +93,6 @@ class FileBackend(Backend):
         if self._master_key_file is not None:
             out["master_key_file"] = self._master_key_file
         return out
-
-    def _path_option(
-        self, options: Mapping[str, Any], field: str, config_dir: str, *, required: bool
-    ) -> Path | None:
-        value = options.get(field)
-        if value is None:
-            if required:
-                raise ConfigError(f"backends.{self.name}.{field}: required option is missing")
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(
-                f"backends.{self.name}.{field}: expected a non-empty path string, got {value!r}"
-            )
-        path = Path(value)
-        # Relative to the config file, not the working directory, so the same
-        # config means the same files whether run by systemd or from a shell.
-        return path if path.is_absolute() else Path(config_dir) / path
-
-    # -- master key -------------------------------------------------------
 
     def _cipher(self) -> AESGCM:
         """The AEAD under the master key, loaded on first use (config check stays offline)."""

@@ -11,15 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from keymgr.errors import ConfigError, PublishError
+from keymgr.errors import PublishError
 from keymgr.fsutil import atomic_write
+from keymgr.options import Options
 from keymgr.publishers import Publisher
-
-
-def _check_fields(name: str, options: Mapping[str, Any], allowed: set[str]) -> None:
-    for k in options:
-        if k not in allowed:
-            raise ConfigError(f"publishers.{name}.{k}: unknown field")
 
 
 class FilePublisher(Publisher):
@@ -29,28 +24,22 @@ class FilePublisher(Publisher):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        _check_fields(name, options, {"type", "path", "mode", "cache_control"})
-        raw = options.get("path")
-        if not isinstance(raw, str) or not raw.strip():
-            raise ConfigError(f"publishers.{name}.path: is required (a file path)")
-        path = Path(raw)
-        self.path = path if path.is_absolute() else Path(config_dir) / path
-        mode = options.get("mode", "0644")
+        o = Options(options, f"publishers.{name}", ("type", "path", "mode", "cache_control"))
+        # Relative to the config file, like every path in keymgr.
+        self.path = Path(config_dir) / o.required("path", "a file path")
+        mode = o.raw("mode", "0644")
         try:
             self.mode = int(mode, 8) if isinstance(mode, str) else -1
         except ValueError:
             self.mode = -1
         if not 0 <= self.mode <= 0o777:
-            raise ConfigError(f"publishers.{name}.mode: expected an octal string like '0644'")
+            raise o.err("mode", f"expected an octal string like '0644', got {mode!r}")
         if self.mode & 0o022:
             # Whoever could rewrite the JWKS could publish a key of their own.
-            raise ConfigError(
-                f"publishers.{name}.mode: {mode} lets group or others write the JWKS "
-                f"(use '0644' or '0640')"
+            raise o.err(
+                "mode", f"{mode} lets group or others write the JWKS (use '0644' or '0640')"
             )
-        cc = options.get("cache_control")
-        if cc is not None and not isinstance(cc, str):
-            raise ConfigError(f"publishers.{name}.cache_control: must be a string")
+        cc = o.string("cache_control")
         #: Documented for the static server in front of the file (see deploy/nginx).
         self.cache_control = cc
 

@@ -27,11 +27,10 @@ check-and-set); this module is what it shares with the transit backend.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -39,8 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from keymgr.errors import ConfigError
 from keymgr.logs import get_logger
+from keymgr.options import Options
 
 if TYPE_CHECKING:  # pragma: no cover
     import requests
@@ -134,87 +133,26 @@ class VaultSettings:
     kubernetes_mount: str
 
 
-class _Opts:
-    """Typed access to one options table; errors name ``WHERE<sep>FIELD``."""
-
-    def __init__(
-        self, options: Mapping[str, Any], where: str, sep: str, config_dir: str | None
-    ) -> None:
-        self.options = options
-        self.where = where
-        self.sep = sep
-        self.config_dir = config_dir
-
-    def err(self, field: str, what: str) -> ConfigError:
-        return ConfigError(f"{self.where}{self.sep}{field}: {what}")
-
-    def string(self, field: str, env: str | None = None) -> str | None:
-        value = self.options.get(field)
-        if value is None:
-            if env is not None:
-                from_env = os.environ.get(env, "").strip()
-                return from_env or None
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise self.err(field, f"expected a non-empty string, got {value!r}")
-        return value.strip()
-
-    def path(self, field: str, env: str | None = None) -> Path | None:
-        value = self.string(field, env)
-        if value is None:
-            return None
-        p = Path(value).expanduser()
-        if not p.is_absolute() and self.config_dir is not None and field in self.options:
-            # Relative to the config file, like every other path in keymgr.
-            p = Path(self.config_dir) / p
-        return p
-
-    def mount(self, field: str, default: str) -> str:
-        value = self.string(field) or default
-        value = value.strip("/")
-        if not _MOUNT_RE.fullmatch(value):
-            raise self.err(field, f"not a valid mount path: {value!r}")
-        return value
-
-    def number(self, field: str, default: float, low: float, high: float) -> float:
-        value = self.options.get(field, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.err(field, f"expected a number of seconds, got {value!r}")
-        if not math.isfinite(value) or not low < value <= high:
-            raise self.err(field, f"must be more than {low:g} and at most {high:g}, got {value!r}")
-        return float(value)
-
-    def integer(self, field: str, default: int, low: int, high: int) -> int:
-        value = self.options.get(field, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.err(field, f"expected an integer, got {value!r}")
-        if not low <= value <= high:
-            raise self.err(field, f"must be between {low} and {high}, got {value}")
-        return value
-
-    def boolean(self, field: str, default: bool) -> bool:
-        value = self.options.get(field, default)
-        if not isinstance(value, bool):
-            raise self.err(field, f"expected true or false, got {value!r}")
-        return value
+def _mount(o: Options, field: str, default: str) -> str:
+    value = (o.string(field) or default).strip("/")
+    if not _MOUNT_RE.fullmatch(value):
+        raise o.err(field, f"not a valid mount path: {value!r}")
+    return value
 
 
-def parse_settings(
-    options: Mapping[str, Any],
-    where: str,
-    config_dir: str | None = None,
-    *,
-    sep: str = ".",
-) -> VaultSettings:
-    """Validate the shared options; raise ConfigError naming ``WHERE.FIELD``."""
-    o = _Opts(options, where, sep, config_dir)
-    if "token" in options:
+def parse_settings(o: Options) -> VaultSettings:
+    """Validate the connection and auth options; errors name ``o.field(...)``.
+
+    ``token`` must be among ``o``'s hidden options: it is refused here, with
+    the reason, rather than as merely unknown.
+    """
+    if "token" in o:
         raise o.err(
             "token",
             "a literal token is refused (it would sit in the config file and in backups); "
             "use token_file or VAULT_TOKEN",
         )
-    url = o.string("url", "VAULT_ADDR")
+    url = o.string("url", env="VAULT_ADDR")
     if url is None:
         raise o.err("url", "required (or set VAULT_ADDR)")
     parts = urlsplit(url)
@@ -226,10 +164,10 @@ def parse_settings(
     if auth not in AUTH_METHODS:
         raise o.err("auth", f"unknown auth method {auth!r} (one of {', '.join(AUTH_METHODS)})")
     for field, method in _AUTH_ONLY.items():
-        if field in options and auth != method:
+        if field in o and auth != method:
             raise o.err(field, f'only used with auth = "{method}" (auth is "{auth}")')
     tls_verify = o.boolean("tls_verify", True)
-    ca_cert = o.path("ca_cert", "VAULT_CACERT") or o.path("ca_cert", "VAULT_CAPATH")
+    ca_cert = o.path("ca_cert", env="VAULT_CACERT") or o.path("ca_cert", env="VAULT_CAPATH")
     verify: bool | str = str(ca_cert) if (tls_verify and ca_cert is not None) else tls_verify
     role_id = o.string("role_id")
     if auth == "approle" and role_id is None:
@@ -239,30 +177,24 @@ def parse_settings(
         raise o.err("role", 'required with auth = "kubernetes"')
     return VaultSettings(
         url=url.rstrip("/"),
-        namespace=o.string("namespace", "VAULT_NAMESPACE"),
+        namespace=o.string("namespace", env="VAULT_NAMESPACE"),
         verify=verify,
-        timeout=o.number("timeout", DEFAULT_TIMEOUT, 0.0, _MAX_TIMEOUT),
+        timeout=o.number("timeout", DEFAULT_TIMEOUT, 0.1, _MAX_TIMEOUT),
         retries=o.integer("retries", DEFAULT_RETRIES, 0, _MAX_RETRIES),
         auth=auth,
         token_file=o.path("token_file"),
         role_id=role_id,
         secret_id_file=o.path("secret_id_file"),
-        approle_mount=o.mount("approle_mount", "approle"),
+        approle_mount=_mount(o, "approle_mount", "approle"),
         role=role,
         jwt_file=o.path("jwt_file") or Path(DEFAULT_JWT_FILE),
-        kubernetes_mount=o.mount("kubernetes_mount", "kubernetes"),
+        kubernetes_mount=_mount(o, "kubernetes_mount", "kubernetes"),
     )
 
 
-def vault_client(
-    options: Mapping[str, Any],
-    where: str,
-    config_dir: str | None = None,
-    *,
-    sep: str = ".",
-) -> VaultClient:
-    """A lazy client for ``options`` (validated now, connected on first use)."""
-    return VaultClient(parse_settings(options, where, config_dir, sep=sep))
+def vault_client(o: Options) -> VaultClient:
+    """A lazy client for the options ``o`` (validated now, connected on first use)."""
+    return VaultClient(parse_settings(o))
 
 
 # --------------------------------------------------------------------------- client

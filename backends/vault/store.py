@@ -28,15 +28,15 @@ have reached the server, so a lost answer surfaces as a StoreError.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from keymgr.docstore import LEASE, LOCK, STATE, Blob, DocumentAdapter, SharedStore
 from keymgr.errors import ConfigError, ConflictError, StoreError
+from keymgr.options import Options
 
 from .client import (
     _MOUNT_RE,
@@ -67,36 +67,6 @@ _OPS = {
 STORE_OPTIONS: frozenset[str] = frozenset({"lock_ttl"})
 DEFAULT_LOCK_TTL = 20.0
 _LOCK_TTL_RANGE = (2.0, 3600.0)
-
-
-def _query_options(url: str, query: str) -> dict[str, Any]:
-    where = f"state {url} parameter"
-    pairs = parse_qsl(query, keep_blank_values=True)
-    seen: dict[str, Any] = {}
-    known = CLIENT_OPTIONS | STORE_OPTIONS
-    for key, value in pairs:
-        if key in seen:
-            raise ConfigError(f"{where} {key}: given twice")
-        if key == "token":
-            raise ConfigError(
-                f"{where} token: a token never goes in the state URL; use token_file or VAULT_TOKEN"
-            )
-        if key not in known:
-            raise ConfigError(f"{where} {key}: unknown (known: {', '.join(sorted(known))})")
-        conv: Any = value
-        try:
-            if key in ("timeout", "lock_ttl"):
-                conv = float(value)
-            elif key == "retries":
-                conv = int(value)
-            elif key == "tls_verify":
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                conv = value.lower() in ("true", "1")
-        except ValueError:
-            raise ConfigError(f"{where} {key}: bad value {value!r}") from None
-        seen[key] = conv
-    return seen
 
 
 def _kv_time(text: Any) -> datetime | None:
@@ -327,13 +297,8 @@ def open_vault_store(url: str) -> SharedStore:
     if parts.fragment:
         raise ConfigError(f"daemon.state: {url!r}: unexpected '#' fragment")
     canonical = f"vault://{mount}/{path}"
-    options = _query_options(canonical, parts.query)
-    lock_ttl = options.pop("lock_ttl", DEFAULT_LOCK_TTL)
-    low, high = _LOCK_TTL_RANGE
-    if not math.isfinite(lock_ttl) or not low <= lock_ttl <= high:
-        raise ConfigError(
-            f"state {canonical} parameter lock_ttl: must be between {low:g} and {high:g} "
-            f"seconds, got {lock_ttl:g}"
-        )
-    client = vault_client(options, f"state {canonical}", None, sep=" parameter ")
+    # A token in the URL is refused with the reason by vault_client().
+    o = Options.query(parts.query, "daemon.state", CLIENT_OPTIONS | STORE_OPTIONS, hidden={"token"})
+    lock_ttl = o.number("lock_ttl", DEFAULT_LOCK_TTL, *_LOCK_TTL_RANGE)
+    client = vault_client(o)
     return SharedStore(VaultKVAdapter(mount, path, client), url=canonical, lock_ttl=lock_ttl)

@@ -44,8 +44,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from keymgr import jose
 from keymgr.backend import Backend, GeneratedKey, Signer
-from keymgr.errors import BackendError, ConfigError, KeyNotFoundError
+from keymgr.errors import BackendError, KeyNotFoundError
 from keymgr.logs import get_logger
+from keymgr.options import Options
 
 from .client import CLIENT_OPTIONS, VaultCallError, VaultClient, vault_client
 
@@ -143,28 +144,27 @@ class VaultTransitBackend(Backend):
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
-        # "token" is known, to be refused with a useful message by vault_client().
-        self._refuse_unknown(options, _OPTIONS, also={"token"})
-        where = f"backends.{name}"
-        mount = options.get("mount", "transit")
+        # "token" is accepted here, to be refused with the reason by vault_client().
+        o = Options(options, f"backends.{name}", _OPTIONS, config_dir=config_dir, hidden={"token"})
+        mount = o.raw("mount", "transit")
         if not isinstance(mount, str) or not _MOUNT_RE.fullmatch(mount.strip("/")):
-            raise ConfigError(f"{where}.mount: expected a mount path like 'transit', got {mount!r}")
-        prefix = options.get("key_prefix", "keymgr-")
+            raise o.err("mount", f"expected a mount path like 'transit', got {mount!r}")
+        prefix = o.raw("key_prefix", "keymgr-")
         if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
-            raise ConfigError(
-                f"{where}.key_prefix: expected letters, digits, '_', '.', '-' starting with a "
-                f"letter, digit or '_', got {prefix!r}"
+            raise o.err(
+                "key_prefix",
+                f"expected letters, digits, '_', '.', '-' starting with a "
+                f"letter, digit or '_', got {prefix!r}",
             )
-        rsa_bits = options.get("rsa_bits", 3072)
+        rsa_bits = o.raw("rsa_bits", 3072)
         if isinstance(rsa_bits, bool) or rsa_bits not in RSA_BITS:
-            raise ConfigError(
-                f"{where}.rsa_bits: transit supports {', '.join(map(str, RSA_BITS))}, "
-                f"got {rsa_bits!r}"
+            raise o.err(
+                "rsa_bits", f"transit supports {', '.join(map(str, RSA_BITS))}, got {rsa_bits!r}"
             )
         self.mount: str = mount.strip("/")
         self.key_prefix: str = prefix
         self.rsa_bits: int = int(rsa_bits)
-        self.vault: VaultClient = vault_client(options, where, config_dir)
+        self.vault: VaultClient = vault_client(o)
         self._what = f"backend {name} ({TYPE_NAME})"
         self._lock = threading.RLock()
         # transit name -> key (public data only); ring -> kid -> key.

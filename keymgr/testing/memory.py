@@ -38,7 +38,6 @@ from keymgr import jose
 from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import (
     BackendError,
-    ConfigError,
     ConflictError,
     KeyNotFoundError,
     PublishError,
@@ -46,6 +45,7 @@ from keymgr.errors import (
     StoreError,
 )
 from keymgr.model import State
+from keymgr.options import Options
 from keymgr.publishers import Publisher
 from keymgr.stores import StateStore
 
@@ -196,7 +196,7 @@ class MemoryBackend(Backend):
     ) -> None:
         options = options or {}
         super().__init__(name, options, config_dir)
-        self._refuse_unknown(options, _OPTIONS)
+        Options(options, f"backends.{name}", _OPTIONS)
         self.rsa_bits = rsa_bits
         #: With a seed, EC and Ed25519 keys are derived from it (the n-th key is
         #: always the same), so a test that sorts or picks keys by kid replays
@@ -347,9 +347,7 @@ class MemoryPublisher(Publisher):
     ) -> None:
         options = options or {}
         super().__init__(name, options, config_dir)
-        for k in options:
-            if k not in _OPTIONS | {"cache_control"}:
-                raise ConfigError(f"publishers.{name}.{k}: unknown field")
+        Options(options, f"publishers.{name}", _OPTIONS | {"cache_control"})
         cc = options.get("cache_control", cache_control)
         #: Served with the document (read by config.cache_control, like the S3 publisher's).
         self.cache_control: str | None = cc if isinstance(cc, str) else None
