@@ -54,7 +54,7 @@ from keymgr.errors import ConflictError, StoreError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
 from keymgr.model import State, gc_paused
-from keymgr.stores import StateStore
+from keymgr.stores import PassLock, StateStore
 
 __all__ = [
     "LEASE",
@@ -240,8 +240,7 @@ class SharedStore(StateStore):
         #: Who holds the pass lock, as written into it (host:pid:random).
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # The pass lock within this process: re-entrant per thread (see exclusive()).
-        self._pass = threading.RLock()
-        self._depth = 0
+        self._pass = PassLock()
         self._held: _HeldLock | None = None
         self._holder: int | None = None  # threading.get_ident() of the holding thread
         # The last document parsed: its exact bytes, the State and its number.
@@ -365,38 +364,31 @@ class SharedStore(StateStore):
         least ``lock_ttl + takeover_grace`` so a pass started right after a
         crash does not fail.
 
-        Why per thread, like ``FileStore.exclusive``: the lock stands for "this
-        pass owns the store", and a pass is one thread. A nested call in the
-        holding thread (a command that holds the lock and then reconciles) is
-        part of that pass and goes through; a call from another thread of the
-        same process (the daemon recording an event while a pass runs, a SIGHUP
-        reload) queues behind it exactly as another process would. A mark per
-        object would let that other thread walk past the lock the pass holds,
-        which is why the daemon once needed its own lock around such calls.
+        Re-entrant per thread, like every store's (:class:`keymgr.stores.PassLock`):
+        a mark per object would let another thread walk past the lock the pass
+        holds, which is why the daemon once needed its own lock around such calls.
         """
         wait = max(timeout, self.lock_ttl + self.takeover_grace)
-        if not self._pass.acquire(timeout=wait):
-            raise StoreError(
+
+        def busy() -> StoreError:
+            return StoreError(
                 f"state {self.location}: another pass of this process has held the lock "
                 f"for more than {wait:g}s"
             )
+
+        with self._pass.hold(wait, lambda: self._store_lock(wait), busy):
+            yield
+
+    @contextlib.contextmanager
+    def _store_lock(self, wait: float) -> Iterator[None]:
+        """The lock document, for the outermost :meth:`exclusive` of a thread."""
+        held = self._acquire(wait)
+        self._held, self._holder = held, threading.get_ident()
         try:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            held = self._acquire(wait)
-            self._held, self._holder, self._depth = held, threading.get_ident(), 1
-            try:
-                yield
-            finally:
-                self._held, self._holder, self._depth = None, None, 0
-                self._release(held)
+            yield
         finally:
-            self._pass.release()
+            self._held, self._holder = None, None
+            self._release(held)
 
     def lock_lost(self) -> str | None:
         """Why the pass lock this thread holds is lost, or None (also when not holding it).

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +19,51 @@ from keymgr.model import State
 from keymgr.plugins import store_factory
 
 Token = Any
+
+
+class PassLock:
+    """The in-process half of a store's pass lock: re-entrant per *thread*.
+
+    A pass is one thread. The outermost :meth:`hold` of a thread takes the
+    store's own lock (a ``flock``, a lock document) once; a nested call in the
+    same thread (a command that holds the lock and then reconciles) is part of
+    that pass and goes through; another thread of the process (the daemon
+    recording an event while a pass runs, a SIGHUP reload) queues behind it
+    exactly as another process would. Written once for every store, so the
+    rule cannot drift between them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0  # nesting of hold() in the thread holding _lock
+
+    @contextlib.contextmanager
+    def hold(
+        self,
+        timeout: float,
+        outer: Callable[[], contextlib.AbstractContextManager[object]],
+        busy: Callable[[], Exception],
+    ) -> Iterator[None]:
+        """Hold the lock; ``outer()`` is entered by the outermost call only;
+        ``busy()`` is raised when another thread keeps it past ``timeout``."""
+        if not self._lock.acquire(timeout=timeout):
+            raise busy()
+        try:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            with outer():
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
+        finally:
+            self._lock.release()
 
 
 class StateStore(abc.ABC):

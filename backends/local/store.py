@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from keymgr.errors import ConflictError, StoreError
 from keymgr.faults import crashpoint
 from keymgr.fsutil import atomic_write
 from keymgr.model import State, gc_paused
-from keymgr.stores import StateStore
+from keymgr.stores import PassLock, StateStore
 
 
 class FileStore(StateStore):
@@ -38,8 +37,7 @@ class FileStore(StateStore):
         self.lock_path = path.with_name(path.name + ".lock")
         # The last document parsed: its exact bytes, the State and the version.
         self._parsed: tuple[bytes, State, int] | None = None
-        self._thread_lock = threading.RLock()
-        self._depth = 0  # nesting of exclusive() in the thread holding _thread_lock
+        self._pass = PassLock()
 
     def _read(self) -> tuple[State, int]:
         try:
@@ -98,24 +96,11 @@ class FileStore(StateStore):
         The in-process lock matters: flock is per open file, so two threads of
         one daemon (a pass and a SIGHUP reload) would otherwise both "hold" it.
         """
-        if not self._thread_lock.acquire(timeout=timeout):
-            raise StoreError(f"state {self.path}: locked by another thread of this process")
-        try:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            with self._flock(timeout):
-                self._depth = 1
-                try:
-                    yield
-                finally:
-                    self._depth = 0
-        finally:
-            self._thread_lock.release()
+        def busy() -> StoreError:
+            return StoreError(f"state {self.path}: locked by another thread of this process")
+
+        with self._pass.hold(timeout, lambda: self._flock(timeout), busy):
+            yield
 
     def commit(self, state: State, token: int) -> int:
         with self.exclusive():
