@@ -97,7 +97,8 @@ class StateStore(abc.ABC):
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float = 30.0) -> Iterator[None]:
-        """Hold the store for a pass (file store: a lock; shared stores: nothing)."""
+        """Hold the store for a whole pass: a lock other processes and the other
+        threads of this process respect (see :class:`PassLock`). None by default."""
         yield
 
     def fingerprint(self) -> object:

@@ -9,7 +9,9 @@
   a ``harness`` fixture returning a :class:`DocHarness` for your adapter, as
   ``tests/test_docstore.py`` (memory) and ``tests/test_docstore_real.py`` (moto
   S3, OpenBao KV) do; a third-party adapter (GCS, Azure Blob) proves itself the
-  same way.
+  same way. It extends :class:`keymgr.testing.conformance.StoreTests` (the
+  contract of every state store, run on ``harness.store()``) with what needs
+  several processes, the adapter's documents or its exact messages.
 
 Fault knobs (:class:`FaultKnobs`, on both adapters). A *pattern* names an
 operation (``read``, ``create``, ``replace``, ``delete``, ``version``), a
@@ -28,7 +30,6 @@ document (``state``, ``lock``, ``lease``), both (``replace:lock``) or ``*``:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -36,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -55,6 +56,7 @@ from keymgr.docstore import (
 from keymgr.errors import ConflictError, StoreError
 from keymgr.lease import Lease
 from keymgr.model import State
+from keymgr.testing.conformance import T0, WAIT, StoreTests, sample_state
 
 __all__ = [
     "DocHarness",
@@ -395,16 +397,6 @@ class DocHarness:
         return FaultyAdapter(self.factory())
 
 
-#: Bound of every wait for another thread in these tests.
-WAIT = 15.0
-T0 = datetime(2031, 3, 1, 8, 0, 0, tzinfo=UTC)
-
-
-def sample_state(n: int) -> State:
-    """A distinct, valid state per ``n`` (its clock)."""
-    return dataclasses.replace(State(), clock=T0 + timedelta(minutes=n))
-
-
 def _wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -456,12 +448,21 @@ def _holder(adapter: DocumentAdapter) -> Any:
 # --------------------------------------------------------------------------- the tests
 
 
-class SharedStoreTests:
+class SharedStoreTests(StoreTests):
     """CAS commit, pass lock and lease of :class:`SharedStore`, over any adapter.
 
     Subclass as ``TestMyAdapter(SharedStoreTests)`` and define a ``harness``
-    fixture returning a :class:`DocHarness` over fresh, empty documents.
+    fixture returning a :class:`DocHarness` over fresh, empty documents. The
+    tests of :class:`~keymgr.testing.conformance.StoreTests` run too, on
+    ``harness.store()``; the ones here add what only a shared store has:
+    several processes on one document, the lock and lease documents, the
+    adapter's faults and the exact messages.
     """
+
+    @pytest.fixture
+    def store(self, harness: DocHarness) -> SharedStore:
+        """The :class:`StoreTests` fixture: one process's store over the harness."""
+        return harness.store()
 
     # -- the state document --------------------------------------------------------
 
