@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +41,7 @@ from keymgr.checkpoint import CKPT_FIELDS, KEY_EVENT, AuditKey, Checkpointer
 from keymgr.errors import AuditError, StateError
 from keymgr.faults import crashpoint
 from keymgr.jose import b64url_decode
+from keymgr.logs import get_logger
 from keymgr.model import (
     ACTIVE,
     DESTROYED,
@@ -182,6 +183,9 @@ class AuditLog:
         :meth:`for_config` for the log a config describes."""
         self.path = path
         self.checkpoints = checkpoints
+        #: Called with the events of each durable append, right after it
+        #: (keymgr.notify); never before, and its failure never fails the append.
+        self.on_append: Callable[[list[dict[str, Any]]], None] | None = None
 
     @classmethod
     def for_config(cls, config: Config) -> AuditLog:
@@ -438,6 +442,11 @@ class AuditLog:
         self._repair_torn_tail()
         crashpoint("audit.before_flush")
         self._append(missing)
+        if self.on_append is not None:
+            try:
+                self.on_append(missing)
+            except Exception as e:  # the events are in the log: that is what counts
+                get_logger("keymgr.audit").error("notify.failed", error=f"{type(e).__name__}: {e}")
 
     def _check_outbox(self, state: State) -> None:
         """The outbox must be sealed events that chain, end at the anchor, and

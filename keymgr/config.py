@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keymgr.backend import Backend
 from keymgr.errors import ConfigError
@@ -24,8 +24,12 @@ from keymgr.jose import ALGORITHMS
 from keymgr.model import gc_paused
 from keymgr.planner import Policy
 from keymgr.plugins import backend_class, publisher_class
+from keymgr.probes import EDGE_OPTIONS, EdgeSettings, edge_settings
 from keymgr.publishers import Publisher
 from keymgr.timefmt import format_duration, parse_duration
+
+if TYPE_CHECKING:
+    from keymgr.notify import NotifySettings
 
 #: ``max-age=N`` / ``s-maxage=N`` in a Cache-Control value (a CDN honours s-maxage).
 MAX_AGE_RE = re.compile(r"(?:^|,)\s*(?:s-maxage|max-age)\s*=\s*\"?(\d+)\"?\s*(?=,|$)", re.I)
@@ -89,6 +93,14 @@ class Config:
     cache_control: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     #: ``[audit]`` (signed checkpoints), or None when the table is absent.
     audit: AuditSettings | None = None
+    #: ``[notify]`` (webhooks, keymgr.notify), or None when the table is absent.
+    notify: NotifySettings | None = None
+    #: Per publisher with ``verify_urls``, its edges and how to probe them.
+    edges: Mapping[str, EdgeSettings] = dataclasses.field(default_factory=dict)
+
+    def edge_urls(self) -> dict[str, tuple[str, ...]]:
+        """The URLs probed for each publisher, for the planner."""
+        return {n: e.urls for n, e in self.edges.items()}
 
     @property
     def dir(self) -> Path:
@@ -171,7 +183,7 @@ def load_config(path: Path | str) -> Config:
 def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     ctx = _Ctx(path)
     base = path.parent
-    ctx.unknown(doc, {"daemon", "backends", "publishers", "keyrings", "audit"}, "")
+    ctx.unknown(doc, {"daemon", "backends", "publishers", "keyrings", "audit", "notify"}, "")
 
     d = ctx.table(doc, "daemon", "daemon")
     ctx.unknown(d, DAEMON_FIELDS, "daemon.")
@@ -215,6 +227,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
             raise ConfigError(f"{path}: {e}") from None
 
     publishers: dict[str, Publisher] = {}
+    edges: dict[str, EdgeSettings] = {}
     cache_control: dict[str, str | None] = {}
     for name, tbl in ctx.table(doc, "publishers", "publishers").items():
         where = f"publishers.{name}"
@@ -223,7 +236,10 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
             raise ctx.err(where, "must be a table")
         pcls = publisher_class(ctx.string(tbl, "type", f"{where}.type"), f"{path}: {where}.type")
         try:
-            publishers[name] = pcls(name, tbl, str(base))
+            # Edges (verify_urls) are any publisher's, read here, not by the plug-in.
+            edges[name] = edge_settings(tbl, where)
+            own = {k: v for k, v in tbl.items() if k not in EDGE_OPTIONS}
+            publishers[name] = pcls(name, own, str(base))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         cache_control[name] = _cache_control(publishers[name], tbl)
@@ -237,6 +253,14 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
             raise ctx.err(f"keyrings.{name}", "reserved for the audit key ([audit]); rename it")
         policies[name] = _ring(ctx, name, tbl, backends, publishers)
     audit_settings = _audit(ctx, doc, backends)
+    notify = None
+    if "notify" in doc:  # keymgr.notify is imported only by configs that use it
+        from keymgr.notify import parse_notify
+
+        try:
+            notify = parse_notify(doc, base)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     _check_collisions(ctx, path, daemon, backends, publishers)
     config = Config(
         path=path,
@@ -246,6 +270,8 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         policies=policies,
         cache_control=cache_control,
         audit=audit_settings,
+        notify=notify,
+        edges={n: e for n, e in edges.items() if e.urls},
     )
     return config
 

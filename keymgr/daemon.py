@@ -61,6 +61,7 @@ class Daemon:
         self.manager = KeyManager(config, actor="daemon")
         self.metrics = Metrics()
         self.manager.metrics = self.metrics
+        self.manager.reconciler.on_probe = self.metrics.observe_probe
         self.lease = Lease(self.manager.store, config.daemon.lease_ttl)
         self.stop = threading.Event()
         self.wake = threading.Event()
@@ -278,6 +279,19 @@ class Daemon:
             return False, {**info, "reason": "starting"}
         if failing:
             return False, {**info, "reason": "unreachable: " + ", ".join(sorted(failing))}
+        # An edge that cannot be probed shows here but does not make this
+        # replica unready: another replica would not reach it either, and an
+        # unready pod would only stall rollouts. It holds promotion (planner)
+        # and keymgr_edge_up alerts on it.
+        state = self.metrics.snapshot[0]
+        down = {
+            f"{pub} {url}": edge.error
+            for pub, urls in (state.edges if state is not None else {}).items()
+            for url, edge in urls.items()
+            if edge.error is not None
+        }
+        if down:
+            info["edges_down"] = down
         if held:
             horizon = 3 * self.config.daemon.reconcile_interval.total_seconds() + 30
             if self.last_ok is None or time.monotonic() - self.last_ok > horizon:
@@ -338,6 +352,7 @@ class Daemon:
             return
         with self.tick_lock, self.lease_lock:
             manager.metrics = self.metrics
+            manager.reconciler.on_probe = self.metrics.observe_probe
             if manager.store.url != self.manager.store.url:
                 with contextlib.suppress(KeymgrError):
                     self.lease.release()
@@ -345,7 +360,9 @@ class Daemon:
             else:
                 self.lease.store = manager.store
                 self.lease.ttl = config.daemon.lease_ttl
-            self.config, self.manager = config, manager
+            old_manager, self.config, self.manager = self.manager, config, manager
+        # Its queued notifications go on in the background, within flush_timeout.
+        old_manager.close(wait=0)
         if health is not None:
             self.health.close()
             self.health = health
@@ -445,6 +462,7 @@ class Daemon:
                 log.warning("lease.release_failed", error=str(e))
         self.health.close()
         self.record({"event": "daemon.stopped"})
+        self.manager.close()  # waits at most [notify] flush_timeout
         log.info("daemon.stopped")
         return 0
 

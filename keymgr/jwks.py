@@ -45,15 +45,18 @@ def served_keys(body: bytes | None) -> dict[str, dict[str, Any]]:
     Read from the target itself, never from state: what verifiers can
     already see there is the only thing a publish can expose without a check.
     """
-    if body is None:
-        return {}
+    return (parse_keys(body) if body is not None else None) or {}
+
+
+def parse_keys(body: bytes) -> dict[str, dict[str, Any]] | None:
+    """The JWKs of a JWKS document by kid, or None when ``body`` is not a JWKS."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return {}
+        return None
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
-        return {}
+        return None
     return {
         k["kid"]: k for k in keys if isinstance(k, dict) and isinstance(k.get("kid"), str)
     }

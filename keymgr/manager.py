@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keymgr import jose, jwks, transitions
 from keymgr.audit import AuditLog
@@ -19,6 +19,9 @@ from keymgr.model import ACTIVE, DESTROYED, PUBLISHED, REVOKED, State
 from keymgr.reconciler import PassResult, Reconciler, cli_actor
 from keymgr.stores import StateStore, open_store
 from keymgr.timefmt import format_time, utcnow
+
+if TYPE_CHECKING:
+    from keymgr.notify import Notifier
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,27 @@ class KeyManager:
         self._sign_metrics: dict[str, tuple[Any, Any, Any]] = {}
         #: Set by the daemon (keymgr.metrics.Metrics) to count and time sign calls.
         self.metrics: Any = None
+        #: ``[notify]``: fed by the audit log right after each append (keymgr.notify).
+        self.notifier: Notifier | None = None
+        if config.notify is not None:
+            from keymgr.notify import Notifier
+
+            self.notifier = Notifier(
+                config.notify, metrics=lambda: self.metrics, stderr=self.actor != "daemon"
+            )
+            self.audit.on_append = self.notifier.submit
 
     @classmethod
     def from_config(cls, path: str | Path, actor: str | None = None) -> KeyManager:
         return cls(load_config(path), actor)
+
+    def close(self, wait: float | None = None) -> None:
+        """Stop notifying (``[notify]``): deliver what is queued for up to
+        ``flush_timeout`` (blocking up to ``wait`` s, default ``flush_timeout``),
+        then drop the rest. A process that exits does this by itself."""
+        if self.notifier is not None:
+            n = self.notifier
+            n.close(n.settings.flush_timeout if wait is None else wait)
 
     # -- time ----------------------------------------------------------------
 
@@ -376,7 +396,18 @@ class KeyManager:
                 d.pop("reason")
                 keys.append(d)
             rings[name] = {"keys": keys, "next": nxt}
-        return {"rings": rings}
+        doc: dict[str, Any] = {"rings": rings}
+        if self.config.edges:
+            # What each edge showed at its last recorded probe (a change is
+            # committed by the pass that saw it; never probed: null).
+            doc["edges"] = {
+                pub: {
+                    url: (e.to_dict() if (e := state.edge(pub, url)) is not None else None)
+                    for url in settings.urls
+                }
+                for pub, settings in sorted(self.config.edges.items())
+            }
+        return doc
 
 
 _b64 = jose.b64url_bytes

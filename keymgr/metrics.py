@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from keymgr.model import STATES, State
+from keymgr.model import STATES, EdgeRecord, State
 from keymgr.planner import Plan
+from keymgr.probes import ProbeResult
 
 
 class _StateCollector(Collector):
@@ -97,8 +98,71 @@ class Metrics:
             "keymgr_lease_held", "1 while this replica holds the lease", registry=r
         )
         self.ready = Gauge("keymgr_ready", "1 while /readyz would answer 200", registry=r)
+        # [notify] (keymgr.notify): webhook deliveries.
+        self.notify_sent = Counter(
+            "keymgr_notify_sent",
+            "Webhook deliveries by final result (ok, failed: given up)",
+            ["webhook", "result"],
+            registry=r,
+        )
+        self.notify_retries = Counter(
+            "keymgr_notify_retries", "Webhook attempts that failed and were retried",
+            ["webhook"], registry=r,
+        )
+        self.notify_dropped = Counter(
+            "keymgr_notify_dropped",
+            "Notifications dropped unsent (queue_full, closing, closed)",
+            ["webhook", "reason"],
+            registry=r,
+        )
+        self.notify_queue = Gauge(
+            "keymgr_notify_queue_depth", "Notifications waiting per webhook", ["webhook"],
+            registry=r,
+        )
+        self.edge_up = Gauge(
+            "keymgr_edge_up",
+            "1 when the last probe of the edge got a JWKS, 0 when it did not",
+            ["publisher", "edge"],
+            registry=r,
+        )
+        self.edge_age = Gauge(
+            "keymgr_edge_document_age_seconds",
+            "The Age header of the edge's last answer: how long it has held its copy",
+            ["publisher", "edge"],
+            registry=r,
+        )
+        self.edge_propagation = Histogram(
+            "keymgr_edge_propagation_seconds",
+            "From the origin confirming a key to the first probe showing it at the edge",
+            ["publisher", "edge"],
+            registry=r,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
+        )
         self.snapshot: tuple[State | None, Plan | None] = (None, None)
         r.register(_StateCollector(self))
+
+    def observe_probe(
+        self, publisher: str, result: ProbeResult, before: EdgeRecord | None, after: State
+    ) -> None:
+        """One edge probe (Reconciler.on_probe): up/down, the edge's copy's age,
+        and for each key the edge shows for the first time, how long it took
+        to get there from the origin's confirmation."""
+        labels = (publisher, result.url)
+        self.edge_up.labels(*labels).set(1 if result.kids is not None else 0)
+        if result.age is not None:
+            self.edge_age.labels(*labels).set(result.age)
+        edge = after.edge(publisher, result.url)
+        origin = after.publishers.get(publisher)
+        if edge is None or edge.error is not None or origin is None:
+            return
+        for kid, seen in edge.since.items():
+            if before is not None and kid in before.kids:
+                continue
+            confirmed = origin.since.get(kid)
+            if confirmed is not None and seen == edge.at:
+                self.edge_propagation.labels(*labels).observe(
+                    max(0.0, (seen - confirmed).total_seconds())
+                )
 
     def observe_pass(self, result: Any, config: Any) -> None:
         """Count one reconcile pass (a keymgr.reconciler.PassResult)."""

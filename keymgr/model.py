@@ -243,6 +243,49 @@ class PublisherRecord:
 
 
 @dataclass(frozen=True)
+class EdgeRecord:
+    """What one edge of a publisher (a URL verifiers fetch the JWKS from: a
+    CDN, a proxy cache, a replica) showed at its last probe.
+
+    ``since`` is, per kid, the time since which probes have shown it without
+    a break, counted like a publisher's. ``error`` says why the last probe got
+    no JWKS (unreachable, an HTTP error, not a JWKS): the edge then counts as
+    serving none of its kids since any time (promotion waits) and as maybe
+    still serving every kid it last showed (destruction waits).
+    """
+
+    kids: frozenset[str]
+    since: Mapping[str, datetime]
+    #: When a probe first showed this (these kids, or this failure).
+    at: datetime
+    error: str | None = None
+
+    def served_since(self, kid: str) -> datetime | None:
+        """Since when probes have shown ``kid`` without a break, or None."""
+        return None if self.error is not None else self.since.get(kid)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kids": sorted(self.kids),
+            "since": {k: format_time(t) for k, t in sorted(self.since.items())},
+            "at": format_time(self.at),
+        }
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EdgeRecord:
+        error = d.get("error")
+        return cls(
+            kids=frozenset(str(k) for k in d.get("kids", [])),
+            since={str(k): parse_time(v) for k, v in d.get("since", {}).items()},
+            at=parse_time(d["at"]),
+            error=None if error is None else str(error),
+        )
+
+
+@dataclass(frozen=True)
 class Intent:
     """A write-ahead record that a key is about to be generated for a ring.
 
@@ -356,6 +399,11 @@ class State:
     clock: datetime | None = None
     #: Open write-ahead intents, by ring (at most one generate per ring at a time).
     intents: Mapping[str, Intent] = field(default_factory=dict)
+    #: What each probed edge showed, by publisher, then URL.
+    edges: Mapping[str, Mapping[str, EdgeRecord]] = field(default_factory=dict)
+
+    def edge(self, publisher: str, url: str) -> EdgeRecord | None:
+        return self.edges.get(publisher, {}).get(url)
 
     def ring(self, name: str) -> Ring:
         return self.rings.get(name) or Ring(name=name)
@@ -380,6 +428,16 @@ class State:
             "publishers": {n: p.to_dict() for n, p in sorted(self.publishers.items())},
             "audit": self.audit.to_dict(),
             "intents": {n: i.to_dict() for n, i in sorted(self.intents.items())},
+            **(
+                {
+                    "edges": {
+                        p: {u: e.to_dict() for u, e in sorted(urls.items())}
+                        for p, urls in sorted(self.edges.items())
+                    }
+                }
+                if self.edges
+                else {}
+            ),
         }
 
     @classmethod
@@ -394,4 +452,8 @@ class State:
             audit=AuditAnchor.from_dict(d.get("audit", {"seq": 0, "hash": ""})),
             clock=parse_time(d["clock"]) if d.get("clock") else None,
             intents={n: Intent.from_dict(i) for n, i in d.get("intents", {}).items()},
+            edges={
+                p: {u: EdgeRecord.from_dict(e) for u, e in urls.items()}
+                for p, urls in d.get("edges", {}).items()
+            },
         )

@@ -10,7 +10,7 @@ way a Kubernetes controller reconciles desired against observed state).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -163,23 +163,36 @@ def _confirmed_everywhere(state: State, pol: Policy, kid: str) -> bool:
     return True
 
 
-def served_since(state: State, pol: Policy, kid: str) -> datetime | None:
-    """Since when every publisher of the ring has served ``kid`` without a
-    break: the latest of their continuity times, or None while any of them
-    does not (docs/design.md#promotion)."""
+#: The edges (URLs verifiers fetch from) each publisher has probed, by name.
+Edges = Mapping[str, Sequence[str]]
+
+
+def served_since(
+    state: State, pol: Policy, kid: str, edges: Edges | None = None
+) -> datetime | None:
+    """Since when every publisher of the ring, and every edge of each, has
+    served ``kid`` without a break: the latest of their continuity times, or
+    None while any of them does not (docs/design.md#promotion). An edge never
+    probed, or whose last probe failed, holds it: an edge is never skipped."""
     latest: datetime | None = None
     for p in pol.publishers:
         rec = state.publishers.get(p)
-        t = rec.served_since(kid) if rec is not None else None
-        if t is None:
-            return None
-        if latest is None or t > latest:
-            latest = t
+        times = [rec.served_since(kid) if rec is not None else None]
+        for url in (edges or {}).get(p, ()):
+            edge = state.edge(p, url)
+            times.append(edge.served_since(kid) if edge is not None else None)
+        for t in times:
+            if t is None:
+                return None
+            if latest is None or t > latest:
+                latest = t
     return latest
 
 
-def _visible_anywhere(state: State, kid: str, managed: Collection[str] | None) -> bool:
-    """Could a publisher we manage still be serving ``kid``?
+def _visible_anywhere(
+    state: State, kid: str, managed: Collection[str] | None, edges: Edges | None = None
+) -> bool:
+    """Could a publisher we manage, or one of its edges, still be serving ``kid``?
 
     Every configured publisher counts, used by a ring or not: one dropped from
     a ring still serves what it last confirmed until it confirms a document
@@ -188,13 +201,24 @@ def _visible_anywhere(state: State, kid: str, managed: Collection[str] | None) -
     so). A stale record says only what was served once: a write whose
     read-back failed may have put any key there since, so until a publish is
     confirmed again every key counts as visible on it, and so do the kids of
-    any write never confirmed (``asked``).
+    any write never confirmed (``asked``). An edge counts until a probe there
+    shows a document without the key: one never probed shows nothing yet, and
+    one whose probe failed may still serve what it showed last.
     """
-    return any(
+    if any(
         rec.stale or kid in rec.kids or kid in rec.asked
         for name, rec in state.publishers.items()
         if managed is None or name in managed
-    )
+    ):
+        return True
+    for p, urls in (edges or {}).items():
+        if managed is not None and p not in managed:
+            continue
+        for url in urls:
+            edge = state.edge(p, url)
+            if edge is None or edge.error is not None or kid in edge.kids:
+                return True
+    return False
 
 
 def _managed(policies: Mapping[str, Policy], publishers: Collection[str] | None) -> list[str]:
@@ -214,10 +238,14 @@ def plan(
     policies: Mapping[str, Policy],
     now: datetime,
     publishers: Collection[str] | None = None,
+    edges: Edges | None = None,
 ) -> Plan:
     """What is due at ``now``. ``publishers``: every configured publisher
     (default: those the rings use), so one dropped from every ring is still
-    kept consistent and still counts before a key is destroyed."""
+    kept consistent and still counts before a key is destroyed. ``edges``:
+    the URLs probed for each publisher (``verify_urls``), each of which must
+    show a key before its promotion clock starts and stop showing it before
+    it is destroyed."""
     due: list[Action] = []
     upcoming: dict[str, Upcoming | None] = {}
     managed = _managed(policies, publishers)
@@ -227,7 +255,7 @@ def plan(
         if (rec is None and want) or (rec is not None and (rec.stale or rec.kids != want)):
             due.append(Publish(p))
     for name, pol in policies.items():
-        ring_due, nxt = plan_ring(state, state.ring(name), pol, now, managed)
+        ring_due, nxt = plan_ring(state, state.ring(name), pol, now, managed, edges)
         due.extend(ring_due)
         upcoming[name] = nxt
     return Plan(due=tuple(due), upcoming=upcoming)
@@ -251,7 +279,12 @@ def successor_times(ring: Ring, pol: Policy, active: Key) -> tuple[datetime, dat
 
 
 def plan_ring(
-    state: State, ring: Ring, pol: Policy, now: datetime, managed: Collection[str] | None = None
+    state: State,
+    ring: Ring,
+    pol: Policy,
+    now: datetime,
+    managed: Collection[str] | None = None,
+    edges: Edges | None = None,
 ) -> tuple[list[Action], Upcoming | None]:
     due: list[Action] = []
     later: list[Upcoming] = []
@@ -303,7 +336,7 @@ def plan_ring(
             # Promotion waits A from the moment the *last* publisher started
             # serving the key without a break: a document reverted or lost
             # since restarts the wait (docs/design.md#invariant-2).
-            served = served_since(state, pol, published.kid)
+            served = served_since(state, pol, published.kid, edges)
             start = served if served is not None else now
             start = max(start, _required(published.published_at, ring, published, "published_at"))
             promote_at = start if ring.emergency else max(promote_base, start + pol.publish_ahead)
@@ -326,11 +359,11 @@ def plan_ring(
         elif k.state == EXPIRED:
             at = _required(k.expired_at, ring, k, "expired_at") + pol.destroy_after
             if now >= at:
-                if not _visible_anywhere(state, k.kid, managed):
+                if not _visible_anywhere(state, k.kid, managed, edges):
                     due.append(Destroy(ring.name, k.kid))
             else:
                 later.append(Upcoming("destroy", k.kid, at))
-        elif k.state == REVOKED and not _visible_anywhere(state, k.kid, managed):
+        elif k.state == REVOKED and not _visible_anywhere(state, k.kid, managed, edges):
             due.append(Destroy(ring.name, k.kid))
 
     return due, _earliest(later)

@@ -39,7 +39,7 @@ from keymgr.errors import (
 from keymgr.faults import crashpoint
 from keymgr.jose import alg_family, curve_for
 from keymgr.logs import get_logger
-from keymgr.model import HAS_PRIVATE, Key, State
+from keymgr.model import HAS_PRIVATE, EdgeRecord, Key, State
 from keymgr.planner import (
     Action,
     Destroy,
@@ -53,6 +53,7 @@ from keymgr.planner import (
     plan,
     publishers_in_use,
 )
+from keymgr.probes import ProbeResult, probe_all
 from keymgr.publishers import Served
 from keymgr.stores import StateStore, Token
 from keymgr.timefmt import format_time
@@ -60,7 +61,7 @@ from keymgr.validate import check_state
 
 FAILURE_EVENTS = frozenset({"publish.failed", "backend.failed"})
 #: What an operational log line repeats of an audit event (never key material).
-LOG_FIELDS = ("ring", "kid", "publisher", "backend", "reason")
+LOG_FIELDS = ("ring", "kid", "publisher", "url", "added", "removed", "backend", "reason")
 
 log = get_logger("keymgr.reconcile")
 
@@ -97,6 +98,9 @@ class Reconciler:
         #: (backend, ring, kid) -> the public JWK the backend returned: checked
         #: once per process before a key is published (see _check_keys).
         self._backend_jwks: dict[tuple[str, str, str], dict[str, str]] = {}
+        #: Called after each edge probe (publisher, result, record before,
+        #: state after): the daemon's metrics.
+        self.on_probe: Callable[[str, ProbeResult, EdgeRecord | None, State], None] | None = None
 
     # -- loading -----------------------------------------------------------
 
@@ -170,13 +174,28 @@ class Reconciler:
                 state = transitions.publisher_drifted(state, name)
         return state
 
+    def probe_edges(self, state: State, now: datetime) -> tuple[State, list[dict[str, Any]]]:
+        """Probe every configured edge (keymgr.probes) and record what changed."""
+        state = transitions.edges_configured(state, self.config.edge_urls())
+        events: list[dict[str, Any]] = []
+        for name, results in probe_all(self.config.edges).items():
+            for r in results:
+                before = state.edge(name, r.url)
+                state, evs = transitions.edge_observed(state, name, r.url, r.kids, now, r.error)
+                events.extend(evs)
+                if self.on_probe is not None:
+                    self.on_probe(name, r, before, state)
+        return state, events
+
     def managed_publishers(self) -> list[str]:
         names = publishers_in_use(self.config.policies)
         names.extend(p for p in self.config.publishers if p not in names)
         return names
 
     def plan(self, state: State, now: datetime) -> Plan:
-        return plan(state, self.config.policies, now, self.config.publishers)
+        return plan(
+            state, self.config.policies, now, self.config.publishers, self.config.edge_urls()
+        )
 
     # -- the pass ----------------------------------------------------------
 
@@ -191,6 +210,8 @@ class Reconciler:
                 check(state)
             self.check_rings(state)
             state = self.observe(state)
+            if self.config.edges or state.edges:
+                state, token = self.record_edges(state, token, clock, result)
             failed: set[Action] = set()
             planned: tuple[State, datetime] | None = None
             for _ in range(MAX_WAVES):
@@ -277,6 +298,27 @@ class Reconciler:
             if planned is None or planned[0] is not state or planned[1] != now:
                 result.plan = self.plan(state, now)
         return result
+
+    def record_edges(
+        self, state: State, token: Token, clock: Callable[[], datetime], result: PassResult
+    ) -> tuple[State, Token]:
+        """Probe the edges and commit what changed at once: a kid's time at an
+        edge must survive to the next pass, planned on or not."""
+        now = clock()
+        if state.clock is not None and now < state.clock:
+            now = state.clock
+        probed, events = self.probe_edges(state, now)
+        if probed == state:
+            return state, token
+        try:
+            new, token = self.commit(probed, events, token)
+        except ConflictError:
+            return self.load()  # another writer won: probe again next pass
+        result.events.extend(new.audit.outbox)
+        for ev in new.audit.outbox:
+            fields = {f: ev[f] for f in LOG_FIELDS if ev.get(f) is not None}
+            (log.warning if ev["event"] == "edge.unreachable" else log.info)(ev["event"], **fields)
+        return new, token
 
     def discard_generated(self, events: list[dict[str, Any]], winner: State) -> None:
         """Destroy keys generated in a wave whose commit lost, unless the winner

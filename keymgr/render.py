@@ -60,6 +60,16 @@ def status_text(doc: dict[str, Any], state: State) -> str:
             out.append(f"  next: {nxt['action']}{kid} at {_when(nxt['at'])}")
         else:
             out.append("  next: nothing scheduled")
+    for pub, urls in doc.get("edges", {}).items():
+        out.append(f"edges of publisher {pub}")
+        for url, e in urls.items():
+            if e is None:
+                what = "not probed yet (holds promotion)"
+            elif e.get("error"):
+                what = f"DOWN since {_when(e['at'])}: {e['error']} (holds promotion)"
+            else:
+                what = f"{len(e['kids'])} keys, unchanged since {_when(e['at'])}"
+            out.append(f"  {url}  {what}")
     return "\n".join(out)
 
 

@@ -8,6 +8,7 @@ audit event per key-state change (invariant 7); the event dicts are completed
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from keymgr.model import (
     PUBLISHED,
     RETIRED,
     REVOKED,
+    EdgeRecord,
     Intent,
     Key,
     PublisherRecord,
@@ -210,6 +212,63 @@ def publisher_drifted(state: State, publisher: str) -> State:
     pubs = dict(state.publishers)
     pubs[publisher] = replace(old, stale=True, since={})
     return replace(state, publishers=pubs)
+
+
+def edge_observed(
+    state: State,
+    publisher: str,
+    url: str,
+    kids: frozenset[str] | None,
+    now: datetime,
+    error: str | None = None,
+) -> Result:
+    """A probe of one edge of ``publisher``: the kids its document holds, or
+    None with ``error`` when it showed no JWKS.
+
+    A kid keeps its time only while probes keep showing it; a kid seen for
+    the first time is counted from now (rounded up: never earlier than the
+    truth). A failed probe forgets every time (promotion waits for the edge
+    again) but keeps the kids last shown (the edge may still serve them, so
+    they are not destroyed). Only a change is recorded (an audit event: what
+    an edge shows is part of every promotion's proof); a probe that shows
+    what the last one showed changes nothing.
+    """
+    old = state.edge(publisher, url)
+    at = _ceil(now)
+    if kids is None:
+        if old is not None and old.error is not None:
+            return state, []
+        rec = EdgeRecord(
+            kids=old.kids if old is not None else frozenset(),
+            since={},
+            at=at,
+            error=error or "no JWKS",
+        )
+        ev = _event("edge.unreachable", None, None, now, publisher=publisher, url=url,
+                    reason=rec.error)
+    else:
+        if old is not None and old.error is None and old.kids == kids:
+            return state, []
+        since = {k: old.since[k] if old is not None and k in old.since else at for k in kids}
+        rec = EdgeRecord(kids=kids, since=since, at=at)
+        before = old.kids if old is not None else frozenset()
+        ev = _event(
+            "edge.updated", None, None, now, publisher=publisher, url=url,
+            added=sorted(kids - before) or None, removed=sorted(before - kids) or None,
+        )
+    edges = {p: dict(u) for p, u in state.edges.items()}
+    edges.setdefault(publisher, {})[url] = rec
+    return _tick(replace(state, edges=edges), now), [ev]
+
+
+def edges_configured(state: State, configured: Mapping[str, Collection[str]]) -> State:
+    """Forget the records of edges no longer configured (their probes stopped)."""
+    edges = {
+        p: {u: e for u, e in urls.items() if u in configured.get(p, ())}
+        for p, urls in state.edges.items()
+    }
+    edges = {p: urls for p, urls in edges.items() if urls}
+    return state if edges == state.edges else replace(state, edges=edges)
 
 
 def open_intent(

@@ -69,6 +69,10 @@ def check_state(state: State, where: str) -> None:
     for ring_name, intent in state.intents.items():
         if not intent.nonce or not intent.backend:
             raise StateError(f"{where}: intents.{ring_name}: nonce and backend are required")
+    for pub, urls in state.edges.items():
+        for url, edge in urls.items():
+            if not edge.kids.issuperset(edge.since):
+                raise StateError(f"{where}: edges.{pub}: {url}: a time for a kid it does not show")
 
 
 def key_problem(key: Key) -> str | None:
