@@ -168,9 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd(
         "plan",
         "show what is due and when, changing nothing",
-        "keymgr plan --at 2026-03-01T00:00:00Z --json",
+        "keymgr plan\nkeymgr plan --at 2026-03-01T00:00:00Z --json",
+        more="With --at: every transition of every ring from now until TIME, in order, "
+        "projected on the optimistic path (every publish confirmed when due); keys not "
+        "generated yet are shown as <next-N of RING>.",
     )
-    at_option(s, "plan as of this time")
+    at_option(s, "show the whole path from now until this time")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = cmd("status", "every ring, every key, and the next transition", "keymgr status --json")
@@ -358,6 +361,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if c == "adopt":
         return _print_pass(m.adopt(args.ring, args.kid, args.as_state, now=args.at))
     if c == "plan":
+        if args.at is not None:
+            return _plan_path(m, args.at, args.json)
         doc = m.plan(args.at)
         if args.json:
             print(json.dumps(doc, indent=2))
@@ -365,6 +370,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             from keymgr.render import plan_text
 
             print(plan_text(doc))
+        _migration_warnings(m)
         return EXIT_OK
     if c == "status":
         doc = m.status()
@@ -441,6 +447,94 @@ def _state_checks(cfg: Any) -> None:
     state = store.load()[0]
     reconciler.validate(state)
     reconciler.check_rings(state)
+    from keymgr.projection import migration_warnings
+    from keymgr.timefmt import utcnow
+
+    now = utcnow()
+    if state.clock is not None and now < state.clock:
+        now = state.clock
+    for w in migration_warnings(state, cfg.policies, now, cfg.publishers, cfg.edge_urls()):
+        print(f"keymgr: warning: {cfg.path}: {_one_line(w)}", file=sys.stderr)
+
+
+def _plan_path(m: Any, at: Any, as_json: bool) -> int:
+    """``plan --at T``: every transition of every ring from now to T, projected
+    (keymgr.projection) on the optimistic path; nothing is written anywhere."""
+    from keymgr.projection import ASSUMPTION, migration_warning, migrations, project
+    from keymgr.timefmt import format_time
+
+    state = m.state()
+    now = m._clock(None, state)
+    until = m._clock(at, state)  # refuses a T before the newest time in state
+    start = min(now, until)
+    state = m.reconciler.observe(state)
+    policies, publishers, edges = m.config.policies, m.config.publishers, m.config.edge_urls()
+    proj = project(state, policies, start, until, publishers, edges)
+    migs = migrations(state, policies, start, publishers, edges)
+    doc: dict[str, Any] = {
+        "from": format_time(start),
+        "at": format_time(until),
+        "assumes": ASSUMPTION,
+        "path": [s.to_dict() for s in proj.steps],
+        "upcoming": {
+            ring: None
+            if u is None
+            else {"action": u.action, "kid": u.kid, "at": format_time(u.at)}
+            for ring, u in proj.upcoming.items()
+        },
+        "migrations": [mg.to_dict() for mg in migs],
+    }
+    print(json.dumps(doc, indent=2) if as_json else _path_text(doc))
+    for mg in migs:
+        print(f"keymgr: warning: {_one_line(migration_warning(mg, start))}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _path_text(doc: dict[str, Any]) -> str:
+    """``plan --at T`` for people: one row per transition, then what follows T."""
+    path = doc["path"]
+    out = [
+        f"path from {doc['from']} to {doc['at']}: {len(path)} transition(s)",
+        f"assumes the {doc['assumes']}",
+    ]
+    if path:
+        cols = ("at", "ring", "action", "kid", "alg", "reason")
+        rows = [[str(s[c] or "") for c in cols] for s in path]
+        heads = ["TIME", "RING", "ACTION", "KID", "ALG", "REASON"]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+        for r in [heads, *rows]:
+            out.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    else:
+        out.append("nothing happens until then")
+    out.append(f"after {doc['at']}:")
+    for ring, u in doc["upcoming"].items():
+        if u is None:
+            out.append(f"  {ring}: nothing scheduled")
+        else:
+            kid = f" {u['kid']}" if u.get("kid") else ""
+            out.append(f"  {ring}: {u['action']}{kid} at {u['at']}")
+    for mg in doc["migrations"]:
+        out.append(
+            f"algorithm change of {mg['ring']}: {' and '.join(mg['from'])} -> {mg['to']}: "
+            f"first {mg['to']} key published {mg['published_at'] or '-'}, signs from "
+            f"{mg['active_at'] or '-'}; last {' and '.join(mg['from'])} key leaves the JWKS "
+            f"{mg['old_unpublished_at'] or '-'}"
+        )
+    return "\n".join(out)
+
+
+def _migration_warnings(m: Any) -> None:
+    """``plan``: one stderr line per ring whose algorithm is changing."""
+    from keymgr.projection import migrating, migration_warnings
+
+    state = m.state()
+    if not migrating(state, m.config.policies):
+        return
+    now = m._clock(None, state)
+    state = m.reconciler.observe(state)
+    cfg = m.config
+    for w in migration_warnings(state, cfg.policies, now, cfg.publishers, cfg.edge_urls()):
+        print(f"keymgr: warning: {_one_line(w)}", file=sys.stderr)
 
 
 def _print_pass(res: Any) -> int:

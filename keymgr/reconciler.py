@@ -520,7 +520,12 @@ class Reconciler:
             intent = state.intents.get(g.ring)
             if intent is not None and intent.backend == pol.backend and intent.alg == pol.algorithm:
                 continue
-            nonce = secrets.token_hex(8)
+            # Only the algorithm changed (a migration) while an attempt was
+            # open: keep its nonce, so the key that attempt may have left is
+            # still recognised as its orphan (and destroyed by generate, as it
+            # no longer fits), not taken for a key the state never knew.
+            same_backend = intent is not None and intent.backend == pol.backend
+            nonce = intent.nonce if intent is not None and same_backend else secrets.token_hex(8)
             new = transitions.open_intent(new, g.ring, nonce, pol.backend, pol.algorithm, now)
         if new is state:
             return state, token, refused
