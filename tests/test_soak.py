@@ -158,8 +158,8 @@ def test_soak_edge_stale_shows_rejections(tmp_path: Path) -> None:
     successor and promotes it A later. Verifiers that refetch through the edge
     get no successor and reject its tokens, every time.
 
-    keymgr cannot see the edge yet. When edge probes (``verify_urls``) make the
-    successor wait for the edge, this test flips: no rejection, ``passed``.
+    This is the control run of :func:`test_soak_edge_stale_with_probes_passes`:
+    keymgr does not probe the edge here.
     """
     out, r, rc = run_soak(
         tmp_path, "--faults", "--fault-kinds", "edge-stale", "--rotations", "3", "--no-node",
@@ -186,6 +186,26 @@ def test_soak_edge_stale_shows_rejections(tmp_path: Path) -> None:
     assert r["publication_to_first_use"]["min"] >= r["keymgr_settings"]["publish_ahead"] - 0.5
     assert not r["failures"] and not r["private_members_published"], out
     assert not r["passed"] and rc == 1, out
+
+
+def test_soak_edge_stale_with_probes_passes(tmp_path: Path) -> None:
+    """Issue 20 fixed by edge probes (issue 13): the same stale-if-error edge,
+    now listed in the publisher's ``verify_urls``. keymgr sees that the edge
+    still serves the document without the successor and holds its promotion
+    until the edge shows it, then A more: no verifier rejects anything."""
+    out, r, rc = run_soak(
+        tmp_path, "--faults", "--fault-kinds", "edge-stale", "--rotations", "2", "--no-node",
+        "--verify-edge", timeout=200,
+    )  # fmt: skip
+    stale = [f for f in r["faults"] if f["kind"] == "edge-stale"]
+    assert stale and r["edge"]["stale_served"] > 0, out
+    assert r["rotations"] >= 2 and r["settings"]["verify_edge"], out
+    assert r["rejections"] == 0 and all(v["rejected"] == 0 for v in r["verifiers"]), out
+    assert all(v["checked"] > 0 for v in r["verifiers"]), out
+    # Promotion waited for the edge: the successor was first used later than A
+    # after its publication at the origin, while the edge was cut.
+    assert r["publication_to_first_use"]["max"] > r["keymgr_settings"]["publish_ahead"] + 1, out
+    assert r["passed"] and rc == 0, out
 
 
 # ------------------------------------------------------------------ the config warning

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         "then it answers 503",
     )
     p.add_argument(
+        "--verify-edge",
+        action="store_true",
+        help="list the edge in the publisher's verify_urls: keymgr probes it and "
+        "promotes a key only once the edge serves it",
+    )
+    p.add_argument(
         "--misconfigure",
         action="store_true",
         help="publish_ahead shorter than the verifiers' cache: must show rejections",
@@ -82,7 +88,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         retire_grace=a.retire_grace, destroy_after=a.destroy_after,
         rate=a.rate or (20.0 if a.backend == "file" else 10.0), faults=a.faults,
         fault_kinds=tuple(x for x in a.fault_kinds.split(",") if x),
-        stale_if_error=a.stale_if_error,
+        stale_if_error=a.stale_if_error, verify_edge=a.verify_edge,
         misconfigure=a.misconfigure, cloud_state=a.cloud_state, node=not a.no_node, seed=a.seed,
         max_seconds=a.max_seconds, workdir=a.workdir, keep=a.keep,
     )  # fmt: skip

@@ -18,8 +18,11 @@ class Home:
         #: The ``keymgr: warning:`` lines of ``config check``.
         self.config_warnings: list[str] = []
 
-    def write_config(self, s: Settings) -> Path:
-        """``keymgr init``, then this run's config; ``config check`` must accept it."""
+    def write_config(self, s: Settings, verify_urls: tuple[str, ...] = ()) -> Path:
+        """``keymgr init``, then this run's config; ``config check`` must accept it.
+
+        ``verify_urls``: the edges keymgr probes before a promotion (``--verify-edge``).
+        """
         e = self.env
         subprocess.run(
             [PY, "-m", "keymgr.cli", "init", "--dir", str(self.work)],
@@ -29,7 +32,10 @@ class Home:
             "# written by benchmarks/soak (python -m benchmarks.soak)\n"
             f'[daemon]\nstate = "{e.state_url()}"\naudit_log = "audit.jsonl"\n'
             'reconcile_interval = "1s"\nlisten = "127.0.0.1:0"\nlease_ttl = "3s"\n\n'
-            f"{e.backend_toml()}\n{e.publisher_toml()}\n"
+            f"{e.backend_toml()}\n{e.publisher_toml()}"
+            + (f"verify_urls = {json.dumps(list(verify_urls))}\nprobe_timeout = 1\n"
+               if verify_urls else "")
+            + "\n"
             f'[keyrings.{RING}]\nbackend = "{e.backend_name()}"\nalgorithm = "ES256"\n'
             f'rotation_period = "{s.period}s"\npublish_ahead = "{s.publish_ahead}s"\n'
             f'retire_grace = "{s.retire_grace}s"\ndestroy_after = "{s.destroy_after}s"\n'

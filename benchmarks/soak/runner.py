@@ -68,14 +68,15 @@ class Runner:
     def _set_up(self) -> None:
         """Everything up to the first served key, then the verifiers."""
         s = self.s
-        cfg = self.home.write_config(s)
+        # The edge first: with --verify-edge the config names its URL.
+        self.origin = self.env.origin()
+        self._edge = Edge(self.origin, s.stale_if_error)
+        self.edge.start()
+        cfg = self.home.write_config(s, (self.edge.url,) if s.verify_edge else ())
         from keymgr import KeyManager
         from keymgr.config import load_config
 
         km = KeyManager(load_config(cfg), actor="soak-check")
-        self.origin = self.env.origin()
-        self._edge = Edge(self.origin, s.stale_if_error)
-        self.edge.start()
         self.watcher = Watcher(self.origin, self.edge)
         self.watcher.start()
         queue = self.work / "tokens.jsonl"

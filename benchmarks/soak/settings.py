@@ -22,7 +22,8 @@ FAULTS_ABLE: dict[str, tuple[str, ...]] = {
     "vault-transit": ("kill", "block", "pause", "edge-stale"),
 }
 #: What ``--faults`` injects without ``--fault-kinds``: every fault keymgr
-#: promises to survive. ``edge-stale`` (issue 20) is not one of them yet.
+#: promises to survive. ``edge-stale`` (issue 20) joins them with
+#: ``--verify-edge``: keymgr survives a stale edge only when it probes it.
 DEFAULT_FAULTS: dict[str, tuple[str, ...]] = {
     "file": ("kill", "block"),
     "aws-kms": ("kill", "pause"),
@@ -48,6 +49,8 @@ class Settings:
     fault_kinds: tuple[str, ...] = ()
     #: How long the edge serves its last good copy while its origin fails.
     stale_if_error: float = 60.0
+    #: keymgr probes the edge (``verify_urls``): promotion waits for what it serves.
+    verify_edge: bool = False
     misconfigure: bool = False
     cloud_state: bool = False  # state in S3 (aws-kms) / Vault KV (vault-transit)
     node: bool = True
@@ -72,6 +75,8 @@ class Settings:
             self.seed = secrets.randbelow(2**31) + 1
         if not self.fault_kinds:
             self.fault_kinds = DEFAULT_FAULTS.get(self.backend, ())
+            if self.verify_edge:
+                self.fault_kinds = (*self.fault_kinds, "edge-stale")
         if not self.max_seconds:
             self.max_seconds = 60 + self.rotations * self.period * (3 if self.faults else 2)
 
