@@ -41,15 +41,18 @@ BUILTIN: dict[str, dict[str, str]] = {
         "file": "keymgr.backends.local.keys:FileBackend",
         "aws-kms": "keymgr.backends.aws.kms:KMSBackend",
         "vault-transit": "keymgr.backends.vault.transit:VaultTransitBackend",
+        "pkcs11": "keymgr.backends.pkcs11.keys:PKCS11Backend",
     },
     PUBLISHERS: {
         "file": "keymgr.backends.local.publisher:FilePublisher",
         "s3": "keymgr.backends.aws.publisher:S3Publisher",
+        "gcs": "keymgr.backends.gcp.publisher:GCSPublisher",
     },
     STORES: {
         "file": "keymgr.backends.local.store:open_file_store",
         "s3": "keymgr.backends.aws.store:open_s3_store",
         "vault": "keymgr.backends.vault.store:open_vault_store",
+        "gs": "keymgr.backends.gcp.store:open_gcs_store",
     },
 }
 

@@ -53,6 +53,7 @@ def test_builtin_stores_make_stores(tmp_path, monkeypatch) -> None:
         "file": f"file:{tmp_path / 'state.json'}",
         "s3": "s3://bucket/state.json",
         "vault": "vault://secret/keymgr/state",
+        "gs": "gs://bucket/state.json",
     }
     assert set(urls) == set(BUILTIN[plugins.STORES])
     for scheme, url in urls.items():
@@ -79,14 +80,16 @@ def test_third_party_plugins_found_through_their_entry_points(monkeypatch) -> No
     _only(
         monkeypatch,
         EntryPoint("example-hsm", "keymgr.backends.local.keys:FileBackend", plugins.BACKENDS),
-        EntryPoint("gcs", "keymgr.backends.local.publisher:FilePublisher", plugins.PUBLISHERS),
-        EntryPoint("gs", "keymgr.backends.local.store:open_file_store", plugins.STORES),
+        EntryPoint("acme-cdn", "keymgr.backends.local.publisher:FilePublisher",
+                   plugins.PUBLISHERS),
+        EntryPoint("acme", "keymgr.backends.local.store:open_file_store", plugins.STORES),
     )
     assert backend_class("example-hsm", "backends.hsm.type").__name__ == "FileBackend"
-    assert publisher_class("gcs", "publishers.site.type").__name__ == "FilePublisher"
-    assert store_factory("gs", "daemon.state").__name__ == "open_file_store"
+    assert publisher_class("acme-cdn", "publishers.site.type").__name__ == "FilePublisher"
+    assert store_factory("acme", "daemon.state").__name__ == "open_file_store"
+    known = r"\(known: aws-kms, example-hsm, file, pkcs11, vault-transit\)$"
     with pytest.raises(ConfigError, match=r"^backends\.nope\.type: unknown backend type 'nope' "
-                                          r"\(known: aws-kms, example-hsm, file, vault-transit\)$"):
+                                          + known):
         backend_class("nope", "backends.nope.type")
 
 

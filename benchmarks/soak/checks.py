@@ -141,8 +141,14 @@ class Checker:
         self.destroys_in_flight: set[str] = set()
         self.audit_counts: Counter[str] = Counter()
 
-    def wait_recovered(self, timeout: float = 30) -> tuple[float | None, str]:
+    def recovery_window(self) -> float:
+        """How long a recovery may take: 30 s, plus the pass lock a SIGKILLed
+        daemon may have left on a shared store (taken over after its lock_ttl)."""
+        return 30.0 + float(getattr(self.km.store, "lock_ttl", 0.0))
+
+    def wait_recovered(self, timeout: float | None = None) -> tuple[float | None, str]:
         """Until the daemon has re-published: publisher record fresh, served JWKS == state."""
+        timeout = self.recovery_window() if timeout is None else timeout
         t0 = time.monotonic()
         why = ""
         while time.monotonic() - t0 < timeout:
@@ -172,7 +178,7 @@ class Checker:
         rec_t, why = self.wait_recovered()
         res.recovered_in = rec_t
         if rec_t is None:
-            res.problems.append(f"not recovered within 30s: {why}")
+            res.problems.append(f"not recovered within {self.recovery_window():g}s: {why}")
         try:
             self._check_state(res, final=label.startswith("end"))
         except Exception as e:

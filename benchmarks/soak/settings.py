@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 RING = "default"
-BACKENDS = ("file", "aws-kms", "vault-transit")
+BACKENDS = ("file", "aws-kms", "vault-transit", "pkcs11", "gcs")
 REGION = "us-east-1"
 
 #: The faults each backend can suffer (see the package docstring).
@@ -20,6 +20,8 @@ FAULTS_ABLE: dict[str, tuple[str, ...]] = {
     "file": ("kill", "block", "edge-stale"),
     "aws-kms": ("kill", "pause", "edge-stale"),
     "vault-transit": ("kill", "block", "pause", "edge-stale"),
+    "pkcs11": ("kill", "block", "edge-stale"),
+    "gcs": ("kill", "pause", "edge-stale"),
 }
 #: What ``--faults`` injects without ``--fault-kinds``: every fault keymgr
 #: promises to survive. ``edge-stale`` (issue 20) joins them with
@@ -28,6 +30,8 @@ DEFAULT_FAULTS: dict[str, tuple[str, ...]] = {
     "file": ("kill", "block"),
     "aws-kms": ("kill", "pause"),
     "vault-transit": ("kill", "block", "pause"),
+    "pkcs11": ("kill", "block"),
+    "gcs": ("kill", "pause"),
 }
 
 
@@ -60,6 +64,8 @@ class Settings:
     keep: bool = False
 
     def resolve(self) -> None:
+        if self.backend == "gcs":
+            self.cloud_state = True  # its state always lives in GCS
         if self.misconfigure:
             # Caches longer than publish_ahead: the promise cannot hold.
             self.publish_ahead = self.publish_ahead or 1
