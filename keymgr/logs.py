@@ -123,7 +123,7 @@ def _bridge_stdlib(stream: Any, lvl: int, renderer: Any, stamp: Any) -> None:
 
 
 #: Loggers of the libraries the daemon drives.
-_LIBRARY_LOGGERS = ("apscheduler", "botocore", "boto3", "urllib3", "hvac")
+_LIBRARY_LOGGERS = ("apscheduler", "botocore", "boto3", "urllib3", "hvac", "azure", "google")
 
 
 # -- deferred configuration ------------------------------------------------------

@@ -47,12 +47,14 @@ BUILTIN: dict[str, dict[str, str]] = {
         "file": "keymgr.backends.local.publisher:FilePublisher",
         "s3": "keymgr.backends.aws.publisher:S3Publisher",
         "gcs": "keymgr.backends.gcp.publisher:GCSPublisher",
+        "azblob": "keymgr.backends.azure.publisher:AzureBlobPublisher",
     },
     STORES: {
         "file": "keymgr.backends.local.store:open_file_store",
         "s3": "keymgr.backends.aws.store:open_s3_store",
         "vault": "keymgr.backends.vault.store:open_vault_store",
         "gs": "keymgr.backends.gcp.store:open_gcs_store",
+        "azblob": "keymgr.backends.azure.store:open_azblob_store",
     },
 }
 

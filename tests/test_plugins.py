@@ -54,6 +54,7 @@ def test_builtin_stores_make_stores(tmp_path, monkeypatch) -> None:
         "s3": "s3://bucket/state.json",
         "vault": "vault://secret/keymgr/state",
         "gs": "gs://bucket/state.json",
+        "azblob": "azblob://account/container/state.json",
     }
     assert set(urls) == set(BUILTIN[plugins.STORES])
     for scheme, url in urls.items():

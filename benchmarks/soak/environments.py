@@ -177,8 +177,10 @@ class VaultEnv(Env):
 ENVS: dict[str, type[Env]] = {"file": Env, "aws-kms": KmsEnv, "vault-transit": VaultEnv}
 
 # Providers in their own modules (they import Env from here).
+from .env_azure import AzureEnv  # noqa: E402
 from .env_gcs import GcsEnv  # noqa: E402
 from .env_pkcs11 import Pkcs11Env  # noqa: E402
 
+ENVS["azure"] = AzureEnv
 ENVS["gcs"] = GcsEnv
 ENVS["pkcs11"] = Pkcs11Env

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 RING = "default"
-BACKENDS = ("file", "aws-kms", "vault-transit", "pkcs11", "gcs")
+BACKENDS = ("file", "aws-kms", "vault-transit", "pkcs11", "gcs", "azure")
 REGION = "us-east-1"
 
 #: The faults each backend can suffer (see the package docstring).
@@ -22,6 +22,7 @@ FAULTS_ABLE: dict[str, tuple[str, ...]] = {
     "vault-transit": ("kill", "block", "pause", "edge-stale"),
     "pkcs11": ("kill", "block", "edge-stale"),
     "gcs": ("kill", "pause", "edge-stale"),
+    "azure": ("kill", "pause", "edge-stale"),
 }
 #: What ``--faults`` injects without ``--fault-kinds``: every fault keymgr
 #: promises to survive. ``edge-stale`` (issue 20) joins them with
@@ -32,6 +33,7 @@ DEFAULT_FAULTS: dict[str, tuple[str, ...]] = {
     "vault-transit": ("kill", "block", "pause"),
     "pkcs11": ("kill", "block"),
     "gcs": ("kill", "pause"),
+    "azure": ("kill", "pause"),
 }
 
 
