@@ -2,6 +2,16 @@
 
 A publish only counts once the target has been read back and compared byte for
 byte: ``published_at`` (and so every promotion) hangs on that confirmation.
+
+Two capabilities beyond the JWKS (docs/issuer.md):
+
+- **Documents beside the JWKS.** A plug-in that sets ``supports_documents``
+  returns from :meth:`Publisher.sibling` a publisher of another document on
+  the same target (the OpenID Connect discovery document), written and
+  confirmed exactly like the JWKS.
+- **``cache_control = "auto"``.** keymgr.config derives the ``max-age`` from
+  the rings' ``publish_ahead`` (:class:`AutoCacheControl`);
+  :meth:`Publisher.headers_for` resolves it for each document.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import abc
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +47,44 @@ class Served:
         return h.hexdigest()
 
 
+#: The ``cache_control`` value that asks keymgr to derive the header (AutoCacheControl).
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AutoCacheControl:
+    """``cache_control = "auto"``: a ``max-age`` derived from the rings' timing.
+
+    ``base`` is a quarter of the shortest ``publish_ahead`` (A) of the rings
+    the publisher serves, capped at a day; each document gets ``base`` ±
+    ``jitter`` (10 %), chosen by a hash of ``seed`` (:meth:`value`): the
+    same seed always gives the same header, so a document that did not change
+    is never rewritten for its header, and every replica computes the same
+    value. Why a quarter, and what the seed is per target: docs/issuer.md.
+    """
+
+    #: The max-age before jitter, in whole seconds.
+    base: int
+    #: The shortest publish_ahead it was derived from, and the rings that have it.
+    publish_ahead: timedelta
+    rings: tuple[str, ...] = ()
+    #: The relative spread: the max-age is in ``[base*(1-j), base*(1+j))``.
+    jitter: float = 0.1
+
+    def max_age(self, seed: bytes) -> int:
+        """The max-age for ``seed``: deterministic, within the jitter bounds."""
+        u = int.from_bytes(hashlib.sha256(seed).digest()[:8], "big") / 2**64  # [0, 1)
+        return int(self.base * (1 - self.jitter + 2 * self.jitter * u))
+
+    def bounds(self) -> tuple[int, int]:
+        """The smallest and largest max-age any seed can get."""
+        return int(self.base * (1 - self.jitter)), int(self.base * (1 + self.jitter))
+
+    def value(self, seed: bytes) -> str:
+        """The ``Cache-Control`` header value for ``seed``."""
+        return f"public, max-age={self.max_age(seed)}"
+
+
 class Publisher(abc.ABC):
     """Where verifiers fetch the JWKS: writes it and reads back what is served.
 
@@ -46,6 +95,20 @@ class Publisher(abc.ABC):
     """
 
     type_name: ClassVar[str]
+    #: True when :meth:`sibling` can serve other documents beside the JWKS
+    #: (the OpenID Connect discovery document, ``"openid-configuration"``).
+    supports_documents: ClassVar[bool] = False
+    #: For each document :meth:`sibling` serves, the plug-in option that says
+    #: where it goes (named in config errors), e.g.
+    #: ``{"openid-configuration": "discovery_path"}``.
+    document_options: ClassVar[Mapping[str, str]] = {}
+    #: True when the target stores the headers keymgr sets with each document
+    #: (an object store's metadata), so they can differ per document; False
+    #: when a static server sends them from its own configuration. The jitter
+    #: of ``cache_control = "auto"`` varies per document only when True.
+    headers_per_document: ClassVar[bool] = False
+    #: Set by keymgr.config when the ``cache_control`` option is ``"auto"``.
+    auto_cache_control: AutoCacheControl | None = None
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         self.name = name
@@ -57,6 +120,38 @@ class Publisher(abc.ABC):
     def headers(self) -> dict[str, str]:
         """The headers keymgr serves the document with (none by default)."""
         return {}
+
+    def headers_for(self, data: bytes) -> dict[str, str]:
+        """The headers ``data`` is served with: :meth:`headers`, with a
+        ``Cache-Control`` of ``"auto"`` resolved by :attr:`auto_cache_control`.
+
+        The jitter's seed is the publisher's name, plus the document itself
+        when :attr:`headers_per_document`: stable while the document does not
+        change. A plug-in that sends ``Cache-Control`` itself (an object
+        store) must send this value, not its raw option.
+        """
+        headers = dict(self.headers())
+        auto = self.auto_cache_control
+        if auto is not None and headers.get("Cache-Control") == AUTO:
+            seed = self.name.encode()
+            if self.headers_per_document:
+                seed += b"\n" + data
+            headers["Cache-Control"] = auto.value(seed)
+        return headers
+
+    def sibling(self, document: str) -> Publisher | None:
+        """A publisher of another ``document`` served beside the JWKS, or None
+        when the plug-in was not told where it goes (or cannot serve it).
+
+        ``document`` names what it holds; today only ``"openid-configuration"``
+        (the OpenID Connect discovery document). The plug-in decides where it
+        goes from an option of its own (:attr:`document_options`). The sibling
+        is an ordinary publisher of the same target and settings (mode,
+        headers, credentials): :meth:`publish` writes it atomically and
+        confirms it by read-back like the JWKS. A plug-in that supports it sets
+        :attr:`supports_documents`; the default serves no other document.
+        """
+        return None
 
     @property
     def where(self) -> str:
@@ -79,7 +174,7 @@ class Publisher(abc.ABC):
         where a change of them still changes the confirmed digest.
         """
         body = self.read()
-        return None if body is None else Served(body, self.headers())
+        return None if body is None else Served(body, self.headers_for(body))
 
     def publish(self, data: bytes, force: bool = False) -> bool:
         """Make the target serve ``data`` and confirm it; True if it was written.
@@ -87,7 +182,7 @@ class Publisher(abc.ABC):
         An unchanged target is not written again, unless ``force`` (an
         earlier write was never confirmed and may still land after this one).
         """
-        want = Served(data, self.headers())
+        want = Served(data, self.headers_for(data))
         if not force and self.fetch() == want:
             return False
         self.write(data)

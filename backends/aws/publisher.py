@@ -3,11 +3,14 @@
 Every upload carries ``Content-Type`` and the configured ``Cache-Control`` (and
 server-side encryption when asked); :meth:`S3Publisher.fetch` reads back the
 body and those headers in one GET, so a publish only counts once S3 serves
-exactly the document meant, headers included.
+exactly the document meant, headers included. With ``discovery_key`` it also
+uploads the OpenID Connect discovery document (:meth:`S3Publisher.sibling`),
+the same way, to the same bucket.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -30,7 +33,8 @@ from .client import (
 
 _SSE_VALUES = ("AES256", "aws:kms")
 _PUBLISHER_FIELDS = frozenset(
-    {"type", "bucket", "key", "cache_control", "sse", "sse_kms_key_id"} | AWS_CONNECTION_OPTIONS
+    {"type", "bucket", "key", "cache_control", "sse", "sse_kms_key_id", "discovery_key"}
+    | AWS_CONNECTION_OPTIONS
 )
 DEFAULT_CACHE_CONTROL = "public, max-age=300"
 CONTENT_TYPE = "application/json"
@@ -40,12 +44,23 @@ class S3Publisher(LazyS3, Publisher):
     """The JWKS as one S3 object (typically behind a CDN): ``type = "s3"``."""
 
     type_name: ClassVar[str] = "s3"
+    supports_documents: ClassVar[bool] = True
+    document_options: ClassVar[Mapping[str, str]] = {"openid-configuration": "discovery_key"}
+    #: Cache-Control is object metadata, set with each upload.
+    headers_per_document: ClassVar[bool] = True
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
         super().__init__(name, options, config_dir)
         o = Options(options, f"publishers.{name}", _PUBLISHER_FIELDS)
         self.bucket = check_bucket(o.required("bucket"), o.field("bucket"))
         self.key = check_key(o.required("key", "e.g. '.well-known/jwks.json'"), o.field("key"))
+        discovery = o.string("discovery_key")
+        if discovery is not None:
+            discovery = check_key(discovery, o.field("discovery_key"))
+            if discovery == self.key:
+                raise o.err("discovery_key", "must differ from key (the JWKS)")
+        #: Where the OpenID Connect discovery document goes, in the same bucket.
+        self.discovery_key: str | None = discovery
         cc = o.string("cache_control", DEFAULT_CACHE_CONTROL)
         if cc is None or "\n" in cc or "\r" in cc:
             raise o.err("cache_control", "expected a Cache-Control header value")
@@ -64,6 +79,14 @@ class S3Publisher(LazyS3, Publisher):
         self.connection = parse_connection(o)
         self._lock = threading.Lock()
         self._client: Any = None
+
+    def sibling(self, document: str) -> S3Publisher | None:
+        """The discovery document's object: same bucket, headers and connection settings."""
+        if document != "openid-configuration" or self.discovery_key is None:
+            return None
+        other = copy.copy(self)
+        other.key, other.discovery_key = self.discovery_key, None
+        return other
 
     @property
     def url(self) -> str:
@@ -142,7 +165,7 @@ class S3Publisher(LazyS3, Publisher):
                 Key=self.key,
                 Body=data,
                 ContentType=CONTENT_TYPE,
-                CacheControl=self.cache_control,
+                CacheControl=self.headers_for(data)["Cache-Control"],
                 **extra,
             )
         except aws_errors() as e:

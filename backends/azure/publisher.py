@@ -39,6 +39,8 @@ CONTENT_TYPE = "application/json"
 class AzureBlobPublisher(Publisher):
     """The JWKS as one blob in an Azure Storage container: ``type = "azblob"``."""
 
+    #: Cache-Control is object metadata, set with each upload ("auto" per document).
+    headers_per_document: ClassVar[bool] = True
     type_name: ClassVar[str] = "azblob"
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
@@ -113,7 +115,7 @@ class AzureBlobPublisher(Publisher):
         attempts = Attempts()
         try:
             settings = sdk().ContentSettings(
-                content_type=CONTENT_TYPE, cache_control=self.cache_control
+                content_type=CONTENT_TYPE, cache_control=self.headers_for(data)["Cache-Control"]
             )
             self.access.handle(self.blob).upload_blob(
                 data, overwrite=True, content_settings=settings, retry_hook=attempts

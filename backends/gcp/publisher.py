@@ -46,6 +46,8 @@ _READ_ROUNDS = 3
 class GCSPublisher(LazyGCS, Publisher):
     """The JWKS as one Cloud Storage object (typically behind Cloud CDN): ``type = "gcs"``."""
 
+    #: Cache-Control is object metadata, set with each upload ("auto" per document).
+    headers_per_document: ClassVar[bool] = True
     type_name: ClassVar[str] = "gcs"
 
     def __init__(self, name: str, options: Mapping[str, Any], config_dir: str) -> None:
@@ -127,7 +129,7 @@ class GCSPublisher(LazyGCS, Publisher):
             # A new Blob per attempt: an upload that failed half-way leaves
             # nothing behind in the object, and properties are set afresh.
             blob = bucket.blob(self.object_name)
-            blob.cache_control = self.cache_control
+            blob.cache_control = self.headers_for(data)["Cache-Control"]
             blob.upload_from_string(data, content_type=CONTENT_TYPE, timeout=timeout, retry=None)
 
         # Unconditional: publishing the same bytes twice is harmless, so a
