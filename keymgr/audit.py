@@ -518,6 +518,14 @@ class AuditLog:
 
     # -- verification -------------------------------------------------------
 
+    def check_head(self, anchor: AuditAnchor, last: dict[str, Any] | None) -> None:
+        """Raise AuditError unless ``last`` (the log's last line, parsed) is
+        exactly the anchored head: its seq, its hash, hashing to it, and with
+        ``[audit]`` a checkpoint the audit key's public key from its backend
+        verifies -- the check before every commit, and where ``keymgr audit
+        follow`` starts."""
+        self._check_head(anchor, last, signed=True)
+
     def verify(self, anchor: AuditAnchor) -> int:
         """Check the whole chain, the anchor and any checkpoints; return the
         number of events. Raises AuditError naming the first bad line."""
@@ -692,3 +700,67 @@ class _Signatures:
             signed_through=self.signed_through,
             pinned=self.pinned is not None,
         )
+
+
+class LineCheck:
+    """:meth:`AuditLog.check`, one line at a time, from a verified point:
+    what ``keymgr audit follow`` runs on each line as it arrives.
+
+    It starts at the genesis (``seq`` 0), or at a head already proven (the
+    anchored head, its checkpoint checked against the audit key's backend):
+    then ``key`` is the audit key in use there, which signs the next
+    checkpoints and vouches for the next key it introduces. Lines carry their
+    position in ``seq``: a chained line ``n`` has ``seq`` n, so errors name
+    the line as ``audit verify`` does. Each line is checked for the chain
+    (``seq``, ``prev``, ``hash``) and for any checkpoint it carries; whether
+    the lines are anchored in state, and covered by a checkpoint when one is
+    required, is for the caller to ask at its own pace (``signed_through``).
+    """
+
+    def __init__(
+        self, path: Path, seq: int = 0, prev: str = GENESIS, key: AuditKey | None = None
+    ) -> None:
+        self.path = path
+        self.seq = seq
+        self.prev = prev
+        self._sig = _Signatures(path, None)
+        if key is not None:
+            self._sig.current = key
+            self._sig.known.add(key.kid)
+            self._sig.signed_through = seq
+
+    @property
+    def signed_through(self) -> int:
+        """The last line covered by a verified checkpoint (0: none)."""
+        return self._sig.signed_through
+
+    @property
+    def known_keys(self) -> frozenset[str]:
+        """Audit keys introduced by the lines checked (and the starting key)."""
+        return frozenset(self._sig.known)
+
+    def line(self, raw: bytes) -> dict[str, Any]:
+        """Check the next line (with its newline); return it parsed, or raise
+        AuditError naming it."""
+        n = self.seq + 1
+        where = f"audit log {self.path}: line {n}"
+        if not raw.endswith(b"\n"):
+            raise AuditError(f"{where}: incomplete line (torn write)")
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            raise AuditError(f"{where}: not JSON (edited?)") from None
+        if not isinstance(ev, dict) or "hash" not in ev or "seq" not in ev:
+            raise AuditError(f"{where}: not an audit event (edited?)")
+        if ev.get("seq") != n:
+            raise AuditError(
+                f"{where}: sequence {ev.get('seq')} where {n} was expected "
+                "(line removed or reordered)"
+            )
+        if ev.get("prev") != self.prev:
+            raise AuditError(f"{where}: does not chain to the line before (removed or reordered)")
+        if chain_hash(self.prev, ev) != ev["hash"]:
+            raise AuditError(f"{where}: hash mismatch (line edited)")
+        self._sig.line(n, ev, where)
+        self.seq, self.prev = n, str(ev["hash"])
+        return ev

@@ -1,4 +1,5 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` on ``[daemon] listen``.
+"""``/healthz``, ``/readyz`` and ``/metrics`` on ``[daemon] listen`` (and, with
+``[daemon] ui``, the read-only operator page of keymgr.ui).
 
 Answers come from what the daemon already knows (its last checks and its last
 state); a probe never blocks on a backend, so a slow KMS cannot make Kubernetes
@@ -28,7 +29,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler
 from typing import Any, cast
 
@@ -84,10 +85,16 @@ def _raw_response(code: int, body: bytes) -> bytes:
     ).encode() + body
 
 
+#: The operator page (keymgr.ui): given a request path, its (body, headers),
+#: or None when the path is not the page's (or the page is off).
+UiRoute = Callable[[str], tuple[bytes, Mapping[str, str]] | None]
+
+
 def _handler_class(
     metrics: Metrics,
     alive: Callable[[], tuple[bool, dict[str, Any]]],
     ready: Callable[[], tuple[bool, dict[str, Any]]],
+    ui: UiRoute | None = None,
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         """Answers one request whose head the listener already read."""
@@ -116,14 +123,29 @@ def _handler_class(
                 ok, info = (alive if path == "/healthz" else ready)()
                 body = (json.dumps({"ok": ok, **info}, sort_keys=True) + "\n").encode()
                 self._send(200 if ok else 503, body, "application/json")
+            elif ui is not None and (page := self._ui(path)) is not None:
+                self._send(page[0], page[1], "text/html; charset=utf-8", page[2])
             else:
                 self._send(404, b"not found\n", "text/plain")
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
+        def _ui(self, path: str) -> tuple[int, bytes, Mapping[str, str]] | None:
+            assert ui is not None
+            try:
+                page = ui(path)
+            except Exception:  # never a traceback (or a path in one) to the client
+                return 500, b"operator page unavailable\n", {"Content-Type": "text/plain"}
+            return None if page is None else (200, *page)
+
+        def _send(
+            self, code: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None
+        ) -> None:
+            extra = dict(headers or {})
             self.send_response(code)
-            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Type", extra.pop("Content-Type", ctype))
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in extra.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -146,8 +168,9 @@ class HealthServer:
         request_timeout: float = REQUEST_TIMEOUT,
         max_head: int = MAX_HEAD,
         max_pending: int = MAX_PENDING,
+        ui: UiRoute | None = None,
     ) -> None:
-        self._handler = _handler_class(metrics, alive, ready)
+        self._handler = _handler_class(metrics, alive, ready, ui)
         self._timeout = request_timeout
         self._max_head = max_head
         self._max_pending = max_pending

@@ -60,6 +60,13 @@ def test_bench_jwks(tmp_path):
     assert replay["counter"] and all(k.endswith("unchanged") for k in replay["counter"])
 
 
+def test_bench_audit(tmp_path):
+    res = _run("bench_audit.py", tmp_path)["audit"]
+    assert res["lines"] == 20_000  # built, and verified by `audit verify`'s code
+    assert all(q["events"] > 0 for q in res["queries"])  # each equal to its --scan answer
+    assert "audit show --reverse --limit 20" in res["commands"]
+
+
 def _has_bao() -> bool:
     return (Path(sys.executable).parent / "bao").exists() or shutil.which("bao") is not None
 
