@@ -77,6 +77,25 @@ def _time(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _when(text: str) -> Any:
+    from keymgr.auditquery import parse_when
+
+    try:
+        return parse_when(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def _duration(text: str) -> Any:
     from keymgr.timefmt import parse_duration
 
@@ -89,6 +108,7 @@ def _duration(text: str) -> Any:
 #: What the value of each kind of argument looks like, said once.
 TIME_HELP = "an RFC 3339 time, e.g. 2026-01-31T12:00:00Z"
 DURATION_HELP = "a duration: a number and s, m, h or d, e.g. 90s, 15m, 1h, 7d"
+WHEN_HELP = "an RFC 3339 time, e.g. 2026-01-31T12:00:00Z, or a duration back from now, e.g. 7d"
 KID_HELP = "a key id: the key's RFC 7638 thumbprint, 43 base64url characters (may begin with -)"
 RING_HELP = "a key ring name, as in [keyrings.NAME] of the config"
 
@@ -176,8 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     at_option(s, "show the whole path from now until this time")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    s = cmd("status", "every ring, every key, and the next transition", "keymgr status --json")
+    s = cmd(
+        "status",
+        "every ring, every key, and the next transition",
+        "keymgr status --json\nkeymgr status --timeline timeline.svg\nkeymgr status --timeline -",
+    )
     s.add_argument("--json", action="store_true", help="one ring per line, JSON")
+    s.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="draw each ring's keys as bars over time: an SVG picture written to FILE, "
+        "or '-' for Unicode bars on the terminal (width $COLUMNS, else 80); "
+        "the first 20 rings by name",
+    )
 
     s = cmd(
         "rotate",
@@ -233,12 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ring", help=RING_HELP)
     s.add_argument("--claims", required=True, help="a JSON object, e.g. '{\"sub\": \"alice\"}'")
     s.add_argument("--ttl", type=_duration, help=f"add iat and exp: {DURATION_HELP}")
+    s.add_argument(
+        "--no-iss",
+        dest="iss",
+        action="store_false",
+        help="do not add iss (by default the ring's issuer, when its publishers name one, "
+        "is added to claims without iss)",
+    )
     at_option(s, "issue time for iat/exp instead of the clock (drills)")
 
     s = cmd(
         "audit",
-        "verify, show or list the keys of the audit log",
-        "keymgr audit verify\nkeymgr audit show --ring api --json",
+        "verify, show, follow or list the keys of the audit log",
+        "keymgr audit verify\nkeymgr audit show --ring api --json\nkeymgr audit follow",
     )
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
     asub.required = True
@@ -262,13 +300,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = cmd(
         "show",
-        "print audit events, oldest first, one per line (or JSON lines)",
-        "keymgr audit show --ring api --json",
+        "print audit events, oldest first, as a table (or JSON lines); does not verify",
+        "keymgr audit show --since 7d --event 'key.*' --ring api\n"
+        "keymgr audit show --reverse --limit 20 --json\n"
+        "keymgr audit show --since 2026-01-01T00:00:00Z --until 2026-02-01T00:00:00Z "
+        "--actor 'cli:*'",
         parent=asub,
+        more="Filters combine (all must hold). The log is streamed, never loaded whole; "
+        "--since/--until seek by time (bisection over the file), --reverse reads it from the "
+        "end. 'show' does not verify the hash chain, its anchor or the checkpoints: "
+        "'keymgr audit verify' does. See docs/audit.md#queries.",
     )
+    a.add_argument(
+        "--since", type=_when, metavar="WHEN", help=f"events at or after WHEN: {WHEN_HELP}"
+    )
+    a.add_argument(
+        "--until", type=_when, metavar="WHEN", help=f"events at or before WHEN: {WHEN_HELP}"
+    )
+    a.add_argument(
+        "--event",
+        action="append",
+        metavar="NAME",
+        help="only events of this name or glob, e.g. key.revoked or 'key.*' (repeatable: any)",
+    )
+    a.add_argument("--actor", metavar="ACTOR", help="only this actor or glob: daemon, 'cli:*'")
     a.add_argument("--ring", help=f"only this ring's events; {RING_HELP}")
     a.add_argument("--kid", help=f"only this key's events; {KID_HELP}")
+    a.add_argument("--limit", type=_count, metavar="N", help="at most N events (N >= 1)")
+    a.add_argument("--reverse", action="store_true", help="newest first (read from the end)")
+    a.add_argument(
+        "--scan",
+        action="store_true",
+        help="read every line instead of seeking by time (for a log whose times go back "
+        "by more than a day; see docs/audit.md#queries)",
+    )
     a.add_argument("--json", action="store_true", help="JSON lines, as stored")
+    a = cmd(
+        "follow",
+        "print audit events as they are appended, each verified first (like tail -F)",
+        "keymgr audit follow --json\nkeymgr audit follow --from-start --syslog",
+        parent=asub,
+        more="Starts from a verified point: the head anchored in state (default), or the "
+        "whole existing log verified first (--from-start). Every new line must chain, be "
+        "anchored in state and, with [audit], be covered by a valid checkpoint before it is "
+        "printed. Exits 1 at the first line that fails, naming it, and when the log is "
+        "truncated or replaced without the lines already verified. See "
+        "docs/audit.md#follow.",
+    )
+    a.add_argument(
+        "--from-start",
+        action="store_true",
+        help="verify and print the existing log first (default: start at its end)",
+    )
+    a.add_argument("--json", action="store_true", help="JSON lines, as stored")
+    a.add_argument(
+        "--syslog",
+        action="store_true",
+        help="also send each verified event to journald (structured fields, "
+        "SYSLOG_IDENTIFIER=keymgr-audit) when it runs, else to /dev/log",
+    )
+    a.add_argument(
+        "--syslog-socket",
+        metavar="PATH",
+        help="send to this syslog datagram socket instead of /dev/log (implies --syslog)",
+    )
+    a.add_argument(
+        "--journal-socket",
+        metavar="PATH",
+        help="send to this journald native socket (implies --syslog; default "
+        "/run/systemd/journal/socket)",
+    )
+    a.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
 
     s = cmd("config", "configuration commands", "keymgr config check")
     csub = s.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
@@ -338,6 +440,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         _warn(cfg)
         _offline_checks(cfg)
         _state_checks(cfg)
+        from keymgr.config import cache_control_notes
+
+        for note in cache_control_notes(cfg):
+            print(f"keymgr: info: {_one_line(note)}")
         print(
             f"{cfg.path}: ok ({len(cfg.policies)} key ring(s), {len(cfg.backends)} "
             f"backend(s), {len(cfg.publishers)} publisher(s))"
@@ -351,6 +457,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _warn(cfg)
         return run(cfg)
 
+    if c == "audit" and args.audit_command == "show":
+        return _audit_show(args)  # reads one file: the config, not a KeyManager
     m = _manager(args)
     if c == "reconcile":
         return _print_pass(m.reconcile(args.at))
@@ -373,6 +481,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _migration_warnings(m)
         return EXIT_OK
     if c == "status":
+        if args.timeline is not None:
+            return _timeline(m, args.timeline)
         doc = m.status()
         if args.json:
             from keymgr.render import json_text
@@ -547,6 +657,29 @@ def _print_pass(res: Any) -> int:
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
+def _timeline(m: Any, target: str) -> int:
+    """``status --timeline FILE|-``: the SVG to FILE, or the terminal form."""
+    if target == "-":
+        try:
+            width = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            width = 80
+        print(m.timeline_text(width=width if width > 0 else 80))
+        return EXIT_OK
+    from pathlib import Path
+
+    from keymgr.errors import UsageError
+
+    data = m.timeline_svg().encode()
+    path = Path(target)
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise UsageError(f"--timeline {target}: cannot write: {e.strerror}") from None
+    print(f"{target}: timeline written ({len(data)} bytes)")
+    return EXIT_OK
+
+
 def _sign(m: Any, args: argparse.Namespace) -> int:
     from keymgr.errors import UsageError
 
@@ -556,7 +689,7 @@ def _sign(m: Any, args: argparse.Namespace) -> int:
         raise UsageError(f"--claims: not valid JSON ({e.msg} at position {e.pos})") from None
     if not isinstance(claims, dict):
         raise UsageError("--claims: must be a JSON object")
-    print(m.sign(args.ring, claims, ttl=args.ttl, now=args.at))
+    print(m.sign(args.ring, claims, ttl=args.ttl, now=args.at, issuer=args.iss))
     return EXIT_OK
 
 
@@ -583,17 +716,100 @@ def _audit(m: Any, args: argparse.Namespace) -> int:
         cp = Checkpointer(m.config.audit, m.config.backends)
         print(json.dumps(cp.public_jwks(m.state().audit), indent=2, sort_keys=True))
         return EXIT_OK
-    for ev in m.audit.events():
-        if args.ring and ev.get("ring") != args.ring:
-            continue
-        if args.kid and ev.get("kid") != args.kid:
-            continue
-        if args.json:
-            print(json.dumps(ev))
-        else:
-            from keymgr.reconciler import describe
+    assert args.audit_command == "follow", args.audit_command
+    return _audit_follow(m, args)
 
-            print(describe(ev))
+
+def _stdout_writer() -> tuple[Any, Any]:
+    """(write bytes, flush) on stdout, raw when it has a buffer."""
+    buf = getattr(sys.stdout, "buffer", None)
+    if buf is not None:
+        sys.stdout.flush()
+        return buf.write, buf.flush
+    return (lambda b: sys.stdout.write(b.decode())), sys.stdout.flush
+
+
+def _quiet_stdout() -> None:
+    """stdout closed by its reader (``| head``): no more output, no noise at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    """``audit show``: stream the events a query selects (keymgr.auditquery); no verification."""
+    from keymgr.auditquery import Query, Table, query
+    from keymgr.config import load_config, resolve_config_path
+    from keymgr.errors import UsageError
+
+    if args.since is not None and args.until is not None and args.since > args.until:
+        raise UsageError("--since is after --until: nothing can match")
+    q = Query(
+        since=args.since,
+        until=args.until,
+        events=tuple(args.event or ()),
+        actor=args.actor,
+        ring=args.ring,
+        kid=args.kid,
+        limit=args.limit,
+        reverse=args.reverse,
+        scan=args.scan,
+    )
+    path = load_config(resolve_config_path(getattr(args, "config", None))).daemon.audit_log
+    write, flush = _stdout_writer()
+
+    def warn(text: str) -> None:
+        print(f"keymgr: warning: {_one_line(text)}", file=sys.stderr)
+
+    try:
+        if args.json:
+            for hit in query(path, q, warn):
+                write(hit.raw + b"\n")
+        else:
+            table = Table(lambda text: write(text.encode()))
+            for hit in query(path, q, warn):
+                table.add(hit.event)
+            table.close()
+        flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    return EXIT_OK
+
+
+def _audit_follow(m: Any, args: argparse.Namespace) -> int:
+    """``audit follow``: verified events as they arrive, until stopped or a check fails."""
+    from keymgr.auditquery import FOLLOW_WIDTHS, Follower, SyslogSink, Table, exit_on_sigterm
+
+    sinks = []
+    if args.syslog_socket:
+        sinks.append(SyslogSink(args.syslog_socket, journal=False))
+    if args.journal_socket:
+        sinks.append(SyslogSink(args.journal_socket, journal=True))
+    if args.syslog and not sinks:
+        sinks.append(SyslogSink.local())
+    write, flush = _stdout_writer()
+    table = None if args.json else Table(lambda t: write(t.encode()), widths=FOLLOW_WIDTHS)
+
+    def emit(ev: dict[str, Any], raw: bytes) -> None:
+        if table is None:
+            write(raw + b"\n")
+        else:
+            table.add(ev)
+        flush()
+        for sink in sinks:
+            sink.send(ev, raw)
+
+    def note(text: str) -> None:
+        print(f"keymgr: {_one_line(text)}", file=sys.stderr, flush=True)
+
+    exit_on_sigterm()
+    try:
+        Follower(m, from_start=args.from_start, emit=emit, note=note, interval=args.interval).run()
+    except BrokenPipeError:
+        _quiet_stdout()
+    finally:
+        for sink in sinks:
+            sink.close()
     return EXIT_OK
 
 

@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keymgr.backend import Backend
+from keymgr.discovery import ISSUER_OPTIONS, Discovery, IssuerOptions, issuer_options
+from keymgr.discovery import configure as configure_issuers
 from keymgr.errors import ConfigError
 from keymgr.jose import ALGORITHMS
 from keymgr.model import gc_paused
 from keymgr.planner import Policy
 from keymgr.plugins import backend_class, publisher_class
 from keymgr.probes import EDGE_OPTIONS, EdgeSettings, edge_settings
-from keymgr.publishers import Publisher
+from keymgr.publishers import AUTO, AutoCacheControl, Publisher
 from keymgr.timefmt import format_duration, parse_duration
 
 if TYPE_CHECKING:
     from keymgr.notify import NotifySettings
+    from keymgr.service_config import ServiceSettings
 
 #: ``max-age=N`` / ``s-maxage=N`` in a Cache-Control value (a CDN honours s-maxage).
 MAX_AGE_RE = re.compile(r"(?:^|,)\s*(?:s-maxage|max-age)\s*=\s*\"?(\d+)\"?\s*(?=,|$)", re.I)
@@ -38,6 +41,11 @@ PORT_RE = re.compile(r"[0-9]{1,5}")
 #: A host name (RFC 1123), an IPv4 address, or a bracketed IPv6 address.
 HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 DEFAULT_CONFIG = "keymgr.toml"
+#: ``cache_control = "auto"``: max-age = publish_ahead / AUTO_DIVISOR, at most
+#: AUTO_CAP, ± AUTO_JITTER (docs/issuer.md#cache-control-auto).
+AUTO_DIVISOR = 4
+AUTO_CAP = timedelta(days=1)
+AUTO_JITTER = 0.1
 
 DAEMON_FIELDS = {
     "state": "file:state.json",
@@ -47,6 +55,10 @@ DAEMON_FIELDS = {
     "log_level": "info",
     "lease_ttl": "30s",
 }
+#: ``[daemon] ui``: the read-only operator page (keymgr.ui) on ``listen``:
+#: false (the default: not served), true (at UI_PATH), or the path to serve it at.
+UI_PATH = "/ui"
+_UI_PATH_RE = re.compile(r"/[A-Za-z0-9._~/-]{0,127}")
 #: ``[audit]``: signed checkpoints of the audit log (keymgr.checkpoint).
 AUDIT_FIELDS = {"backend": None, "algorithm": "ES256", "rotation_period": "90d"}
 #: The ring the audit key lives under in its backend: reserved, no
@@ -71,6 +83,8 @@ class DaemonConfig:
     listen: tuple[str, int]
     log_level: str
     lease_ttl: timedelta
+    #: ``ui``: the path of the operator page (keymgr.ui), or None when off.
+    ui: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,16 @@ class Config:
     audit: AuditSettings | None = None
     #: ``[notify]`` (webhooks, keymgr.notify), or None when the table is absent.
     notify: NotifySettings | None = None
+    #: ``[service]`` (the local signing service, keymgr.service), or None: off.
+    service: ServiceSettings | None = None
     #: Per publisher with ``verify_urls``, its edges and how to probe them.
     edges: Mapping[str, EdgeSettings] = dataclasses.field(default_factory=dict)
+    #: Per publisher that writes an OpenID Connect discovery document (keymgr.discovery).
+    discovery: Mapping[str, Discovery] = dataclasses.field(default_factory=dict)
+    #: Per ring whose publishers name an ``issuer``: that issuer (``iss`` of ``keymgr sign``).
+    issuers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Per publisher with ``cache_control = "auto"``: the max-age derived for it.
+    auto_cache_control: Mapping[str, AutoCacheControl] = dataclasses.field(default_factory=dict)
 
     def edge_urls(self) -> dict[str, tuple[str, ...]]:
         """The URLs probed for each publisher, for the planner."""
@@ -183,10 +205,12 @@ def load_config(path: Path | str) -> Config:
 def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     ctx = _Ctx(path)
     base = path.parent
-    ctx.unknown(doc, {"daemon", "backends", "publishers", "keyrings", "audit", "notify"}, "")
+    ctx.unknown(
+        doc, {"daemon", "backends", "publishers", "keyrings", "audit", "notify", "service"}, ""
+    )
 
     d = ctx.table(doc, "daemon", "daemon")
-    ctx.unknown(d, DAEMON_FIELDS, "daemon.")
+    ctx.unknown(d, {*DAEMON_FIELDS, "ui"}, "daemon.")
     merged = {**DAEMON_FIELDS, **d}
     for k in DAEMON_FIELDS:
         ctx.string(merged, k, f"daemon.{k}")
@@ -212,6 +236,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         listen=_listen(ctx, merged["listen"]),
         log_level=merged["log_level"].lower(),
         lease_ttl=lease_ttl,
+        ui=_ui_path(ctx, d.get("ui", False)),
     )
 
     backends: dict[str, Backend] = {}
@@ -228,6 +253,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
 
     publishers: dict[str, Publisher] = {}
     edges: dict[str, EdgeSettings] = {}
+    issuer_opts: dict[str, IssuerOptions] = {}
     cache_control: dict[str, str | None] = {}
     for name, tbl in ctx.table(doc, "publishers", "publishers").items():
         where = f"publishers.{name}"
@@ -238,7 +264,9 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         try:
             # Edges (verify_urls) are any publisher's, read here, not by the plug-in.
             edges[name] = edge_settings(tbl, where)
-            own = {k: v for k, v in tbl.items() if k not in EDGE_OPTIONS}
+            # So are the issuer options (keymgr.discovery).
+            issuer_opts[name] = issuer_options(tbl, where)
+            own = {k: v for k, v in tbl.items() if k not in EDGE_OPTIONS | ISSUER_OPTIONS}
             publishers[name] = pcls(name, own, str(base))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
@@ -252,6 +280,13 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         if name == AUDIT_RING:
             raise ctx.err(f"keyrings.{name}", "reserved for the audit key ([audit]); rename it")
         policies[name] = _ring(ctx, name, tbl, backends, publishers)
+    # After the rings: both derive from the rings each publisher serves. The
+    # auto Cache-Control first, so a discovery document's publisher copies it.
+    auto = _auto_cache_control(publishers, cache_control, policies)
+    try:
+        discovery, issuers = configure_issuers(publishers, issuer_opts, policies)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     audit_settings = _audit(ctx, doc, backends)
     notify = None
     if "notify" in doc:  # keymgr.notify is imported only by configs that use it
@@ -259,6 +294,14 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
 
         try:
             notify = parse_notify(doc, base)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    service = None
+    if "service" in doc:  # keymgr.service_config is imported only by configs that use it
+        from keymgr.service_config import parse_service
+
+        try:
+            service = parse_service(doc, base, policies)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     _check_collisions(ctx, path, daemon, backends, publishers)
@@ -271,9 +314,26 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         cache_control=cache_control,
         audit=audit_settings,
         notify=notify,
+        service=service,
         edges={n: e for n, e in edges.items() if e.urls},
+        discovery=discovery,
+        issuers=issuers,
+        auto_cache_control=auto,
     )
     return config
+
+
+def _ui_path(ctx: _Ctx, raw: Any) -> str | None:
+    """``[daemon] ui``: false, true (UI_PATH) or a path such as "/ops/keys"."""
+    if raw is False:
+        return None
+    if raw is True:
+        return UI_PATH
+    if not isinstance(raw, str) or not _UI_PATH_RE.fullmatch(raw):
+        raise ctx.err("daemon.ui", f"expected true, false or a path like {UI_PATH!r}, got {raw!r}")
+    if raw in ("/healthz", "/readyz", "/metrics"):
+        raise ctx.err("daemon.ui", f"{raw} is the daemon's own endpoint; choose another path")
+    return raw
 
 
 def _audit(
@@ -314,6 +374,65 @@ def _cache_control(pub: Publisher, options: Mapping[str, Any]) -> str | None:
         if isinstance(v, str):
             return v
     return None
+
+
+def _auto_cache_control(
+    publishers: Mapping[str, Publisher],
+    cache_control: Mapping[str, str | None],
+    policies: Mapping[str, Policy],
+) -> dict[str, AutoCacheControl]:
+    """``cache_control = "auto"``: derive each such publisher's max-age.
+
+    A quarter of the shortest ``publish_ahead`` of the rings it serves (of
+    every ring when none uses it any more), at most a day, ±10 % jitter: a
+    verifier, and a CDN in front of it, each refetch well within A
+    (docs/issuer.md#cache-control-auto).
+    """
+    out: dict[str, AutoCacheControl] = {}
+    for name, value in cache_control.items():
+        if value != AUTO:
+            continue
+        rings = [p for p in policies.values() if name in p.publishers] or list(policies.values())
+        ahead = min(p.publish_ahead for p in rings)
+        base = min(ahead / AUTO_DIVISOR, AUTO_CAP)
+        auto = AutoCacheControl(
+            base=int(base.total_seconds()),
+            publish_ahead=ahead,
+            rings=tuple(sorted(p.ring for p in rings if p.publish_ahead == ahead)),
+            jitter=AUTO_JITTER,
+        )
+        publishers[name].auto_cache_control = auto
+        out[name] = auto
+    return out
+
+
+def cache_control_notes(cfg: Config) -> list[str]:
+    """One line per ``cache_control = "auto"`` publisher: the value and why."""
+    out = []
+    for name, auto in cfg.auto_cache_control.items():
+        pub = cfg.publishers[name]
+        capped = auto.publish_ahead / AUTO_DIVISOR > AUTO_CAP
+        basis = (
+            f"{'capped at ' + format_duration(AUTO_CAP) + ', ' if capped else ''}"
+            f"1/{AUTO_DIVISOR} of publish_ahead {format_duration(auto.publish_ahead)} "
+            f"(the shortest of ring(s) {', '.join(auto.rings)}), "
+            f"±{round(auto.jitter * 100)}%"
+        )
+        field = f"{cfg.path}: publishers.{name}.cache_control"
+        if type(pub).headers_per_document:
+            lo, hi = auto.bounds()
+            out.append(
+                f"{field}: auto = 'public, max-age=N' with N from {lo} to {hi}: {basis}, "
+                "chosen per document by its content (unchanged while its keys are), "
+                "sent with every upload"
+            )
+        else:
+            value = pub.headers_for(b"").get("Cache-Control", auto.value(name.encode()))
+            out.append(
+                f"{field}: auto = {value!r}: {basis}, fixed per publisher; make the static "
+                f"server send 'Cache-Control: {value}' with the documents"
+            )
+    return out
 
 
 def max_age(cache_control: str | None) -> timedelta | None:

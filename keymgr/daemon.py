@@ -30,13 +30,14 @@ import contextlib
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
 from keymgr import sdnotify
 from keymgr.config import Config, load_config
-from keymgr.errors import KeymgrError
+from keymgr.errors import AuditError, KeymgrError
 from keymgr.lease import Lease, supports_lease
 from keymgr.logs import get_logger
 from keymgr.manager import KeyManager
@@ -44,6 +45,7 @@ from keymgr.metrics import Metrics
 from keymgr.model import State
 from keymgr.planner import Plan
 from keymgr.timefmt import format_time, utcnow
+from keymgr.ui import VERIFY_TICK, OperatorView, Redactor
 
 log = get_logger("keymgr.daemon")
 
@@ -82,7 +84,14 @@ class Daemon:
         self.checks: dict[str, str] = {}
         self._first_beat = True
         self.health: Any = None
+        #: ``[service]``: the local signing service (keymgr.service), None when off.
+        self.service: Any = None
         self.metrics.ready.set_function(lambda: 1.0 if self.ready()[0] else 0.0)
+        #: ``[daemon] ui`` (keymgr.ui): the page's events and chain check, and
+        #: when the snapshot was last refreshed.
+        self.ui = OperatorView()
+        self.snapshot_at: datetime | None = None
+        self._redactor: tuple[Config, Redactor] | None = None
 
     # -- lease -----------------------------------------------------------------
 
@@ -106,6 +115,9 @@ class Daemon:
                 except KeymgrError as e:
                     held, error = False, str(e)
         self.metrics.lease_held.set(1 if held else 0)
+        if not held:
+            # Only the holder probes edges: a standby's gauges would go stale.
+            self.metrics.forget_edges()
         return held, error
 
     # -- heartbeat: checks, lease, metrics snapshot -----------------------------
@@ -124,7 +136,7 @@ class Daemon:
         self.checks = checks
         self.last_heartbeat = time.monotonic()
         if state is not None:
-            self.metrics.snapshot = (state, self._plan(mgr, state))
+            self._publish_snapshot(state, self._plan(mgr, state))
         lease_mode = self._lease_mode() == "lease"
         if held and (self._first_beat or (lease_mode and not was_held)):
             if lease_mode:
@@ -211,6 +223,8 @@ class Daemon:
             except KeymgrError as e:
                 self.last_error = str(e)
                 self.metrics.reconciles.labels("failed").inc()
+                if isinstance(e, AuditError):
+                    self.metrics.audit_verify_failures.inc()
                 log.error("reconcile.failed", error=str(e))
                 return
             finally:
@@ -218,7 +232,7 @@ class Daemon:
             self.metrics.observe_pass(res, mgr.config)
             state = self._state_or_none(mgr)
             if state is not None:
-                self.metrics.snapshot = (state, res.plan)
+                self._publish_snapshot(state, res.plan)
             if res.ok:
                 self.last_ok = time.monotonic()
                 self.last_error = None
@@ -247,6 +261,48 @@ class Daemon:
             return mgr.state()
         except KeymgrError:
             return None
+
+    # -- the operator page ([daemon] ui, keymgr.ui) -------------------------------
+
+    def _publish_snapshot(self, state: State, plan: Plan | None) -> None:
+        """What /metrics and the operator page show, refreshed together."""
+        self.metrics.snapshot = (state, plan)
+        self.snapshot_at = utcnow()
+        if self.config.daemon.ui is not None:
+            try:
+                self.ui.refresh_events(self.manager.audit, self.redact())
+            except Exception as e:  # the page shows older events; the daemon goes on
+                log.warning("ui.refresh_failed", error=f"{type(e).__name__}: {e}")
+
+    def redact(self) -> Redactor:
+        """The current config's paths, to keep out of the page."""
+        cached = self._redactor
+        if cached is None or cached[0] is not self.config:
+            cached = self._redactor = (self.config, Redactor(self.config))
+        return cached[1]
+
+    def verify_audit(self) -> None:
+        """The ``audit-verify`` job: re-verify the audit chain for the page when due
+        (keymgr.ui.OperatorView.verify: at most 1/VERIFY_DUTY of the time)."""
+        if self.config.daemon.ui is None or self.stop.is_set() or not self.ui.verify_due():
+            return
+        res = self.ui.verify(self.manager, self.redact(), self.stop.is_set)
+        if res is not None and not res.ok:
+            log.error("audit.verify_failed", error=res.error)
+
+    def ui_page(self, path: str) -> tuple[bytes, Mapping[str, str]] | None:
+        """The operator page at ``[daemon] ui``; None for any other path, or when off.
+        From memory only: the snapshot, the cached events and chain check."""
+        cfg = self.config
+        if cfg.daemon.ui is None or path != cfg.daemon.ui:
+            return None
+        try:
+            return self.ui.page(
+                cfg, self.metrics.snapshot, self.ready(), self.redact(), self.snapshot_at
+            )
+        except Exception as e:  # the listener answers 500; the reason goes to the log
+            log.error("ui.failed", error=f"{type(e).__name__}: {e}")
+            raise
 
     # -- probes ------------------------------------------------------------------
 
@@ -318,6 +374,8 @@ class Daemon:
             with mgr.store.exclusive():
                 mgr.reconciler.record([{"ts": utcnow(), **event}])
         except KeymgrError as e:
+            if isinstance(e, AuditError):
+                self.metrics.audit_verify_failures.inc()
             log.error("audit.failed", audit_event=event.get("event"), error=str(e))
 
     # -- lifecycle ---------------------------------------------------------------
@@ -340,11 +398,23 @@ class Daemon:
             if config.daemon.listen != old.daemon.listen:
                 host, port = config.daemon.listen
                 try:
-                    health = HealthServer(host, port, self.metrics, self.alive, self.ready)
+                    health = HealthServer(
+                        host, port, self.metrics, self.alive, self.ready, ui=self.ui_page
+                    )
                 except OSError as e:
                     raise KeymgrError(
                         f"{config.path}: daemon.listen {host}:{port}: cannot listen: {e.strerror}"
                     ) from None
+            # [service]: its new listeners bound now (a socket that cannot be
+            # bound rejects the config), started once the config is swapped.
+            from keymgr.service import prepare_reload
+
+            try:
+                service = prepare_reload(self.service, config)
+            except KeymgrError as e:
+                if health is not None:
+                    health.close()
+                raise KeymgrError(f"{config.path}: {e}") from None
         except KeymgrError as e:
             # Audit first: whoever reacts to the log line finds the event recorded.
             self.record({"event": "config.rejected", "reason": str(e)})
@@ -366,6 +436,11 @@ class Daemon:
         if health is not None:
             self.health.close()
             self.health = health
+        try:
+            self.service = service.apply(self)
+        except KeymgrError as e:
+            self.service = None
+            log.error("service.failed", error=str(e))
         configure(config.daemon.log_level)
         self._schedule_periodic(reschedule=True)
         self.record({"event": "config.loaded", "reason": "SIGHUP"})
@@ -416,12 +491,20 @@ class Daemon:
         cfg = self.config.daemon
         try:
             self.health = HealthServer(
-                cfg.listen[0], cfg.listen[1], self.metrics, self.alive, self.ready
+                cfg.listen[0], cfg.listen[1], self.metrics, self.alive, self.ready,
+                ui=self.ui_page,
             )
         except OSError as e:
             raise KeymgrError(
                 f"daemon.listen {cfg.listen[0]}:{cfg.listen[1]}: cannot listen: {e.strerror}"
             ) from None
+        from keymgr.service import start_service
+
+        try:
+            self.service = start_service(self)  # [service]: None when the table is absent
+        except KeymgrError:
+            self.health.close()
+            raise
         mode = self._lease_mode()
         self.record({"event": "daemon.started", "reason": f"replica {self.lease.holder}"})
         log.info(
@@ -439,6 +522,11 @@ class Daemon:
                 reason="this state store has no lease: run a single replica against it",
             )
         self._schedule_periodic()
+        # Does nothing unless [daemon] ui is on (checked at each run: SIGHUP may turn it on).
+        self.scheduler.add_job(
+            self.verify_audit, "interval", seconds=VERIFY_TICK, id="audit-verify",
+            next_run_time=datetime.now().astimezone(),
+        )
         wd = sdnotify.watchdog_interval()
         if wd is not None:
             self.scheduler.add_job(self.watchdog, "interval", seconds=wd, id="watchdog")
@@ -454,6 +542,8 @@ class Daemon:
                 sdnotify.notify("READY=1")
         sdnotify.notify("STOPPING=1")
         log.info("daemon.stopping")
+        if self.service is not None:
+            self.service.close()  # answers in flight, then records pending refusals
         self.scheduler.shutdown(wait=True)  # lets a running pass finish
         with self.lease_lock:
             try:

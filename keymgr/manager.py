@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ from keymgr.timefmt import format_time, utcnow
 
 if TYPE_CHECKING:
     from keymgr.notify import Notifier
+    from keymgr.planner import Plan
 
 
 @dataclass(frozen=True)
@@ -308,8 +309,17 @@ class KeyManager:
         claims: Mapping[str, Any],
         ttl: timedelta | None = None,
         now: datetime | None = None,
+        *,
+        issuer: bool = False,
     ) -> str:
-        """A compact JWS signed by the ring's active key; ``ttl`` adds iat and exp."""
+        """A compact JWS signed by the ring's active key; ``ttl`` adds iat and exp.
+
+        ``issuer``: add ``iss``, the ring's issuer (:meth:`issuer`), when the
+        claims have none; claims whose ``iss`` differs from it are refused
+        (verifiers reading the issuer's discovery document reject them).
+        """
+        if issuer:
+            claims = self._with_iss(ring, claims)
         # The hot path, in one frame: one clock read, one dict lookup, the
         # claims' JSON and base64url, and the backend's signer (cached per
         # key). The state is re-checked as _check_fresh explains. The same
@@ -328,6 +338,28 @@ class KeyManager:
         if self.metrics is not None:
             self._observe_sign(ring, t)
         return token
+
+    def issuer(self, ring: str) -> str | None:
+        """The ring's issuer: the ``issuer`` its publishers name, or None."""
+        if ring not in self.config.policies:
+            raise UsageError(
+                f"unknown ring {ring!r} (configured: {', '.join(sorted(self.config.policies))})"
+            )
+        return self.config.issuers.get(ring)
+
+    def _with_iss(self, ring: str, claims: Mapping[str, Any]) -> Mapping[str, Any]:
+        iss = self.issuer(ring)
+        if iss is None:
+            return claims
+        given = claims.get("iss")
+        if given is None:
+            return {**claims, "iss": iss}
+        if given != iss:
+            raise UsageError(
+                f"claims: iss {given!r} is not the issuer of ring {ring!r} ({iss!r}, from its "
+                "publishers' issuer): verifiers of that issuer would reject the token"
+            )
+        return claims
 
     def _observe_sign(self, ring: str, t0: int) -> None:
         m = self.metrics
@@ -408,6 +440,45 @@ class KeyManager:
                 for pub, settings in sorted(self.config.edges.items())
             }
         return doc
+
+    def timeline_svg(
+        self, rings: Collection[str] | None = None, max_rings: int | None = None
+    ) -> str:
+        """``status --timeline FILE.svg``: each ring's keys as bars over time,
+        as a self-contained SVG document (keymgr.timeline); at most
+        ``max_rings`` rings (default keymgr.timeline.MAX_RINGS), with a note."""
+        from keymgr import timeline
+
+        state, p, at = self._timeline_inputs()
+        limit = timeline.MAX_RINGS if max_rings is None else max_rings
+        return timeline.svg(
+            state, self.config.policies, p, at, rings=rings, max_rings=limit
+        )
+
+    def timeline_text(
+        self,
+        width: int = 80,
+        rings: Collection[str] | None = None,
+        max_rings: int | None = None,
+    ) -> str:
+        """``status --timeline -``: the same timeline for a terminal ``width`` wide."""
+        from keymgr import timeline
+
+        state, p, at = self._timeline_inputs()
+        limit = timeline.MAX_RINGS if max_rings is None else max_rings
+        return timeline.text(
+            state, self.config.policies, p, at, width=width, rings=rings, max_rings=limit
+        )
+
+    def _timeline_inputs(self) -> tuple[State, Plan, datetime]:
+        """What ``status`` plans from: the state (publishers observed) and the
+        plan now (the wall clock clamped to the state's newest time)."""
+        state = self.state()
+        at = utcnow()
+        if state.clock is not None and at < state.clock:
+            at = state.clock
+        state = self.reconciler.observe(state)
+        return state, self.reconciler.plan(state, at), at
 
 
 _b64 = jose.b64url_bytes

@@ -50,8 +50,20 @@ class _StateCollector(Collector):
                 if active is not None and active.activated_at is not None:
                     age.add_metric([name], now - active.activated_at.timestamp())
         if plan is not None:
+            # A transition already due is not in plan.upcoming: it keeps the
+            # time it was first seen due, so "next transition in the past"
+            # alerts on work that stays undone (deploy/monitoring).
+            due_now: dict[tuple[str, str], float] = {}
+            for a in plan.due:
+                due_ring: str | None = getattr(a, "ring", None)
+                if due_ring is not None:
+                    key = (due_ring, a.name)
+                    due_now[key] = self.m.due_since.get(key, now)
+            self.m.due_since = due_now
+            for (name, action), since in sorted(due_now.items()):
+                nxt.add_metric([name, action], since)
             for name, u in sorted(plan.upcoming.items()):
-                if u is not None:
+                if u is not None and not any(r == name for r, _ in due_now):
                     nxt.add_metric([name, u.action], u.at.timestamp())
         yield keys
         yield age
@@ -119,6 +131,12 @@ class Metrics:
             "keymgr_notify_queue_depth", "Notifications waiting per webhook", ["webhook"],
             registry=r,
         )
+        self.audit_verify_failures = Counter(
+            "keymgr_audit_verify_failures",
+            "Audit checks that failed: the log's tail does not match the head anchored "
+            "in state, the outbox does not chain, or a signed checkpoint does not verify",
+            registry=r,
+        )
         self.edge_up = Gauge(
             "keymgr_edge_up",
             "1 when the last probe of the edge got a JWKS, 0 when it did not",
@@ -138,8 +156,35 @@ class Metrics:
             registry=r,
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
         )
+        # [service] (keymgr.service): the local signing service.
+        self.service_tokens = Counter(
+            "keymgr_service_tokens",
+            "Tokens the signing service issued, per ring and caller (uid:N or cert:NAME)",
+            ["ring", "caller"],
+            registry=r,
+        )
+        self.service_latency = Histogram(
+            "keymgr_service_sign_duration_seconds",
+            "Signing service: from the request's arrival to the token's answer",
+            ["ring"],
+            registry=r,
+            buckets=(2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.service_refusals = Counter(
+            "keymgr_service_refusals",
+            "Requests the signing service refused, by error code (ring empty when unknown)",
+            ["ring", "code"],
+            registry=r,
+        )
         self.snapshot: tuple[State | None, Plan | None] = (None, None)
+        #: (ring, action) -> Unix time a due transition was first seen due.
+        self.due_since: dict[tuple[str, str], float] = {}
         r.register(_StateCollector(self))
+
+    def forget_edges(self) -> None:
+        """Drop the edge gauges (this replica no longer probes: not the lease holder)."""
+        self.edge_up.clear()
+        self.edge_age.clear()
 
     def observe_probe(
         self, publisher: str, result: ProbeResult, before: EdgeRecord | None, after: State

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from keymgr import jwks, transitions
+from keymgr import discovery, jwks, transitions
 from keymgr.audit import AuditLog
 from keymgr.backend import Backend
 from keymgr.config import Config
@@ -159,20 +159,36 @@ class Reconciler:
             rec = state.publishers.get(name)
             if rec is None or (rec.stale and not rec.since):
                 continue
-            publisher = self.config.publishers[name]
-            try:
-                served = publisher.fetch()
-            except PublishError:
-                served = None
-            # The headers are compared with the config too: a cache_control
-            # changed there must reach the target (and counts as a new document).
-            if (
-                served is None
-                or served.digest() != rec.sha256
-                or dict(served.headers) != publisher.headers()
-            ):
+            if not self.still_served(name, rec.sha256):
                 state = transitions.publisher_drifted(state, name)
         return state
+
+    def still_served(self, name: str, sha256: str) -> bool:
+        """Does the publisher still serve what it confirmed (``sha256``)?
+
+        The headers are compared with the config too: a cache_control changed
+        there must reach the target (and counts as a new document). With a
+        discovery document, the pair was confirmed (discovery.pair_digest):
+        the document too must be what was confirmed, and what the config and
+        the served JWKS make of it now (an issuer or extra field changed).
+        """
+        publisher = self.config.publishers[name]
+        disc = self.config.discovery.get(name)
+        try:
+            served = publisher.fetch()
+            if served is None or dict(served.headers) != publisher.headers_for(served.body):
+                return False
+            if disc is None:
+                return served.digest() == sha256
+            doc = disc.publisher.fetch()
+        except PublishError:
+            return False
+        return (
+            doc is not None
+            and doc.body == disc.document(served.body)
+            and dict(doc.headers) == disc.publisher.headers_for(doc.body)
+            and discovery.pair_digest(served, doc) == sha256
+        )
 
     def probe_edges(self, state: State, now: datetime) -> tuple[State, list[dict[str, Any]]]:
         """Probe every configured edge (keymgr.probes) and record what changed."""
@@ -362,8 +378,16 @@ class Reconciler:
         """
         for _ in range(5):
             state, token = self.load()
+            # Never dated before the newest recorded time: the log's times
+            # stay in order (audit show seeks by them), whatever the clock did.
+            floor = state.clock
+            dated = [
+                {**e, "ts": floor} if floor is not None and e.get("ts") is not None
+                and e["ts"] < floor else e
+                for e in events
+            ]
             try:
-                self.commit(state, events, token)
+                self.commit(state, dated, token)
                 return
             except ConflictError:
                 continue
@@ -413,9 +437,22 @@ class Reconciler:
         # An earlier write that was never confirmed may still land (a lagging
         # or retried request): write again even if the target already shows
         # these bytes, so the last write is ours.
-        written = publisher.publish(data, force=rec is not None and bool(rec.asked))
+        force = rec is not None and bool(rec.asked)
+        written = publisher.publish(data, force=force)
+        served = Served(data, publisher.headers_for(data))
+        digest = served.digest()
+        disc = self.config.discovery.get(name)
+        if disc is not None:
+            # The discovery document only once the JWKS it points to is
+            # confirmed: it then advertises exactly the algorithms of that
+            # JWKS. A new algorithm is advertised only after its key is
+            # served; a gone one is dropped only after its last key left
+            # (docs/issuer.md#consistency). Both confirmed, or the publish
+            # fails (no promotion) and the next pass writes both again.
+            doc = disc.document(data)
+            written = disc.publisher.publish(doc, force=force) or written
+            digest = discovery.pair_digest(served, Served(doc, disc.publisher.headers_for(doc)))
         crashpoint("publish.before_commit")
-        digest = Served(data, publisher.headers()).digest()
         return transitions.publisher_confirmed(
             state, name, digest, frozenset(k.kid for k in keys), now, written
         )

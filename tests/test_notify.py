@@ -646,3 +646,17 @@ def test_daemon_notifies_logs_failures_without_secrets_and_counts_them(
     assert all(f["webhook"] == "bad" and f["error"] == "HTTP 400" for f in failed)
     assert failed[0]["host"] == bad.url.split("/")[2]
     assert SECRET not in out and "/hooks/keymgr" not in out and "team=ops" not in out
+
+
+def test_known_events_name_every_event_the_code_records() -> None:
+    """An ``events`` filter is checked against KNOWN_EVENTS: an event the code
+    records but the list lacks could never be selected by name."""
+    import re
+
+    from keymgr.notify import KNOWN_EVENTS
+    from tests.conftest import REPO
+
+    source = "".join(p.read_text() for p in (REPO / "keymgr").rglob("*.py"))
+    recorded = set(re.findall(r'_event\(\s*"([a-z_]+\.[a-z_.]+)"', source))
+    recorded |= set(re.findall(r'"event": "([a-z_]+\.[a-z_.]+)"', source))
+    assert recorded and recorded <= set(KNOWN_EVENTS), recorded - set(KNOWN_EVENTS)

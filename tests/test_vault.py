@@ -648,7 +648,7 @@ def test_orphans_adopted_or_destroyed_and_foreign_keys_survive(home, bao):
     assert "key.generated" not in {e for e, _ in evs}, evs
     assert vh.ring_names() == crashed
     assert [k["kid"] for k in vh.ring_keys()] == [crashed_kid]
-    shown = vh.ok("audit", "show", "--kid", wrong_kid)
+    shown = vh.ok("audit", "show", "--kid", wrong_kid, "--json")
     assert len(shown) == 1 and "key.orphan_destroyed" in shown[0], shown
 
     # A whole rotation later the adopted key is gone, the foreign ones are not.
