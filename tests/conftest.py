@@ -139,3 +139,17 @@ def home(tmp_path: Path) -> Home:
     )
     assert proc.returncode == 0, proc.stderr
     return h
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: two workers per core (at most 8). Most of the suite waits:
+    on the CLI's start-up in a subprocess, on moto, OpenBao, Azurite,
+    fake-gcs-server and varnish, on daemons' timers; one worker per core
+    leaves the cores idle through those waits."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long tests (``@pytest.mark.slow``: the soaks, a minute each) first, so
+    that under xdist they run beside the rest instead of alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
