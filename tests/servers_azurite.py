@@ -27,14 +27,11 @@ hang until the client's read timeout, the nasty case, and the data survives).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.servers_common import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_DIR = REPO / "tests" / "azurite"
@@ -94,11 +93,6 @@ def register_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def node_tools() -> str | None:
@@ -132,13 +126,11 @@ def ensure_azurite() -> Path:
 
 
 @dataclass
-class AzuriteServer:
+class AzuriteServer(ServerProcess):
     """A running ``azurite-blob`` process."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
     location: Path
-    log_path: Path
+    name = "azurite"
 
     @property
     def url(self) -> str:
@@ -190,33 +182,8 @@ class AzuriteServer:
         )
         return f"BlobEndpoint={self.url};SharedAccessSignature={sas}"
 
-    @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """The server stops answering (SIGSTOP) inside the block, and comes back after."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.resume()
 
-    def resume(self) -> None:
-        """SIGCONT, and wait until it answers again."""
-        os.kill(self.proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            assert time.monotonic() < deadline, "azurite did not come back after SIGCONT"
-            time.sleep(0.05)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # a test may have failed mid-outage
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def start_azurite(work: Path) -> AzuriteServer:
@@ -226,7 +193,7 @@ def start_azurite(work: Path) -> AzuriteServer:
     script = ensure_azurite()
     last = ""
     for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = _free_port()
+        port = free_port()
         location = work / f"azurite-{port}"
         location.mkdir(parents=True, exist_ok=True)
         log_path = work / f"azurite-{port}.log"
@@ -241,7 +208,7 @@ def start_azurite(work: Path) -> AzuriteServer:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if k != "AZURITE_DB"},
             )  # fmt: skip
-        server = AzuriteServer(proc, port, location, log_path)
+        server = AzuriteServer(proc, port, log_path, location)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
             if server.answers(timeout=0.5):

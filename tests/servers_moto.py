@@ -30,12 +30,9 @@ and jwcrypto must both accept).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,25 +49,19 @@ from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
 
 from tests.conftest import SHORT_POLICY
+from tests.servers_common import ServerProcess, free_port
 
 REGION = "us-east-1"
 _START_TIMEOUT = 30.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
-class MotoServer:
+class MotoServer(ServerProcess):
     """A running ``moto.server`` process."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
+    name = "moto server"
 
     @property
     def url(self) -> str:
@@ -88,44 +79,14 @@ class MotoServer:
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200, resp.status
 
-    @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """The server stops answering (SIGSTOP) inside the block, and comes back after.
 
-        Code inside the block may also be what stops it (a hook in a CLI run
-        that sends SIGSTOP at an exact request): the server comes back anyway.
-        """
-        os.kill(self.proc.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.resume()
 
-    def resume(self) -> None:
-        """SIGCONT, and wait until it answers again."""
-        os.kill(self.proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            assert time.monotonic() < deadline, "moto server did not come back after SIGCONT"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            # In case a test failed inside outage() before its finally ran.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def start_moto(log_dir: Path) -> MotoServer:
     last = ""
     for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = _free_port()
+        port = free_port()
         log_path = log_dir / f"moto-{port}.log"
         log = log_path.open("wb")
         proc = subprocess.Popen(

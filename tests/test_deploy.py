@@ -41,6 +41,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, Home
+from tests.servers_common import free_port
 
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "systemd" / "keymgr.service"
@@ -69,12 +70,6 @@ def duration_seconds(text: str) -> int:
         return int(text)
     return sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u]
                for n, u in re.findall(r"(\d+)([smhd])", text))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def manifests() -> list[tuple[Path, dict[str, Any]]]:

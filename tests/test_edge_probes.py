@@ -269,7 +269,7 @@ def test_probe_times_out(scripted) -> None:
 
 
 def test_probe_of_a_closed_port_is_an_error_not_an_exception() -> None:
-    from tests.servers_edge import free_port
+    from tests.servers_common import free_port
 
     url = f"http://127.0.0.1:{free_port()}/jwks.json"
     result = probe(url, EdgeSettings(urls=(url,), timeout=1, attempts=1))

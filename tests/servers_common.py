@@ -1,0 +1,74 @@
+"""What every real server the tests start shares: a free loopback port, and
+a process that can be stopped dead (SIGSTOP) and brought back.
+
+moto, fake-gcs-server and Azurite subclass :class:`ServerProcess` with how to
+ask whether they answer; the outage, resume and stop logic is written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a server may still lose it: retry)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """A server process on a loopback port, its log beside it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    #: How the server is named in assertion messages.
+    name = "server"
+
+    def answers(self, timeout: float = 1.0) -> bool:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """The server stops answering (SIGSTOP) inside the block, and comes back after.
+
+        Code inside the block may also be what stops it (a hook in a CLI run
+        that sends SIGSTOP at an exact request): the server comes back anyway.
+        """
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def resume(self) -> None:
+        """SIGCONT, and wait until it answers again."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not self.answers():
+            assert time.monotonic() < deadline, f"{self.name} did not come back after SIGCONT"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # In case a test failed inside outage() before its finally ran.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
