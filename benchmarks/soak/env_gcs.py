@@ -51,14 +51,17 @@ class GcsOrigin:
         try:
             with urllib.request.urlopen(self.meta_url, timeout=0.5) as resp:
                 meta = json.loads(resp.read())
-            url = f"{self.media_url}&generation={meta['generation']}"
-            with urllib.request.urlopen(url, timeout=0.5) as resp:
-                return resp.read(), meta.get("cacheControl")
         except urllib.error.HTTPError as e:
             e.close()
-            if e.code == 404:  # nothing yet (or replaced between the two reads: next poll)
+            if e.code == 404:  # no object yet
                 return None, None
             raise
+        # A 404 here means the object was replaced between the two reads: an
+        # error (the watcher polls again), never an empty JWKS, which would
+        # time every key as unpublished at this instant.
+        url = f"{self.media_url}&generation={meta['generation']}"
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return resp.read(), meta.get("cacheControl")
 
 
 class GcsEnv(Env):
