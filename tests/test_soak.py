@@ -17,7 +17,10 @@ the rules allow. Here it runs:
   must see rejections: proof that the harness can fail;
 - with the ``edge-stale`` fault (issue 20): an edge serving its last good
   copy while its origin fails, over a successor's publication. keymgr cannot
-  see that edge yet, so rejections are expected, every time.
+  see that edge yet, so rejections are expected, every time;
+- with the issuer on the daemon's signing service (``--issuer service``,
+  issue 19) and through an algorithm migration RS256 -> ES256 -> EdDSA
+  (``--migrate``, issue 13), both with faults: no rejection.
 
 The long form is documented in ``benchmarks/soak/__init__.py`` and README
 "Guarantees".
@@ -206,6 +209,83 @@ def test_soak_edge_stale_with_probes_passes(tmp_path: Path) -> None:
     # Promotion waited for the edge: the successor was first used later than A
     # after its publication at the origin, while the edge was cut.
     assert r["publication_to_first_use"]["max"] > r["keymgr_settings"]["publish_ahead"] + 1, out
+    assert r["passed"] and rc == 0, out
+
+
+def _need_node() -> None:
+    missing = [t for t in ("node", "npm") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: the npm jose verifier cannot run")
+
+
+@pytest.mark.slow
+def test_soak_service_issuer_faults_no_rejection(tmp_path: Path) -> None:
+    """Issue 19: the issuer gets every token from the daemon's signing service
+    (``[service]``, Unix socket in the workdir) instead of ``KeyManager.sign``
+    in-process, through SIGKILLs (the socket refuses or is gone meanwhile:
+    issuer errors, not rejections) and an unwritable JWKS target. 4 rotations
+    of 4 s: about 40 s here."""
+    _need_node()
+    out, r, rc = run_soak(
+        tmp_path, "--issuer", "service", "--rotations", "4", "--period", "4", "--faults",
+        timeout=240,
+    )  # fmt: skip
+    i = r["issuer"]
+    assert i["mode"] == "service" and i["socket"].endswith("/sign.sock"), out
+    assert "own (skewed) iat and exp" in i["how"], out
+    # Every token came over the socket; the connection was opened again after
+    # each SIGKILL, and the in-process API was never asked.
+    assert i["requests"] >= r["tokens_issued"] > 0 and i["connections"] >= 2, out
+    assert not any(e.startswith("KeymgrError") for e in r["issuer_errors"]), out
+    assert i["service_refused_events"] == 0, out
+    assert {v["name"] for v in r["verifiers"]} == {"pyjwt", "jwcrypto", "jose"}, out
+    assert r["rotations"] >= 4, out
+    assert r["rejections"] == 0, out
+    for v in r["verifiers"]:
+        assert v["done"] and v["kids_seen"] >= 5 and v["rejected"] == 0, out
+    assert "kill" in {f["kind"] for f in r["faults"]}, out
+    assert all(f["ok"] for f in r["faults"]) and all(c["ok"] for c in r["checks"]), out
+    assert r["daemon"]["sigkills"] >= 1 and not r["daemon"]["unexpected_exits"], out
+    k = r["keymgr_settings"]
+    assert r["publication_to_first_use"]["min"] >= k["publish_ahead"] - 0.5, out
+    assert r["last_expiry_to_unpublication"]["min"] > 0, out
+    assert not r["private_members_published"] and not r["failures"], out
+    assert r["passed"] and rc == 0, out
+
+
+@pytest.mark.slow
+def test_soak_algorithm_migration_faults_no_rejection(tmp_path: Path) -> None:
+    """Issue 13: RS256 -> ES256 -> EdDSA (-> RS256) during a run, one change
+    after each rotation (config rewritten, SIGHUP), with caching verifiers
+    whose allowlists hold the three; daemon SIGKILLs and an unwritable JWKS
+    target meanwhile. 3 rotations of 5 s (P - A = 3 s for the change to land
+    before the successor is generated): about 40 s here."""
+    _need_node()
+    algs = ["RS256", "ES256", "EdDSA"]
+    out, r, rc = run_soak(
+        tmp_path, "--migrate", ",".join(algs), "--rotations", "3", "--faults", timeout=240
+    )  # fmt: skip
+    m = r["migration"]
+    assert m["algorithms"] == algs and r["rotations"] >= 3, out
+    assert r["rejections"] == 0, out
+    # Each algorithm signed tokens, and every verifier accepted tokens of each.
+    assert set(r["tokens_by_alg"]) == set(algs) and all(r["tokens_by_alg"].values()), out
+    assert {v["name"] for v in r["verifiers"]} == {"pyjwt", "jwcrypto", "jose"}, out
+    for v in r["verifiers"]:
+        assert v["done"] and v["rejected"] == 0 and set(v["accepted_by_alg"]) == set(algs), out
+    # Three changes, each applied by a reload (or by the start after a SIGKILL).
+    assert [s["to"] for s in m["switches"]] == ["ES256", "EdDSA", "RS256"], out
+    assert all(s["sighup"] and s["reload"] != "config.rejected" for s in m["switches"]), out
+    assert m["config_rejected"] == 0 and m["config_loaded"] >= 1, out
+    assert all(s["warning"] and "changing from" in s["warning"] for s in m["switches"]), out
+    # Around a switch the JWKS held keys of two (or three) algorithms.
+    assert any(len(x["algs"]) >= 2 for x in m["jwks_alg_sets"]), out
+    assert all(f["ok"] for f in r["faults"]) and all(c["ok"] for c in r["checks"]), out
+    assert not r["daemon"]["unexpected_exits"], out
+    k = r["keymgr_settings"]
+    assert r["publication_to_first_use"]["min"] >= k["publish_ahead"] - 0.5, out
+    assert r["last_expiry_to_unpublication"]["min"] > 0, out
+    assert not r["private_members_published"] and not r["failures"], out
     assert r["passed"] and rc == 0, out
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .settings import BACKENDS, REPO, Settings
+from .settings import BACKENDS, ISSUERS, REPO, Settings
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
@@ -75,6 +75,28 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         action="store_true",
         help="keep state in S3 (aws-kms) or Vault KV (vault-transit) instead of a file",
     )
+    p.add_argument(
+        "--issuer",
+        choices=ISSUERS,
+        default=d.issuer,
+        help="api: KeyManager.sign in this process; service: the daemon's signing service "
+        "([service], Unix socket in the workdir)",
+    )
+    p.add_argument(
+        "--migrate",
+        default="",
+        metavar="ALG,ALG[,...]",
+        help="change the ring's algorithm during the run (e.g. RS256,ES256,EdDSA): start "
+        "with the first, then the next (cycling) after every --migrate-every rotations, "
+        "config rewritten and SIGHUP; verifiers allow them all",
+    )
+    p.add_argument(
+        "--migrate-every",
+        type=int,
+        default=d.migrate_every,
+        metavar="N",
+        help="with --migrate: change the algorithm when the N-th, 2N-th, ... key is in use",
+    )
     p.add_argument("--no-node", action="store_true", help="without the Node jose verifier")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=0.0)
@@ -89,7 +111,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         rate=a.rate or (20.0 if a.backend == "file" else 10.0), faults=a.faults,
         fault_kinds=tuple(x for x in a.fault_kinds.split(",") if x),
         stale_if_error=a.stale_if_error, verify_edge=a.verify_edge,
-        misconfigure=a.misconfigure, cloud_state=a.cloud_state, node=not a.no_node, seed=a.seed,
+        misconfigure=a.misconfigure, issuer=a.issuer,
+        migrate=tuple(x.strip() for x in a.migrate.split(",") if x.strip()),
+        migrate_every=a.migrate_every, cloud_state=a.cloud_state, node=not a.no_node, seed=a.seed,
         max_seconds=a.max_seconds, workdir=a.workdir, keep=a.keep,
     )  # fmt: skip
     return s, a

@@ -89,10 +89,11 @@ class FaultScheduler:
         self.faults.append(info)
 
     def kill(self) -> dict[str, Any]:
-        self.daemon.kill()
         down = self.rng.uniform(0.2, 1.5)
-        time.sleep(down)
-        self.daemon.start()
+        with self.daemon.lock:  # no SIGHUP (--migrate) to a daemon starting up
+            self.daemon.kill()
+            time.sleep(down)
+            self.daemon.start()
         return {"detail": f"SIGKILL, restarted after {down:.1f}s"}
 
     def block(self) -> dict[str, Any]:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from .environments import Env
-from .settings import PY, REPO, RING, Settings
+from .settings import PY, REPO, RING, SOCKET_NAME, Settings
+
+#: The ring's ``algorithm`` line (the config has only one).
+_ALG_LINE = re.compile(r'^algorithm = "[^"]*"$', re.M)
 
 
 class Home:
     def __init__(self, work: Path, env: Env) -> None:
         self.work, self.env = work, env
         self.config = work / "keymgr.toml"
+        #: The signing service's socket (``--issuer service``).
+        self.socket = work / SOCKET_NAME
         #: The ``keymgr: warning:`` lines of ``config check``.
         self.config_warnings: list[str] = []
 
@@ -22,8 +29,12 @@ class Home:
         """``keymgr init``, then this run's config; ``config check`` must accept it.
 
         ``verify_urls``: the edges keymgr probes before a promotion (``--verify-edge``).
+        With ``--issuer service``, a ``[service]`` table: its Unix socket in the
+        workdir, the ring served to this process's uid.
         """
         e = self.env
+        if s.issuer == "service" and len(os.fsencode(str(self.socket))) > 107:
+            raise RuntimeError(f"--issuer service: socket path too long (sun_path): {self.socket}")
         subprocess.run(
             [PY, "-m", "keymgr.cli", "init", "--dir", str(self.work)],
             check=True, capture_output=True, env=e.env, cwd=REPO,
@@ -36,11 +47,15 @@ class Home:
             + (f"verify_urls = {json.dumps(list(verify_urls))}\nprobe_timeout = 1\n"
                if verify_urls else "")
             + "\n"
-            f'[keyrings.{RING}]\nbackend = "{e.backend_name()}"\nalgorithm = "ES256"\n'
+            f'[keyrings.{RING}]\nbackend = "{e.backend_name()}"\n'
+            f'algorithm = "{s.algorithms[0]}"\n'
             f'rotation_period = "{s.period}s"\npublish_ahead = "{s.publish_ahead}s"\n'
             f'retire_grace = "{s.retire_grace}s"\ndestroy_after = "{s.destroy_after}s"\n'
             f'publishers = ["{e.publisher}"]\n'
-        )
+            + (f'\n[service]\nsocket = "{self.socket}"\n\n'
+               f"[service.rings.{RING}]\nuids = [{os.getuid()}]\n"
+               if s.issuer == "service" else "")
+        )  # fmt: skip
         proc = self.cli("config", "check")
         if proc.returncode != 0:
             raise RuntimeError(f"config check failed: {proc.stderr.strip()}")
@@ -48,6 +63,20 @@ class Home:
             ln for ln in proc.stderr.splitlines() if ln.startswith("keymgr: warning:")
         ]
         return self.config
+
+    def set_algorithm(self, alg: str) -> None:
+        """Name ``alg`` as the ring's algorithm (the file replaced at once: the
+        checks and CLI calls read it meanwhile). The daemon applies it on
+        SIGHUP, or when it next starts."""
+        from keymgr.config import load_config
+
+        text, n = _ALG_LINE.subn(f'algorithm = "{alg}"', self.config.read_text())
+        if n != 1:
+            raise RuntimeError(f"{self.config}: {n} algorithm lines, want 1")
+        tmp = self.config.with_name(self.config.name + ".new")
+        tmp.write_text(text)
+        load_config(tmp)  # what the reload will do first: a bad config stops here
+        os.replace(tmp, self.config)
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

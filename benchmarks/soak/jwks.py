@@ -19,9 +19,30 @@ def kids_in(body: bytes | None) -> set[str]:
     return kids_of(json.loads(body)) if body else set()
 
 
+def _part(token: str, i: int) -> dict[str, Any]:
+    p = token.split(".")[i]
+    return dict(json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))))
+
+
 def header_kid(token: str) -> str:
-    h = token.split(".", 1)[0]
-    return str(json.loads(base64.urlsafe_b64decode(h + "=" * (-len(h) % 4)))["kid"])
+    return str(_part(token, 0)["kid"])
+
+
+def header_of(token: str) -> dict[str, Any]:
+    """A compact JWS's protected header (not verified)."""
+    return _part(token, 0)
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    """A compact JWS's claims (not verified)."""
+    return _part(token, 1)
+
+
+def algs_of(doc: Any) -> tuple[str, ...]:
+    """The algorithms of a JWKS document's keys, sorted, each once."""
+    if not isinstance(doc, dict):
+        return ()
+    return tuple(sorted({str(k.get("alg", "?")) for k in doc.get("keys", [])}))
 
 
 def short(kid: str | None) -> str:

@@ -20,6 +20,25 @@ def render(r: dict[str, Any]) -> str:
     ]
     for w in r["config_warnings"]:
         lines.append(f"config check: {w}")
+    i = r["issuer"]
+    if i["mode"] == "service":
+        lines.append(
+            f"issuer: signing service on {i['socket']}: {i['how']}; {i['requests']} requests "
+            f"over {i['connections']} connection(s)"
+        )
+    lines.append("tokens by algorithm: " + ", ".join(
+        f"{a} {n}" for a, n in r["tokens_by_alg"].items()))  # fmt: skip
+    m = r.get("migration")
+    if m:
+        lines.append(
+            f"migration {' -> '.join(m['algorithms'])} (cycled, every {m['every']} rotation(s)): "
+            f"{len(m['switches'])} changes, {m['sighups']} SIGHUPs, config.loaded "
+            f"{m['config_loaded']}, config.rejected {m['config_rejected']}; keys by algorithm "
+            + ", ".join(f"{a} {n}" for a, n in m["keys_by_alg"].items())
+            + f"; off schedule {m['keys_off_schedule']}"
+        )
+        lines.append("  JWKS held: " + "; ".join(
+            f"{'+'.join(x['algs'])} ({x['seconds']}s)" for x in m["jwks_alg_sets"]))  # fmt: skip
     p, m = r["publication_to_first_use"], r["last_expiry_to_unpublication"]
     lines += [
         f"rotations {r['rotations']}, tokens issued {r['tokens_issued']}, "
@@ -38,6 +57,9 @@ def render(r: dict[str, Any]) -> str:
             f"{v['rejected']:>8} {v['kids_seen']:>4} {v['fetches']:>7} {gap:>21}  "
             f"{v['library']}; {v['cache']}"
         )
+        if len(v["accepted_by_alg"]) > 1:
+            lines.append("    accepted: " + ", ".join(
+                f"{a} {n}" for a, n in v["accepted_by_alg"].items()))  # fmt: skip
         for reason, n in v["reasons"].items():
             lines.append(f"    {n} x {reason}")
     if r["issuer_errors"]:

@@ -20,9 +20,10 @@ def _r(x: float | None) -> float | None:
 
 
 def verifier_summary(
-    v: VerifierSpec, first_use: dict[str, float], rotated: list[str]
+    v: VerifierSpec, first_use: dict[str, float], rotated: list[str], alg_of: dict[str, str]
 ) -> dict[str, Any]:
-    """What one verifier checked, rejected (and why), and fetched."""
+    """What one verifier checked, rejected (and why), and fetched; accepted
+    checks per algorithm (``alg_of``: each key's, from the tokens' headers)."""
     recs = read_jsonl(v.out)
     checks = [r for r in recs if r.get("ev") == "check"]
     rej = [r for r in checks if not r.get("ok")]
@@ -46,6 +47,9 @@ def verifier_summary(
         ).most_common()),
         "rejected_kids": dict(Counter(str(r.get("kid")) for r in rej)),
         "kids_seen": len({r.get("kid") for r in checks}),
+        "accepted_by_alg": dict(sorted(Counter(
+            alg_of.get(str(r.get("kid")), "?") for r in checks if r.get("ok")
+        ).items())),
         "fetches": len(fetches),
         "pub_to_use_gap_max": _r(max(gaps)) if gaps else None,
         "pub_to_use_gap_min": _r(min(gaps)) if gaps else None,
@@ -65,11 +69,62 @@ def key_timing(run: Runner) -> tuple[list[str], dict[str, float], dict[str, floa
     return used, pub_gaps, ret_margins
 
 
+def issuer_summary(run: Runner) -> dict[str, Any]:
+    """How the issuer obtained its tokens (``--issuer``)."""
+    s, client = run.s, run.issuer.client
+    if s.issuer != "service":
+        return {"mode": "api", "how": "KeyManager.sign in the soak's process, now = skewed clock"}
+    return {
+        "mode": "service",
+        "socket": str(run.home.socket),
+        "how": (
+            "POST /v1/rings/{ring}/sign, claims with the issuer's own (skewed) iat and exp"
+            if s.skew else 'POST /v1/rings/{ring}/sign with "ttl" (the daemon\'s clock)'
+        ),
+        "requests": client.requests if client is not None else 0,
+        "connections": client.connects if client is not None else 0,
+        "service_refused_events": run.checker.audit_counts.get("service.refused", 0),
+    }
+
+
+def migration_summary(run: Runner) -> dict[str, Any]:
+    """``--migrate``: the changes made, each key's algorithm against the schedule,
+    and the sets of algorithms the JWKS held."""
+    s, t0 = run.s, run.t0
+    algs, every = s.migrate, s.migrate_every
+    first_use, alg_of = run.issuer.first_use, run.issuer.alg_of
+    used = sorted(first_use, key=lambda k: first_use[k])
+    keys = []
+    for i, kid in enumerate(used):
+        want = algs[(i // every) % len(algs)]
+        keys.append({"kid": kid, "alg": alg_of.get(kid), "scheduled": want})
+    counts = run.checker.audit_counts
+    assert run.migrator is not None
+    return {
+        "algorithms": list(algs),
+        "every": every,
+        "switches": run.migrator.switches,
+        "sighups": run.daemon.hups,
+        "config_loaded": counts.get("config.loaded", 0),
+        "config_rejected": counts.get("config.rejected", 0),
+        "keys": keys,
+        "keys_by_alg": dict(sorted(Counter(k["alg"] for k in keys).items())),
+        # A switch that came after the successor was generated: the key after
+        # it has the new algorithm instead (not a fault; see migrate.py).
+        "keys_off_schedule": sum(1 for k in keys if k["alg"] != k["scheduled"]),
+        "jwks_alg_sets": [
+            {"algs": list(a), "first_seen": _r(v["first_seen"] - t0), "seconds": _r(v["seconds"])}
+            for a, v in sorted(run.watcher.alg_sets.items(), key=lambda x: x[1]["first_seen"])
+        ],
+    }
+
+
 def build_report(run: Runner) -> dict[str, Any]:
     s, env, daemon, t0 = run.s, run.env, run.daemon, run.t0
     used, pub_gaps, ret_margins = key_timing(run)
     first_use, seen, removed = run.issuer.first_use, run.watcher.first_seen, run.watcher.removed
-    verifiers = [verifier_summary(v, first_use, used[1:]) for v in run.verifiers]
+    alg_of = run.issuer.alg_of
+    verifiers = [verifier_summary(v, first_use, used[1:], alg_of) for v in run.verifiers]
     rejected = sum(v["rejected"] for v in verifiers)
     rejected_kids: Counter[str] = Counter()
     for v in verifiers:
@@ -105,6 +160,9 @@ def build_report(run: Runner) -> dict[str, Any]:
         "rotations": run.rotations(),
         "tokens_issued": len(run.issuer.tokens),
         "issuer_errors": dict(run.issuer.errors.most_common()),
+        "issuer": issuer_summary(run),
+        "tokens_by_alg": dict(sorted(run.issuer.by_alg.items())),
+        "migration": migration_summary(run) if s.migrate else None,
         "rejections": rejected,
         "rejected_kids": dict(rejected_kids.most_common()),
         "verifiers": verifiers,
@@ -120,6 +178,7 @@ def build_report(run: Runner) -> dict[str, Any]:
         "keys": [
             {
                 "kid": k,
+                "alg": alg_of.get(k),
                 "served_at": _r(seen[k] - t0) if k in seen else None,
                 "first_use": _r(first_use[k] - t0),
                 "publication_to_first_use": _r(pub_gaps.get(k)),

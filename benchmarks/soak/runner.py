@@ -17,8 +17,9 @@ from .faults import FaultScheduler
 from .home import Home
 from .issuer import Issuer
 from .logs import log
+from .migrate import Migrator
 from .report import build_report
-from .settings import Settings
+from .settings import RING, Settings
 from .verifiers import Verifiers
 from .watcher import Watcher
 
@@ -40,6 +41,7 @@ class Runner:
         self.verifiers = Verifiers(self.work)
         self._edge: Edge | None = None
         self._daemon: Daemon | None = None
+        self.migrator: Migrator | None = None
 
     @property
     def edge(self) -> Edge:
@@ -83,8 +85,15 @@ class Runner:
         queue.touch()
         self._daemon = Daemon(cfg, self.env.env, self.work / "daemon.log")
         self.daemon.start()
-        self.issuer = Issuer(cfg, queue, s, self.rng)
+        sock = self.home.socket if s.issuer == "service" else None
+        self.issuer = Issuer(cfg, queue, s, self.rng, sock)
         self.issuer.start()
+        if s.migrate:
+            # From the first key on: the switch must land before its successor
+            # is generated (P - A after its promotion).
+            self.migrator = Migrator(s, self.t0, self.home, self.daemon, self.issuer,
+                                     self.failures)  # fmt: skip
+            self.migrator.start()
         backend = km.config.backends[self.env.backend_name()]
         self.checker = Checker(
             s, self.home, km, backend, self.origin, self.daemon, self.verifiers, self.watcher
@@ -122,6 +131,8 @@ class Runner:
             time.sleep(0.2)
         if self.rotations() < s.rotations:
             self.failures.append(f"only {self.rotations()} rotations within {s.max_seconds:.0f}s")
+        if self.migrator is not None:
+            self.migrator.stop()
         self.scheduler.stop()
 
     def _finish(self) -> dict[str, Any]:
@@ -134,11 +145,30 @@ class Runner:
             self.failures.append(f"daemon stop (SIGTERM) exited {rc}")
         self.watcher.stop_ev.set()
         self.failures += self.checker.final_audit()
+        if self.s.migrate:
+            self.failures += self._migration_failures()
         report = build_report(self)
         self.passed = bool(report["passed"])
         return report
 
+    def _migration_failures(self) -> list[str]:
+        """Every algorithm signed tokens; each key signed with the algorithm
+        state records for it; every reload was applied (none rejected)."""
+        out = []
+        used = self.issuer.by_alg
+        out += [f"--migrate: no token signed with {a}" for a in self.s.migrate if not used[a]]
+        recorded = {k["kid"]: k["alg"] for k in self.home.status()["rings"][RING]["keys"]}
+        for kid, alg in self.issuer.alg_of.items():
+            if recorded.get(kid) != alg:
+                out.append(f"{kid[:8]}: tokens signed {alg}, state says {recorded.get(kid)}")
+        rejected = self.checker.audit_counts["config.rejected"]
+        if rejected:
+            out.append(f"--migrate: {rejected} config.rejected audit event(s)")
+        return out
+
     def _tear_down(self) -> None:
+        if self.migrator is not None:
+            self.migrator.stop()
         self.verifiers.kill()
         if self._daemon is not None:
             self._daemon.stop()

@@ -12,6 +12,12 @@ REPO = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 RING = "default"
+#: The ring's algorithm without ``--migrate``.
+DEFAULT_ALG = "ES256"
+#: How the issuer obtains its tokens (``--issuer``).
+ISSUERS = ("api", "service")
+#: The signing service's Unix socket, in the workdir (``--issuer service``).
+SOCKET_NAME = "sign.sock"
 BACKENDS = ("file", "aws-kms", "vault-transit", "pkcs11", "gcs", "azure")
 REGION = "us-east-1"
 
@@ -58,12 +64,25 @@ class Settings:
     #: keymgr probes the edge (``verify_urls``): promotion waits for what it serves.
     verify_edge: bool = False
     misconfigure: bool = False
+    #: ``api``: KeyManager.sign in the soak's process; ``service``: POST
+    #: /v1/rings/{ring}/sign on the daemon's Unix socket (``[service]``).
+    issuer: str = "api"
+    #: ``--migrate RS256,ES256,EdDSA``: the ring starts with the first; after
+    #: every ``migrate_every`` rotations the config names the next (in a
+    #: cycle) and the daemon gets SIGHUP. Verifiers allow all of them.
+    migrate: tuple[str, ...] = ()
+    migrate_every: int = 1
     cloud_state: bool = False  # state in S3 (aws-kms) / Vault KV (vault-transit)
     node: bool = True
     seed: int = 0
     max_seconds: float = 0.0  # 0: derived from rotations and period
     workdir: str | None = None
     keep: bool = False
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """Every algorithm the ring signs with in this run: the verifiers' allowlist."""
+        return self.migrate or (DEFAULT_ALG,)
 
     def resolve(self) -> None:
         if self.backend == "gcs":
@@ -99,7 +118,34 @@ class Settings:
             return "--late-margin must be shorter than --ttl"
         if self.stale_if_error < 0:
             return "--stale-if-error must not be negative"
+        if self.issuer not in ISSUERS:
+            return f"--issuer: one of {', '.join(ISSUERS)}"
+        if self.migrate:
+            err = self._check_migrate()
+            if err:
+                return err
         able = FAULTS_ABLE[self.backend]
         if not set(self.fault_kinds) <= set(able):
             return f"--fault-kinds: {self.backend} supports {', '.join(sorted(able))}"
+        return None
+
+    def _check_migrate(self) -> str | None:
+        from keymgr.jose import ALGORITHMS
+
+        unknown = [a for a in self.migrate if a not in ALGORITHMS]
+        if unknown:
+            known = ", ".join(sorted(ALGORITHMS))
+            return f"--migrate: unknown algorithm {unknown[0]!r} (one of {known})"
+        if len(self.migrate) < 2 or len(set(self.migrate)) != len(self.migrate):
+            return "--migrate: at least two algorithms, each named once (e.g. RS256,ES256,EdDSA)"
+        if self.migrate_every < 1:
+            return "--migrate-every must be at least 1"
+        # Switch j comes when the j * N-th key is in use: the last
+        # algorithm's first key is key (len - 1) * N (0-based).
+        need = (len(self.migrate) - 1) * self.migrate_every
+        if self.rotations < need:
+            return (
+                f"--migrate: {len(self.migrate)} algorithms every {self.migrate_every} "
+                f"rotation(s) need --rotations {need} or more"
+            )
         return None

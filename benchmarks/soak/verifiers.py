@@ -70,7 +70,7 @@ def ensure_node_modules() -> str:
 
 def verifier_specs(s: Settings, url: str, queue: Path, work: Path) -> list[VerifierSpec]:
     common = [
-        "--url", url, "--queue", str(queue), "--alg", "ES256",
+        "--url", url, "--queue", str(queue), "--alg", ",".join(s.algorithms),
         "--leeway", str(s.skew), "--late-margin", str(s.late_margin),
     ]  # fmt: skip
     L = str(s.cache)

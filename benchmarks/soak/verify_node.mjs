@@ -5,9 +5,10 @@
 // exactly how a Node service using jose behaves. Tokens come from the issuer's
 // queue file (JSON lines, tailed); each is verified on arrival ("fresh") and
 // again `--late-margin` seconds before its `exp` ("late"). One JSON line per
-// check (and per JWKS fetch) goes to `--out`.
+// check (and per JWKS fetch) goes to `--out`. `--alg` is the algorithm
+// allowlist, comma-separated (old and new ones during a migration).
 //
-// usage: node verify_node.mjs --url URL --queue FILE --out FILE --alg ES256
+// usage: node verify_node.mjs --url URL --queue FILE --out FILE --alg ES256[,EdDSA...]
 //          --lifetime S --cooldown S --leeway S [--late-margin S] [--timeout S]
 
 import { createRemoteJWKSet, customFetch, jwtVerify } from 'jose'
@@ -62,7 +63,7 @@ async function check(rec, phase) {
   }
   try {
     await jwtVerify(rec.token, JWKS, {
-      algorithms: [a.alg],
+      algorithms: a.alg.split(',').filter(Boolean),
       clockTolerance: Number(a.leeway),
       requiredClaims: ['exp', 'iat'],
     })

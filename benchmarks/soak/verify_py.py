@@ -1,7 +1,9 @@
 """A Python verifier process for the rollover soak (``python -m benchmarks.soak``).
 
 It behaves like a real service: it fetches the JWKS over HTTP and caches it the
-way its library does, and never looks at keymgr's state or code.
+way its library does, and never looks at keymgr's state or code. Its
+algorithm allowlist is ``--alg`` (comma-separated: during an algorithm
+migration it holds the old and the new ones).
 
 - ``--kind pyjwt``: PyJWT's ``PyJWKClient`` with its JWK-set cache
   (``lifespan``) and its unknown-kid refresh cooldown (``cooldown_duration``).
@@ -69,7 +71,7 @@ class PyJWTVerifier:
         self.jwt.decode(
             token,
             key.key,
-            algorithms=[self.a.alg],
+            algorithms=self.a.algs,
             leeway=self.a.leeway,
             options={"require": ["exp", "iat"]},
         )
@@ -104,7 +106,7 @@ class JwcryptoVerifier:
         if self.keyset.get_key(kid) is None and time.monotonic() - self.fetched >= self.a.cooldown:
             self.fetch()
         t = self.jwt.JWT(
-            algs=[self.a.alg], expected_type="JWS", check_claims={"exp": None, "iat": None}
+            algs=self.a.algs, expected_type="JWS", check_claims={"exp": None, "iat": None}
         )
         t.leeway = int(self.a.leeway)
         t.deserialize(token, self.keyset)
@@ -123,13 +125,14 @@ def main() -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--queue", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--alg", required=True)
+    p.add_argument("--alg", required=True, help="the algorithms allowed, comma-separated")
     p.add_argument("--lifetime", type=float, required=True, help="JWKS cache lifetime (s)")
     p.add_argument("--cooldown", type=float, required=True, help="s between unknown-kid refreshes")
     p.add_argument("--leeway", type=float, required=True, help="clock skew allowance (s)")
     p.add_argument("--late-margin", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=5.0)
     a = p.parse_args()
+    a.algs = [x for x in a.alg.split(",") if x]
 
     out = Out(a.out)
     verifier = PyJWTVerifier(a, out) if a.kind == "pyjwt" else JwcryptoVerifier(a, out)

@@ -7,7 +7,7 @@ import threading
 import time
 
 from .edge import Edge, Origin
-from .jwks import PRIVATE_MEMBERS, kids_of, short
+from .jwks import PRIVATE_MEMBERS, algs_of, kids_of, short
 
 
 class Watcher(threading.Thread):
@@ -24,6 +24,11 @@ class Watcher(threading.Thread):
         self.reappeared: list[str] = []
         self.private_leaks: list[str] = []
         self.current: set[str] = set()
+        #: Each set of algorithms the origin's JWKS held, with when it was first
+        #: seen and how long it was served in all (an algorithm migration
+        #: shows two at once).
+        self.alg_sets: dict[tuple[str, ...], dict[str, float]] = {}
+        self._last_alg_t: tuple[tuple[str, ...], float] | None = None
         self.errors = 0
         self.stop_ev = threading.Event()
 
@@ -51,4 +56,13 @@ class Watcher(threading.Thread):
             for k in self.current - kids:
                 self.removed.setdefault(k, t)
             self.current = kids
+            self._note_algs(algs_of(doc), t)
             self.stop_ev.wait(self.origin.poll)
+
+    def _note_algs(self, algs: tuple[str, ...], t: float) -> None:
+        if self._last_alg_t is not None:
+            prev, since = self._last_alg_t
+            self.alg_sets[prev]["seconds"] += t - since
+        if algs:
+            self.alg_sets.setdefault(algs, {"first_seen": t, "seconds": 0.0})
+        self._last_alg_t = (algs, t) if algs else None
