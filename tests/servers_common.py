@@ -40,6 +40,30 @@ class ServerProcess:
     def answers(self, timeout: float = 1.0) -> bool:
         raise NotImplementedError
 
+    def owns_port(self) -> bool:
+        """The socket listening on ``port`` is this process's.
+
+        Two xdist workers can draw the same free port: the loser's server
+        exits on bind, yet its readiness check is answered by the winner's
+        server. Taking that for ours would SIGSTOP a dead process in an
+        outage test while another worker's server keeps answering.
+        """
+        inodes: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                rows = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                return True  # no /proc: nothing to check against
+            for row in rows:
+                f = row.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == self.port:
+                    inodes.add(f"socket:[{f[9]}]")
+        try:
+            fds = {os.readlink(p) for p in Path(f"/proc/{self.proc.pid}/fd").iterdir()}
+        except OSError:
+            return False
+        return bool(inodes & fds)
+
     @contextlib.contextmanager
     def outage(self) -> Iterator[None]:
         """The server stops answering (SIGSTOP) inside the block, and comes back after.

@@ -185,7 +185,7 @@ def start_gcs(log_dir: Path) -> GCSServer:
         server = GCSServer(proc, port, log_path)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
-            if server.answers(timeout=0.5):
+            if server.answers(timeout=0.5) and server.owns_port():
                 return server
             time.sleep(0.05)
         server.stop()
