@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -153,3 +154,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Long tests (``@pytest.mark.slow``: the soaks, a minute each) first, so
     that under xdist they run beside the rest instead of alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def launcher() -> Iterator[Any]:
+    """Starts real ``keymgr run`` daemons (tests.test_daemon.Launcher); every
+    one still running at the end of the test is killed."""
+    from tests.test_daemon import Launcher
+
+    lx = Launcher()
+    try:
+        yield lx
+    finally:
+        for p in lx.procs:
+            if p.popen.poll() is None:
+                p.popen.kill()
+            p.popen.wait(timeout=10)

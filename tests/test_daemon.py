@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -220,18 +220,6 @@ class Launcher:
         p = Proc(popen, out, err)
         self.procs.append(p)
         return p
-
-
-@pytest.fixture
-def launcher() -> Iterator[Launcher]:
-    lx = Launcher()
-    try:
-        yield lx
-    finally:
-        for p in lx.procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-            p.popen.wait(timeout=10)
 
 
 class Verifier:

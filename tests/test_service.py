@@ -25,7 +25,6 @@ import socket
 import ssl
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +48,6 @@ from tests.test_daemon import (
 
 CLIENT = Path(__file__).resolve().parent / "service_client"
 NOBODY = 65534
-
-
-@pytest.fixture
-def launcher() -> Iterator[Launcher]:
-    lx = Launcher()
-    try:
-        yield lx
-    finally:
-        for p in lx.procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-            p.popen.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- helpers

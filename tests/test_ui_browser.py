@@ -97,18 +97,6 @@ def ts(t: datetime) -> str:
     return s
 
 
-@pytest.fixture
-def daemons() -> Iterator[Launcher]:
-    lx = Launcher()
-    try:
-        yield lx
-    finally:
-        for p in lx.procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-            p.popen.wait(timeout=10)
-
-
 def mid_rotation(home: Home, ui_line: str = "ui = true") -> datetime:
     """Three rings, driven in the past so that at the wall clock now:
     api has its successor published and waiting publish_ahead (promotion in
@@ -185,9 +173,9 @@ def test_route_headers_and_failures_on_the_bounded_listener() -> None:
     assert "script-src" not in csp and csp["img-src"] == "data:"
 
 
-def test_ui_off_by_default_is_404(home: Home, daemons: Launcher) -> None:
+def test_ui_off_by_default_is_404(home: Home, launcher: Launcher) -> None:
     fast_home(home)
-    d = daemons.start(home)
+    d = launcher.start(home)
     d.ready()
     assert fetch(d.port, "/ui")[0] == 404
     assert get(d.port, "/healthz")[0] == 200
@@ -234,9 +222,9 @@ def test_chain_check_is_the_audit_verify_of_a_consistent_prefix(home: Home) -> N
     assert str(home.dir) not in bad.error and "[path]" in bad.error
 
 
-def test_page_shows_no_path_or_secret(home: Home, daemons: Launcher) -> None:
+def test_page_shows_no_path_or_secret(home: Home, launcher: Launcher) -> None:
     mid_rotation(home)
-    d = daemons.start(home)
+    d = launcher.start(home)
     d.ready()
     # A rejected reload records the config's path in the audit log: redacted here.
     good = home.config.read_text()
@@ -307,12 +295,12 @@ def _network(driver: Any) -> list[dict[str, Any]]:
 
 
 def test_operator_page_in_a_real_browser(
-    home: Home, daemons: Launcher, browser: Any, tmp_path: Path
+    home: Home, launcher: Launcher, browser: Any, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
 
     mid_rotation(home)
-    d = daemons.start(home)
+    d = launcher.start(home)
     d.ready()
     url = f"http://127.0.0.1:{d.port}/ui"
     # The daemon's first pass promoted web's successor; wait until the page
