@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -66,13 +67,30 @@ __all__ = [
     "StateToken",
     "decode_state",
     "encode_state",
+    "is_document_name",
 ]
 
 log = get_logger("keymgr.docstore")
 
-#: The three document names an adapter maps to object keys / KV paths.
+#: The three fixed document names an adapter maps to object keys / KV paths.
 STATE, LOCK, LEASE = "state", "lock", "lease"
 NAMES = (STATE, LOCK, LEASE)
+#: Families of immutable documents written beside them, ``FAMILY/LEAF``: state
+#: shards and manifests (``shards/<sha256>.json``) and audit events
+#: (``audit/000000000123.json``). An adapter maps ``NAME`` to ``<state>.NAME``
+#: like the fixed ones (``s3://b/keymgr/state.json.audit/000000000123.json``).
+FAMILIES = ("shards", "audit")
+_LEAF = re.compile(r"[0-9a-z][0-9a-z._-]{0,79}")
+#: The longest suffix any document name adds to the state's address.
+MAX_SUFFIX = 1 + len("shards/") + 80
+
+
+def is_document_name(name: str) -> bool:
+    """Whether ``name`` is one an adapter must accept: a fixed name or ``FAMILY/LEAF``."""
+    if name in NAMES:
+        return True
+    family, sep, leaf = name.partition("/")
+    return bool(sep) and family in FAMILIES and _LEAF.fullmatch(leaf) is not None
 
 #: A lock's own ``ttl`` is trusted up to this (a damaged lock cannot block forever).
 MAX_LOCK_TTL = 3600.0
@@ -95,7 +113,8 @@ class Blob:
 
 
 class DocumentAdapter(abc.ABC):
-    """Five primitives over one object store; names are ``state``, ``lock``, ``lease``.
+    """Five primitives over one object store; names are ``state``, ``lock``,
+    ``lease`` and the immutable ``FAMILY/LEAF`` documents (:func:`is_document_name`).
 
     Contract (``keymgr.testing.docstore.SharedStoreTests`` checks it):
 

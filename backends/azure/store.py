@@ -35,7 +35,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from keymgr.docstore import STATE, Blob, DocumentAdapter, SharedStore
+from keymgr.docstore import MAX_SUFFIX, STATE, Blob, DocumentAdapter, SharedStore
 from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.options import Options
 
@@ -62,7 +62,7 @@ DEFAULT_LOCK_TTL = 30.0
 _MIN_LOCK_TTL, _MAX_LOCK_TTL = 5, 3600
 CONTENT_TYPE = "application/json"
 #: The longest suffix a document adds to the state blob's name.
-_SUFFIX_ROOM = len(".lease")
+_SUFFIX_ROOM = MAX_SUFFIX
 
 #: Error codes of a conditional write that lost: ``If-None-Match: *`` on a blob
 #: that exists answers 409 BlobAlreadyExists (the SDK also renames a 412 so),

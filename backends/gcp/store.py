@@ -43,7 +43,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from keymgr.docstore import STATE, Blob, DocumentAdapter, SharedStore
+from keymgr.docstore import MAX_SUFFIX, STATE, Blob, DocumentAdapter, SharedStore
 from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.options import Options
 
@@ -70,7 +70,7 @@ CONTENT_TYPE = "application/json"
 #: How often read() tries metadata and body again when the object changes in between.
 _READ_ROUNDS = 5
 #: Longest suffix of a document's object name (".lease").
-_SUFFIX_ROOM = len(".lease")
+_SUFFIX_ROOM = MAX_SUFFIX
 
 
 def _store_params(url: str) -> tuple[str, str, Options]:

@@ -65,3 +65,13 @@ path "secret/data/keymgr/state.lock" {
 path "secret/data/keymgr/state.lease" {
   capabilities = ["create", "read", "update"]
 }
+
+# Immutable documents beside the state, written once with cas=0 (KV v2
+# calls every write an update, so "update" is needed even for that): audit
+# events (state.audit/000000000123.json) and state shards (content-named).
+path "secret/data/keymgr/state.audit/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/keymgr/state.shards/*" {
+  capabilities = ["create", "read", "update"]
+}

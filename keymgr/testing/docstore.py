@@ -45,13 +45,13 @@ import pytest
 from keymgr.docstore import (
     LEASE,
     LOCK,
-    NAMES,
     STATE,
     Blob,
     DocumentAdapter,
     SharedStore,
     StateToken,
     encode_state,
+    is_document_name,
 )
 from keymgr.errors import ConflictError, StoreError
 from keymgr.lease import Lease
@@ -245,7 +245,7 @@ class MemoryAdapter(FaultKnobs, DocumentAdapter):
 
     @staticmethod
     def _check(name: str) -> None:
-        if name not in NAMES:
+        if not is_document_name(name):
             raise StoreError(f"unknown document {name!r}")
 
     def _store(self, name: str, data: bytes) -> object:
@@ -480,6 +480,22 @@ class SharedStoreTests(StoreTests):
         blob = harness.factory().read(STATE)
         assert blob is not None and blob.data == encode_state(sample_state(1), 1)
         assert b.load() == (sample_state(1), t1)
+
+    def test_immutable_family_documents(self, harness: DocHarness) -> None:
+        """``FAMILY/LEAF`` documents (shards, audit events): create-if-absent has
+        one winner, they read back exactly, and they are apart from the state."""
+        a, b = harness.factory(), harness.factory()
+        names = ["audit/000000000001.json", "shards/" + "ab" * 32 + ".json"]
+        for name in names:
+            assert is_document_name(name)
+            assert a.read(name) is None
+            a.create(name, b'{"n":1}')
+            with _one_line(ConflictError):
+                b.create(name, b'{"n":2}')
+            blob = b.read(name)
+            assert blob is not None and blob.data == b'{"n":1}'
+        assert a.read(STATE) is None
+        assert not is_document_name("audit/../state") and not is_document_name("other/x")
 
     def test_compare_and_swap_has_one_winner(self, harness: DocHarness) -> None:
         a, b, c = harness.store(), harness.store(), harness.store()
