@@ -483,15 +483,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if c == "status":
         if args.timeline is not None:
             return _timeline(m, args.timeline)
-        doc = m.status()
         if args.json:
-            from keymgr.render import json_text
+            from keymgr.render import write_sections
 
-            print(json_text(doc))
-        else:
-            from keymgr.render import status_text
+            write_sections(m.status_parts(), sys.stdout.write)
+            return EXIT_OK
+        from keymgr.render import status_text
 
-            print(status_text(doc, m.state()))
+        print(status_text(m.status(), m.state()))
         return EXIT_OK
     if c == "jwks":
         print(json.dumps(m.jwks(args.ring), indent=2, sort_keys=True))

@@ -29,11 +29,11 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler
 from typing import Any, cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from keymgr.metrics import Metrics
 
@@ -117,8 +117,7 @@ def _handler_class(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                body = generate_latest(metrics.registry)
-                self._send(200, body, CONTENT_TYPE_LATEST)
+                self._stream(metrics.exposition(), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
                 ok, info = (alive if path == "/healthz" else ready)()
                 body = (json.dumps({"ok": ok, **info}, sort_keys=True) + "\n").encode()
@@ -148,6 +147,40 @@ def _handler_class(
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        def _stream(self, chunks: Iterator[bytes], ctype: str) -> None:
+            """A body of unknown length, sent chunk by chunk as it is made, ended by
+            closing the connection (HTTP/1.0 framing; one request per connection).
+
+            The timeout bounds the whole answer, not each chunk: a client that
+            reads a little now and then still loses the thread at the deadline.
+            """
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            sock = self.connection
+            deadline = time.monotonic() + (sock.gettimeout() or REQUEST_TIMEOUT)
+            head = cast(io.BytesIO, self.wfile)
+            pending = head.getvalue()
+            head.seek(0)
+            head.truncate()
+            for chunk in chunks:
+                pending += chunk
+                if len(pending) < 65536:
+                    continue
+                self._send_by(sock, pending, deadline)
+                pending = b""
+            self._send_by(sock, pending, deadline)
+
+        @staticmethod
+        def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("answer not taken in time")
+            sock.settimeout(left)
+            sock.sendall(data)
 
         def log_message(self, format: str, *args: Any) -> None:
             return  # probes every few seconds would drown the operational log

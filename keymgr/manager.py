@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -399,6 +399,17 @@ class KeyManager:
         return {"keys": [seen[k] for k in sorted(seen)]}
 
     def status(self) -> dict[str, Any]:
+        """``status --json`` as one document (the API); see :meth:`status_parts`."""
+        return {section: dict(items) for section, items in self.status_parts()}
+
+    def status_parts(self) -> Iterator[tuple[str, Iterator[tuple[str, Any]]]]:
+        """The status document, section by section and ring by ring, built lazily.
+
+        ``keymgr status --json`` writes each ring as it is produced
+        (keymgr.render.write_sections), so with 100,000 rings the output is
+        never held whole in memory; only the plan (one pass over the state)
+        is computed up front. Consume each section before the next.
+        """
         state = self.state()
         at = utcnow()
         if state.clock is not None and at < state.clock:
@@ -413,33 +424,37 @@ class KeyManager:
                     "kid": getattr(a, "kid", None),
                     "at": format_time(at),
                 }
-        rings: dict[str, Any] = {}
-        for name in sorted(set(self.config.policies) | set(state.rings)):
-            ring = state.ring(name)
-            nxt = due_by_ring.get(name)
-            if nxt is None:
-                u = p.upcoming.get(name)
-                if u is not None:
-                    nxt = {"action": u.action, "kid": u.kid, "at": format_time(u.at)}
-            keys = []
-            for k in ring.keys:
-                d = k.to_dict()
-                d.pop("public_jwk")
-                d.pop("reason")
-                keys.append(d)
-            rings[name] = {"keys": keys, "next": nxt}
-        doc: dict[str, Any] = {"rings": rings}
+
+        def rings() -> Iterator[tuple[str, Any]]:
+            for name in sorted(set(self.config.policies) | set(state.rings)):
+                ring = state.ring(name)
+                nxt = due_by_ring.get(name)
+                if nxt is None:
+                    u = p.upcoming.get(name)
+                    if u is not None:
+                        nxt = {"action": u.action, "kid": u.kid, "at": format_time(u.at)}
+                keys = []
+                for k in ring.keys:
+                    d = k.to_dict()
+                    d.pop("public_jwk")
+                    d.pop("reason")
+                    keys.append(d)
+                yield name, {"keys": keys, "next": nxt}
+
+        yield "rings", rings()
         if self.config.edges:
             # What each edge showed at its last recorded probe (a change is
             # committed by the pass that saw it; never probed: null).
-            doc["edges"] = {
-                pub: {
-                    url: (e.to_dict() if (e := state.edge(pub, url)) is not None else None)
-                    for url in settings.urls
-                }
+            yield "edges", (
+                (
+                    pub,
+                    {
+                        url: (e.to_dict() if (e := state.edge(pub, url)) is not None else None)
+                        for url in settings.urls
+                    },
+                )
                 for pub, settings in sorted(self.config.edges.items())
-            }
-        return doc
+            )
 
     def timeline_svg(
         self, rings: Collection[str] | None = None, max_rings: int | None = None

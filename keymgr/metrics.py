@@ -12,44 +12,76 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from keymgr.model import STATES, EdgeRecord, State
 from keymgr.planner import Plan
 from keymgr.probes import ProbeResult
 
+#: Lines per chunk of the streamed per-ring families (keymgr.health writes each
+#: chunk as it is made: with 100,000 rings the 700,000 ``keymgr_keys`` samples
+#: are never held as objects, nor as one string).
+CHUNK_LINES = 5000
 
-class _StateCollector(Collector):
+_HELP = {
+    "keymgr_keys": ("Keys per ring and state", ("ring", "state")),
+    "keymgr_active_key_age_seconds": ("Seconds since the ring's signer was promoted", ("ring",)),
+    "keymgr_next_transition_timestamp_seconds": (
+        "When the ring's next transition is due (Unix time)",
+        ("ring", "action"),
+    ),
+}
+
+
+def _label(value: str) -> str:
+    """A label value escaped as the text exposition format wants it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    """A sample value as prometheus-client writes it (``1.0``, ``+Inf``, ``NaN``)."""
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
+
+
+def _head(name: str) -> str:
+    return f"# HELP {name} {_HELP[name][0]}\n# TYPE {name} gauge\n"
+
+
+class _StateFamilies:
+    """The per-ring gauges, computed at scrape time from the last state the
+    daemon saw: as prometheus-client metric families (:meth:`collect`, for
+    the registry API) or as exposition text in chunks (:meth:`chunks`, what
+    ``/metrics`` serves). One computation feeds both, so they cannot differ."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
-    def collect(self) -> Iterator[Metric]:
-        keys = GaugeMetricFamily("keymgr_keys", "Keys per ring and state", labels=["ring", "state"])
-        age = GaugeMetricFamily(
-            "keymgr_active_key_age_seconds",
-            "Seconds since the ring's signer was promoted",
-            labels=["ring"],
-        )
-        nxt = GaugeMetricFamily(
-            "keymgr_next_transition_timestamp_seconds",
-            "When the ring's next transition is due (Unix time)",
-            labels=["ring", "action"],
-        )
+    def _rows(self) -> dict[str, Iterator[tuple[tuple[str, ...], float]]]:
         state, plan = self.m.snapshot
         now = time.time()
-        if state is not None:
-            for name, ring in sorted(state.rings.items()):
+        rings = sorted(state.rings.items()) if state is not None else []
+
+        def keys() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name, ring in rings:
                 counts = dict.fromkeys(STATES, 0)
                 for k in ring.keys:
                     counts[k.state] += 1
                 for st, n in counts.items():
-                    keys.add_metric([name, st], n)
+                    yield (name, st), n
+
+        def age() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name, ring in rings:
                 active = ring.active
                 if active is not None and active.activated_at is not None:
-                    age.add_metric([name], now - active.activated_at.timestamp())
-        if plan is not None:
+                    yield (name,), now - active.activated_at.timestamp()
+
+        def nxt() -> Iterator[tuple[tuple[str, ...], float]]:
+            if plan is None:
+                return
             # A transition already due is not in plan.upcoming: it keeps the
             # time it was first seen due, so "next transition in the past"
             # alerts on work that stays undone (deploy/monitoring).
@@ -60,19 +92,58 @@ class _StateCollector(Collector):
                     key = (due_ring, a.name)
                     due_now[key] = self.m.due_since.get(key, now)
             self.m.due_since = due_now
+            due_rings = {r for r, _ in due_now}
             for (name, action), since in sorted(due_now.items()):
-                nxt.add_metric([name, action], since)
+                yield (name, action), since
             for name, u in sorted(plan.upcoming.items()):
-                if u is not None and not any(r == name for r, _ in due_now):
-                    nxt.add_metric([name, u.action], u.at.timestamp())
-        yield keys
-        yield age
-        yield nxt
+                if u is not None and name not in due_rings:
+                    yield (name, u.action), u.at.timestamp()
+
+        return {
+            "keymgr_keys": keys(),
+            "keymgr_active_key_age_seconds": age(),
+            "keymgr_next_transition_timestamp_seconds": nxt(),
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        for name, rows in self._rows().items():
+            family = GaugeMetricFamily(name, _HELP[name][0], labels=list(_HELP[name][1]))
+            for labels, value in rows:
+                family.add_metric(list(labels), value)
+            yield family
+
+    def chunks(self) -> Iterator[bytes]:
+        """The same families as exposition text, a few thousand lines at a time."""
+        for name, rows in self._rows().items():
+            names = _HELP[name][1]
+            lines = [_head(name)]
+            for labels, value in rows:
+                pairs = ",".join(
+                    f'{n}="{_label(v)}"' for n, v in sorted(zip(names, labels, strict=True))
+                )
+                lines.append(f"{name}{{{pairs}}} {_number(value)}\n")
+                if len(lines) >= CHUNK_LINES:
+                    yield "".join(lines).encode()
+                    lines = []
+            if lines:
+                yield "".join(lines).encode()
+
+
+class _Union(Collector):
+    """The registry the API sees: the counters' registry plus the state families."""
+
+    def __init__(self, base: CollectorRegistry, state: _StateFamilies) -> None:
+        self.base, self.state = base, state
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.base.collect()
+        yield from self.state.collect()
 
 
 class Metrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        #: Counters, histograms and plain gauges (streamed as one small block).
+        r = self.base = CollectorRegistry()
         self.reconciles = Counter(
             "keymgr_reconciles", "Reconcile passes by result", ["result"], registry=r
         )
@@ -179,7 +250,19 @@ class Metrics:
         self.snapshot: tuple[State | None, Plan | None] = (None, None)
         #: (ring, action) -> Unix time a due transition was first seen due.
         self.due_since: dict[tuple[str, str], float] = {}
-        r.register(_StateCollector(self))
+        self.state_families = _StateFamilies(self)
+        #: Everything, as one prometheus-client registry (tests, embedding).
+        self.registry = CollectorRegistry()
+        self.registry.register(_Union(r, self.state_families))
+
+    def exposition(self) -> Iterator[bytes]:
+        """``/metrics``: the text exposition format, in chunks, built as it is sent.
+
+        The same text ``generate_latest(self.registry)`` makes (a test checks
+        it), without ever holding the per-ring families whole.
+        """
+        yield generate_latest(self.base)
+        yield from self.state_families.chunks()
 
     def forget_edges(self) -> None:
         """Drop the edge gauges (this replica no longer probes: not the lease holder)."""

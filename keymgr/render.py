@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from keymgr.model import State
@@ -93,6 +94,22 @@ def plan_text(doc: dict[str, Any]) -> str:
 
 
 _compact = json.JSONEncoder(separators=(", ", ": ")).encode
+
+
+def write_sections(
+    sections: Iterable[tuple[str, Iterable[tuple[str, Any]]]], write: Callable[[str], object]
+) -> None:
+    """Write ``{section: {name: value}}`` exactly as :func:`json_text` with depth 2
+    would, one entry at a time, so a large status is streamed, never held whole."""
+    write("{")
+    for i, (section, items) in enumerate(sections):
+        write(f"{',' if i else ''}\n  {_compact(section)}: ")
+        empty = True
+        for name, value in items:
+            write(f"{'{' if empty else ','}\n    {_compact(name)}: {_compact(value)}")
+            empty = False
+        write("{}" if empty else "\n  }")
+    write("\n}\n")
 
 
 def json_text(doc: Any, depth: int = 2, _level: int = 0) -> str:

@@ -136,3 +136,26 @@ def test_cli_logging_is_deferred_without_an_import_hook() -> None:
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "loud" in lines[0] and "t0ps3cret" not in lines[0], lines
+
+
+def test_status_json_streamed_equals_the_document(home):
+    """``status --json`` is written ring by ring (keymgr.render.write_sections);
+    it must be byte for byte the one-document rendering, for 0, 1 and 2 rings."""
+    from keymgr.render import json_text, write_sections
+
+    sections = [("rings", iter([])), ("edges", iter([("p", {"u": None})]))]
+    out: list[str] = []
+    write_sections(sections, out.append)
+    assert "".join(out) == json_text({"rings": {}, "edges": {"p": {"u": None}}}) + "\n"
+    home.run("reconcile", check=True)
+    with home.config.open("a") as f:
+        f.write(
+            '\n[keyrings.second]\nbackend = "local"\nalgorithm = "RS256"\n'
+            'rotation_period = "30d"\npublish_ahead = "1h"\nretire_grace = "1d"\n'
+            'destroy_after = "7d"\npublishers = ["site"]\n'
+        )
+    home.run("reconcile", check=True)
+    raw = home.run("status", "--json", check=True).stdout
+    doc = json.loads(raw)
+    assert sorted(doc["rings"]) == ["default", "second"]
+    assert raw == json_text(doc) + "\n"
