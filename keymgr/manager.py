@@ -43,7 +43,7 @@ class KeyManager:
     def __init__(self, config: Config, actor: str | None = None) -> None:
         self.config = config
         self.store: StateStore = open_store(config.daemon.state)
-        self.audit = AuditLog.for_config(config)
+        self.audit = AuditLog.for_config(config, self.store)
         self.actor = actor or f"cli:{cli_actor()}"
         self.reconciler = Reconciler(config, self.store, self.audit, self.actor)
         self._sign_cache: dict[str, _SignCache] = {}
@@ -193,6 +193,8 @@ class KeyManager:
     ) -> PassResult:
         def fn(state: State, at: datetime) -> transitions.Result:
             found = state.find(kid)
+            if found is None and state.find_forgotten(kid) is not None:
+                raise UsageError(f"key {kid} is already destroyed (only its tombstone is left)")
             if found is None:
                 raise UsageError(f"unknown key id {kid!r}")
             if found[1].state in (DESTROYED, REVOKED):
@@ -229,6 +231,10 @@ class KeyManager:
         def fn(state: State, at: datetime) -> transitions.Result:
             if state.find(kid) is not None:
                 raise UsageError(f"key {kid} is already recorded in state")
+            if state.find_forgotten(kid) is not None:
+                # A destroyed key's leftover (a pending deletion, a restored
+                # copy) is never taken over: its tombstone says what it is.
+                raise UsageError(f"key {kid} was destroyed (its tombstone is in state)")
             if kid not in backend.list_keys(ring):
                 raise UsageError(
                     f"backend {pol.backend} holds no keymgr key {kid} for ring {ring!r}"
@@ -439,7 +445,10 @@ class KeyManager:
                     d.pop("public_jwk")
                     d.pop("reason")
                     keys.append(d)
-                yield name, {"keys": keys, "next": nxt}
+                doc: dict[str, Any] = {"keys": keys, "next": nxt}
+                if ring.forgotten:  # destroyed keys past their history (tombstones)
+                    doc["forgotten"] = [t.to_dict() for t in ring.forgotten]
+                yield name, doc
 
         yield "rings", rings()
         if self.config.edges:

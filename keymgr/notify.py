@@ -73,6 +73,8 @@ KNOWN_EVENTS = (
     "key.destroyed",
     "key.revoked",
     "key.orphan_destroyed",
+    "key.forgotten",
+    "key.tombstone_dropped",
     "rotate.requested",
     "jwks.published",
     "publish.failed",

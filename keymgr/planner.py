@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from keymgr.errors import StateError
 from keymgr.model import (
     ACTIVE,
+    DESTROYED,
     EXPIRED,
     IN_JWKS,
     PENDING,
@@ -41,6 +42,27 @@ class Policy:
     retire_grace: timedelta  # G
     destroy_after: timedelta  # D
     publishers: tuple[str, ...]
+    #: How long a destroyed key's full record stays in the state
+    #: (docs/design.md#history); its tombstone then stays TOMBSTONE_KEEP more.
+    history: timedelta = timedelta(days=90)
+
+
+#: How long a tombstone outlives the full record of a destroyed key, so that
+#: its kid is recognised at least this long after destruction whatever
+#: ``history`` is (0 included), and longer when ``history`` is longer (raising
+#: ``history`` never shortens it). Recognised means: a backend that still
+#: lists the key is not taken to hold a key the state never knew, ``keymgr
+#: adopt`` refuses it, a target serving it is rewritten without it. 35 days
+#: cover the longest pending-deletion window of the backends (AWS KMS: up to
+#: 30 days, and a deletion cancelled in that window brings the key back with
+#: its kid tag; Vault transit, PKCS#11 and the file backend delete at once)
+#: plus margin for eventual consistency and clock skew. Fixed rather than per
+#: policy, so each ring's state stays bounded by its policy: at most about
+#: (history + TOMBSTONE_KEEP) / P destroyed entries, of which only those of
+#: the last ``history`` are full records. Past it, a key that comes back
+#: (say, a key directory restored from an old backup) is unknown again and
+#: the pass refuses it: failing closed, never adopting it.
+TOMBSTONE_KEEP = timedelta(days=35)
 
 
 # --- actions ---------------------------------------------------------------
@@ -96,7 +118,27 @@ class Destroy:
     name = "destroy"
 
 
-Action = Generate | Publish | MarkPublished | Promote | Expire | Destroy
+@dataclass(frozen=True)
+class Forget:
+    """Replace a destroyed key's full record by its tombstone (``history`` passed)."""
+
+    ring: str
+    kid: str
+
+    name = "forget"
+
+
+@dataclass(frozen=True)
+class DropTombstone:
+    """Drop a tombstone (TOMBSTONE_KEEP after the record was forgotten)."""
+
+    ring: str
+    kid: str
+
+    name = "drop-tombstone"
+
+
+Action = Generate | Publish | MarkPublished | Promote | Expire | Destroy | Forget | DropTombstone
 
 
 @dataclass(frozen=True)
@@ -365,6 +407,18 @@ def plan_ring(
                 later.append(Upcoming("destroy", k.kid, at))
         elif k.state == REVOKED and not _visible_anywhere(state, k.kid, managed, edges):
             due.append(Destroy(ring.name, k.kid))
+        elif k.state == DESTROYED:
+            at = _required(k.destroyed_at, ring, k, "destroyed_at") + pol.history
+            if now >= at:
+                due.append(Forget(ring.name, k.kid))
+            else:
+                later.append(Upcoming("forget", k.kid, at))
+    for t in ring.forgotten:
+        at = t.destroyed_at + pol.history + TOMBSTONE_KEEP
+        if now >= at:
+            due.append(DropTombstone(ring.name, t.kid))
+        else:
+            later.append(Upcoming("drop-tombstone", t.kid, at))
 
     return due, _earliest(later)
 

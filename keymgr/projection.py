@@ -37,8 +37,10 @@ from keymgr.model import IN_JWKS, State
 from keymgr.planner import (
     Action,
     Destroy,
+    DropTombstone,
     Edges,
     Expire,
+    Forget,
     Generate,
     MarkPublished,
     Policy,
@@ -78,6 +80,8 @@ ACTIONS = {
     "key.retired": "retire",
     "key.expired": "expire",
     "key.destroyed": "destroy",
+    "key.forgotten": "forget",
+    "key.tombstone_dropped": "drop-tombstone",
 }
 
 
@@ -100,7 +104,8 @@ class Step:
 
     at: datetime
     ring: str
-    action: str  # generate | publish | promote | retire | expire | destroy
+    #: generate | publish | promote | retire | expire | destroy | forget | drop-tombstone
+    action: str
     kid: str  # a real kid, or a placeholder for a key not generated yet
     alg: str
     reason: str | None = None
@@ -222,6 +227,10 @@ def _apply(
             state, evs = transitions.expire(state, a.ring, a.kid, now)
         elif isinstance(a, Destroy):
             state, evs = transitions.destroy(state, a.ring, a.kid, now)
+        elif isinstance(a, Forget):
+            state, evs = transitions.forget(state, a.ring, a.kid, now)
+        elif isinstance(a, DropTombstone):
+            state, evs = transitions.drop_tombstone(state, a.ring, a.kid, now)
         else:  # an action this projection has no optimistic outcome for
             raise KeymgrError(f"projection: no outcome for planner action {a!r}")
         events.extend(evs)

@@ -26,13 +26,16 @@ from keymgr.model import (
     Key,
     PublisherRecord,
     State,
+    Tombstone,
 )
 
 Event = dict[str, Any]
 Result = tuple[State, list[Event]]
 
 
-def _event(name: str, ring: str | None, key: Key | None, now: datetime, **extra: Any) -> Event:
+def _event(
+    name: str, ring: str | None, key: Key | Tombstone | None, now: datetime, **extra: Any
+) -> Event:
     ev: Event = {"event": name, "ts": _floor(now), "ring": ring}
     if key is not None:
         ev["kid"] = key.kid
@@ -87,6 +90,9 @@ def add_key(
     """Record a freshly generated (or adopted orphan) key as ``pending``."""
     if state.ring(ring).key(kid) is not None:
         raise KeyError(f"ring {ring!r} already records key {kid!r}")
+    if state.ring(ring).tombstone(kid) is not None:
+        # A destroyed key's leftover is never taken back (invariant 4).
+        raise KeyError(f"ring {ring!r}: key {kid!r} was destroyed (tombstone)")
     key = Key(
         kid=kid,
         alg=alg,
@@ -123,6 +129,8 @@ def take_over(
     """
     if state.ring(ring).key(kid) is not None or state.find(kid) is not None:
         raise KeyError(f"state already records key {kid!r}")
+    if state.find_forgotten(kid) is not None:
+        raise KeyError(f"key {kid!r} was destroyed (its tombstone is in the state)")
     at = _floor(now)
     # The times each adopted state needs (keymgr.validate), all "now": the
     # key's real history is in the audit log of the state that was lost.
@@ -339,6 +347,37 @@ def destroy(state: State, ring: str, kid: str, now: datetime) -> Result:
         raise ValueError(f"key {kid}: cannot destroy a {key.state} key")
     key = replace(key, state=DESTROYED, destroyed_at=_floor(now))
     return _set_key(state, ring, key, now), [_event("key.destroyed", ring, key, now)]
+
+
+def forget(state: State, ring: str, kid: str, now: datetime) -> Result:
+    """Replace a destroyed key's full record by its tombstone (``history`` passed).
+
+    The tombstone keeps what recognising the kid needs (kid, backend, alg,
+    destroyed_at); the public JWK and the other times stay in the audit log,
+    the permanent record. The tombstone takes the record's place at the end
+    of ``forgotten``: oldest first, as they were destroyed.
+    """
+    key = _get(state, ring, kid)
+    if key.state != DESTROYED or key.destroyed_at is None:
+        raise ValueError(f"key {kid}: cannot forget a {key.state} key")
+    r = state.ring(ring)
+    tomb = Tombstone(kid=kid, alg=key.alg, backend=key.backend, destroyed_at=key.destroyed_at)
+    r = replace(
+        r, keys=tuple(k for k in r.keys if k.kid != kid), forgotten=(*r.forgotten, tomb)
+    )
+    ev = _event("key.forgotten", ring, tomb, now, destroyed_at=key.destroyed_at)
+    return _tick(state.with_ring(r), now), [ev]
+
+
+def drop_tombstone(state: State, ring: str, kid: str, now: datetime) -> Result:
+    """Drop a tombstone: from now on only the audit log knows the kid."""
+    r = state.ring(ring)
+    tomb = r.tombstone(kid)
+    if tomb is None:
+        raise KeyError(f"ring {ring!r} has no tombstone {kid!r}")
+    r = replace(r, forgotten=tuple(t for t in r.forgotten if t.kid != kid))
+    ev = _event("key.tombstone_dropped", ring, tomb, now, destroyed_at=tomb.destroyed_at)
+    return _tick(state.with_ring(r), now), [ev]
 
 
 def revoke(state: State, kid: str, now: datetime, reason: str | None) -> Result:

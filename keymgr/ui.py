@@ -139,7 +139,9 @@ class Redactor:
         with_dir = [config.dir]
         state = config.daemon.state
         if state.startswith("file:"):
-            found.add(state[len("file:") :])
+            from keymgr.stores import file_state_path
+
+            found.add(str(file_state_path(state)))
         found.add(state)
         for b in config.backends.values():
             found.update(str(path) for path in b.paths().values())
@@ -424,7 +426,8 @@ def _rings_section(config: Config, state: State, plan: Plan | None, now: datetim
                 f"{_e(pol.algorithm)}; rotation every {format_duration(pol.rotation_period)}, "
                 f"published {format_duration(pol.publish_ahead)} ahead, retired keys kept "
                 f"{format_duration(pol.retire_grace)}, destroyed "
-                f"{format_duration(pol.destroy_after)} after"
+                f"{format_duration(pol.destroy_after)} after, forgotten "
+                f"{format_duration(pol.history)} after that"
             )
         out.append(f"<caption>ring <code>{_e(name)}</code>: {rules}</caption>")
         out.append(
@@ -446,6 +449,11 @@ def _rings_section(config: Config, state: State, plan: Plan | None, now: datetim
         gone = len(ring.keys) - len(keys)
         if gone:
             out.append(f'<tr><td colspan="4" class="note">{gone} destroyed key(s)</td></tr>')
+        if ring.forgotten:  # past their history: kid, backend, alg and time only
+            out.append(
+                f'<tr><td colspan="4" class="note">{len(ring.forgotten)} tombstone(s) of '
+                "destroyed keys past their history</td></tr>"
+            )
         out.append("</table>")
         if not nexts:
             out.append('<p class="next" data-ring="' + _e(name) + '">next: nothing scheduled</p>')

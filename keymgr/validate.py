@@ -13,6 +13,7 @@ that against the backend before a key is published (``Reconciler._check_keys``).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 from keymgr import jose
@@ -27,6 +28,7 @@ from keymgr.model import (
     REVOKED,
     Key,
     State,
+    Tombstone,
 )
 
 #: Times each state needs recorded (besides created_at), per docs/design.md#states.
@@ -39,6 +41,9 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     DESTROYED: ("destroyed_at",),
     REVOKED: ("revoked_at",),
 }
+#: An RFC 7638 thumbprint (SHA-256, base64url without padding): every kid keymgr
+#: records. A tombstone has no public key to hash, so only the form is checked.
+_KID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 #: Lifecycle order of the recorded times: each present one is >= those before it.
 _ORDER = ("created_at", "published_at", "activated_at", "retired_at", "expired_at")
 #: Bytes of each JWK member, per curve (EC: x and y; OKP: x).
@@ -66,6 +71,14 @@ def check_state(state: State, where: str) -> None:
             active += key.state == ACTIVE
         if active > 1:
             raise StateError(f"{where}: ring {name}: {active} active keys (at most one)")
+        for tomb in ring.forgotten:
+            at = f"{where}: ring {name}: forgotten key {tomb.kid}"
+            if tomb.kid in seen:
+                raise StateError(f"{at}: recorded twice (also in ring {seen[tomb.kid]})")
+            seen[tomb.kid] = name
+            problem = tombstone_problem(tomb, state.clock)
+            if problem is not None:
+                raise StateError(f"{at}: {problem}")
     for ring_name, intent in state.intents.items():
         if not intent.nonce or not intent.backend:
             raise StateError(f"{where}: intents.{ring_name}: nonce and backend are required")
@@ -101,6 +114,23 @@ def key_problem(key: Key) -> str | None:
         return f"public_jwk: {e}"
     if kid != key.kid:
         return "kid is not the RFC 7638 thumbprint of public_jwk"
+    return None
+
+
+def tombstone_problem(tomb: Tombstone, clock: datetime | None) -> str | None:
+    """What is wrong with one tombstone (``forgotten`` entry), or None.
+
+    A destroyed_at later than the state's clock would keep the tombstone past
+    its time (keymgr.planner drops it after destroyed_at): an edited entry.
+    """
+    if not isinstance(tomb.kid, str) or not _KID_RE.fullmatch(tomb.kid):
+        return "kid is not an RFC 7638 thumbprint (43 base64url characters)"
+    if not isinstance(tomb.backend, str) or not tomb.backend:
+        return "backend must be a non-empty string"
+    if tomb.alg not in jose.ALGORITHMS:
+        return f"alg: {tomb.alg!r} is not a supported JWS algorithm"
+    if clock is not None and tomb.destroyed_at > clock:
+        return "destroyed_at is later than the state's clock"
     return None
 
 

@@ -98,6 +98,7 @@ from keymgr.testing.memory import (
     MemoryStore,
     derive_private_key,
 )
+from keymgr.timefmt import parse_time
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
@@ -128,7 +129,11 @@ EVENT_FOR: dict[tuple[str | None, str], tuple[str, ...]] = {
     (REVOKED, DESTROYED): ("key.destroyed",),
     **{(s, REVOKED): ("key.revoked",) for s in (PENDING, PUBLISHED, ACTIVE, RETIRED, EXPIRED)},
 }
-TRANSITION_EVENTS = frozenset(e for names in EVENT_FOR.values() for e in names)
+#: A destroyed key's record becomes a tombstone (``history`` passed), which is dropped later.
+FORGET_EVENTS = ("key.forgotten", "key.tombstone_dropped")
+TRANSITION_EVENTS = frozenset(e for names in EVENT_FOR.values() for e in names) | set(
+    FORGET_EVENTS
+)
 #: What a published JWK may hold: key members and kid/alg/use, nothing else.
 PUBLIC_MEMBERS = frozenset({"kty", "crv", "x", "y", "n", "e", "kid", "alg", "use"})
 
@@ -781,7 +786,8 @@ def check_document(data: bytes | None, made: dict[str, dict[str, str]], what: st
 
 def check_commit(before: State, after: State, events: list[dict[str, Any]]) -> None:
     """One commit: legal transitions only, each with exactly one audit event; no
-    key or ring vanishes; at most one active key per ring."""
+    key or ring vanishes (a destroyed key becomes a tombstone, a tombstone is
+    dropped, each with its event); at most one active key per ring."""
     want: Counter[tuple[str, str]] = Counter()
     allowed: dict[tuple[str, str], tuple[str, ...]] = {}
     for name in before.rings:
@@ -792,7 +798,18 @@ def check_commit(before: State, after: State, events: list[dict[str, Any]]) -> N
         old = before.rings.get(name)
         old_keys = {k.kid: k for k in old.keys} if old is not None else {}
         gone = set(old_keys) - {k.kid for k in ring.keys}
-        assert not gone, f"keys {sorted(gone)} of {name} vanished from state"
+        tombs = {t.kid for t in ring.forgotten}
+        for kid in gone & tombs:
+            assert old_keys[kid].state == DESTROYED, f"{kid} forgotten as {old_keys[kid].state}"
+            allowed[(name, kid)] = FORGET_EVENTS[:1]
+            want[(name, kid)] += 1
+        assert not gone - tombs, f"keys {sorted(gone - tombs)} of {name} vanished from state"
+        old_tombs = {t.kid for t in old.forgotten} if old is not None else set()
+        assert not tombs & set(k.kid for k in ring.keys), f"{name}: a tombstone is also a key"
+        assert tombs <= old_tombs | gone, f"{name}: tombstones {sorted(tombs)} out of nowhere"
+        for kid in old_tombs - tombs:
+            allowed[(name, kid)] = FORGET_EVENTS[1:]
+            want[(name, kid)] += 1
         for k in ring.keys:
             prev = old_keys.get(k.kid)
             prev_state = prev.state if prev is not None else None
@@ -844,7 +861,9 @@ def ring_policy(
     grace = draw(st.one_of(secs(MIN, DAY), secs(SEC, 30 * DAY)))
     destroy_after = draw(st.one_of(st.just(timedelta(0)), secs(SEC, 30 * DAY)))
     pubs = draw(st.lists(st.sampled_from(publishers), min_size=1, max_size=2, unique=True))
+    history = draw(st.one_of(st.just(timedelta(0)), secs(SEC, 60 * DAY), st.just(90 * DAY)))
     return Policy(
+        history=history,
         ring=ring,
         backend=draw(st.sampled_from(BACKENDS)),
         algorithm=draw(st.sampled_from(ALGS)),
@@ -1261,10 +1280,21 @@ def test_undisturbed_rings_rotate_exactly_on_schedule(data: st.DataObject) -> No
             w.advance(min(w.next_wake, end) - w.now)
         w.check_audit()
         state = w.store.load()[0]
+        # The keys the state forgot (``history``) are in the audit log for good.
+        log = [json.loads(line) for line in (w.dir / "audit.jsonl").read_text().splitlines()]
         for name, pol in policies.items():
-            keys = sorted(state.ring(name).keys, key=lambda k: k.created_at)
-            assert keys[0].created_at == keys[0].activated_at == START
-            assert len(keys) >= 365 * DAY // pol.rotation_period
+            ring = state.ring(name)
+            keys = sorted(ring.keys, key=lambda k: k.created_at)
+            made = [e for e in log if e["event"] == "key.generated" and e["ring"] == name]
+            forgot = {e["kid"]: e for e in log if e["event"] == "key.forgotten"
+                      and e["ring"] == name}
+            if not forgot:
+                assert keys[0].created_at == keys[0].activated_at == START
+            assert len(made) >= 365 * DAY // pol.rotation_period
+            assert {e["kid"] for e in made} == {k.kid for k in keys} | set(forgot)
+            for e in forgot.values():  # each forgotten exactly ``history`` after destruction
+                destroyed = parse_time(e["destroyed_at"])
+                assert parse_time(e["ts"]) == destroyed + pol.history, e
             for prev, nxt in itertools.pairwise(keys):
                 assert prev.activated_at is not None
                 successor_at = prev.activated_at + pol.rotation_period

@@ -14,6 +14,8 @@ here on the state rather than copied from the planner:
 - a key expires only ``retire_grace`` after it retired (invariant 3);
 - a key is destroyed only when expired for ``destroy_after`` or revoked, and
   only while no managed publisher may still serve it (invariant 4);
+- a destroyed key's record is forgotten only ``history`` after its
+  destruction, and its tombstone dropped only ``TOMBSTONE_KEEP`` later;
 - sleeping until ``next_at`` misses nothing: no transition becomes due before
   it that was not due already, and what it announces is due when it comes.
 
@@ -41,10 +43,14 @@ from keymgr.model import (
     PublisherRecord,
     Ring,
     State,
+    Tombstone,
 )
 from keymgr.planner import (
+    TOMBSTONE_KEEP,
     Destroy,
+    DropTombstone,
     Expire,
+    Forget,
     Generate,
     MarkPublished,
     Plan,
@@ -123,6 +129,17 @@ def ring_keys(draw: st.DrawFn, ring: str) -> tuple[Key, ...]:
     return tuple(keys)
 
 
+@st.composite
+def tombstones(draw: st.DrawFn, ring: str) -> tuple[Tombstone, ...]:
+    """Tombstones of keys forgotten earlier, destroyed up to PAST + 60 days ago
+    (some past their TOMBSTONE_KEEP, some not)."""
+    ago = st.one_of(past(), secs(0 * SEC, 60 * DAY).map(lambda d: NOW - PAST - d))
+    return tuple(
+        Tombstone(kid=f"{ring}-t{i}", alg="EdDSA", backend="b0", destroyed_at=t)
+        for i, t in enumerate(draw(st.lists(ago, max_size=3)))
+    )
+
+
 def often(p_true: int) -> st.SearchStrategy[bool]:
     """True about ``p_true`` times in 6."""
     return st.sampled_from([True] * p_true + [False] * (6 - p_true))
@@ -169,6 +186,7 @@ def worlds(draw: st.DrawFn) -> tuple[State, dict[str, Policy], datetime]:
             publish_ahead=draw(secs(SEC, min(period, DAY)) | secs(SEC, period)),
             retire_grace=draw(secs(SEC, 2 * DAY) | secs(SEC, 30 * DAY)),
             destroy_after=draw(st.just(timedelta(0)) | secs(SEC, 2 * DAY) | secs(SEC, 30 * DAY)),
+            history=draw(st.just(timedelta(0)) | secs(SEC, 2 * DAY) | secs(SEC, 120 * DAY)),
             publishers=tuple(
                 draw(st.lists(st.sampled_from(PUBLISHERS), min_size=1, max_size=3, unique=True))
             ),
@@ -179,6 +197,7 @@ def worlds(draw: st.DrawFn) -> tuple[State, dict[str, Policy], datetime]:
             keys=draw(ring_keys(name)),
             rotate_at=rotate_at,
             emergency=rotate_at is not None and draw(st.booleans()),
+            forgotten=draw(tombstones(name)),
         )
     keys = [k for r in state_rings.values() for k in r.keys]
     state = State(rings=state_rings, publishers=draw(records(keys)), clock=NOW)
@@ -187,9 +206,11 @@ def worlds(draw: st.DrawFn) -> tuple[State, dict[str, Policy], datetime]:
     edges = []
     for name, r in state_rings.items():
         pol = policies[name]
-        spans = (pol.publish_ahead, pol.retire_grace, pol.destroy_after, pol.rotation_period)
+        spans = (pol.publish_ahead, pol.retire_grace, pol.destroy_after, pol.rotation_period,
+                 pol.history, pol.history + TOMBSTONE_KEEP)
         times = [t for k in r.keys for t in (k.published_at, k.activated_at, k.retired_at,
-                                             k.expired_at) if t is not None]
+                                             k.expired_at, k.destroyed_at) if t is not None]
+        times += [t.destroyed_at for t in r.forgotten]
         times += [t for rec in state.publishers.values() for t in rec.since.values()]
         if r.rotate_at is not None:
             times.append(r.rotate_at)
@@ -264,6 +285,14 @@ def test_what_is_due_follows_the_timing_rules(
                 assert key.expired_at + pol.destroy_after <= now, a
             for q, rec in state.publishers.items():
                 assert not (rec.stale or a.kid in rec.kids or a.kid in rec.asked), (a, q, rec)
+        elif isinstance(a, Forget):
+            key = _key(state, a.ring, a.kid)
+            assert key.state == DESTROYED and key.destroyed_at is not None, a
+            assert key.destroyed_at + pol.history <= now, a
+        elif isinstance(a, DropTombstone):
+            tomb = ring.tombstone(a.kid)
+            assert tomb is not None, a
+            assert tomb.destroyed_at + pol.history + TOMBSTONE_KEEP <= now, a
         else:  # pragma: no cover
             raise AssertionError(a)
 
@@ -305,6 +334,10 @@ def test_sleeping_until_next_at_misses_nothing(
             assert Promote in kinds and up.kid in kids, up
         elif up.action == "destroy" and not maybe_served(state, up.kid):
             assert Destroy(name, up.kid or "") in at_next, up
+        elif up.action == "forget":
+            assert Forget(name, up.kid or "") in at_next, up
+        elif up.action == "drop-tombstone":
+            assert DropTombstone(name, up.kid or "") in at_next, up
 
 
 def served_everywhere(state: State, pol: Policy, kid: str | None) -> bool:
