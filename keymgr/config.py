@@ -71,8 +71,12 @@ RING_FIELDS = {
     "publish_ahead",
     "retire_grace",
     "destroy_after",
+    "history",
     "publishers",
 }
+#: ``keyrings.NAME.history``: how long a destroyed key's full record stays in
+#: the state (keymgr.planner.Policy.history).
+DEFAULT_HISTORY = "90d"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,13 @@ class DaemonConfig:
     lease_ttl: timedelta
     #: ``ui``: the path of the operator page (keymgr.ui), or None when off.
     ui: str | None = None
+    #: ``audit``: where the audit chain is kept: "store" (a shared state
+    #: store's objects; its default), or "file" (``audit_log``; the only
+    #: choice with a file state store). See keymgr.auditstore.
+    audit: str | None = None
+    #: Whether ``audit_log`` was set (with the store as the record, it is
+    #: then a mirror; unset, nothing is written locally).
+    audit_log_set: bool = True
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,19 @@ def load_config(path: Path | str) -> Config:
     return parse_config(doc, path)
 
 
+def _audit_record(ctx: _Ctx, value: Any, state_url: str) -> str | None:
+    """``[daemon] audit``: "store" or "file"; "store" needs a shared state store."""
+    if value is None:
+        return None
+    if value not in ("store", "file"):
+        raise ctx.err("daemon.audit", f'expected "store" or "file", got {value!r}')
+    if value == "store" and state_url.startswith("file:"):
+        raise ctx.err(
+            "daemon.audit", '"store" needs a shared state store (s3://, vault://, gs://, ...)'
+        )
+    return str(value)
+
+
 def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     ctx = _Ctx(path)
     base = path.parent
@@ -210,7 +234,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     )
 
     d = ctx.table(doc, "daemon", "daemon")
-    ctx.unknown(d, {*DAEMON_FIELDS, "ui"}, "daemon.")
+    ctx.unknown(d, {*DAEMON_FIELDS, "ui", "audit"}, "daemon.")
     merged = {**DAEMON_FIELDS, **d}
     for k in DAEMON_FIELDS:
         ctx.string(merged, k, f"daemon.{k}")
@@ -237,6 +261,8 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
         log_level=merged["log_level"].lower(),
         lease_ttl=lease_ttl,
         ui=_ui_path(ctx, d.get("ui", False)),
+        audit=_audit_record(ctx, d.get("audit"), state_url),
+        audit_log_set="audit_log" in d,
     )
 
     backends: dict[str, Backend] = {}
@@ -504,6 +530,9 @@ def _ring(
             f"{where}.retire_grace",
             "must be longer than zero (at least the longest token lifetime)",
         )
+    durations["history"] = ctx.duration(
+        {"history": DEFAULT_HISTORY, **tbl}, "history", f"{where}.history"
+    )
     pubs = tbl.get("publishers")
     if pubs is None:
         raise ctx.err(f"{where}.publishers", "is required")
@@ -535,7 +564,9 @@ def _check_collisions(
     """Refuse two roles on one file: a JWKS written over the master key loses every key."""
     files: list[tuple[str, Path]] = [("(the config file itself)", path)]
     if daemon.state.startswith("file:"):
-        state = Path(daemon.state[len("file:") :])
+        from keymgr.stores import file_state_path
+
+        state = file_state_path(daemon.state)
         files += [("daemon.state", state), ("daemon.state", state.with_name(state.name + ".lock"))]
     files.append(("daemon.audit_log", daemon.audit_log))
     dirs: list[tuple[str, Path]] = []

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import json
 import math
 import os
@@ -47,15 +48,44 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from keymgr.errors import ConflictError, StoreError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
 from keymgr.model import State, gc_paused
-from keymgr.stores import PassLock, StateStore
+from keymgr.shards import (
+    FANOUT,
+    OUTBOX_INLINE,
+    Corrupt,
+    Shard,
+    Sharding,
+    apply,
+    assemble,
+    bucket_of,
+    buckets_for,
+    changes,
+    decode_head,
+    decode_manifest,
+    decode_outbox,
+    decode_shard,
+    encode_head,
+    encode_manifest,
+    encode_outbox,
+    encode_shard,
+    entity_count,
+    is_manifest_name,
+    is_outbox_name,
+    is_shard_name,
+    listed_shards,
+    reassemble,
+    split,
+)
+from keymgr.stores import SHARD_MODES, PassLock, StateStore
+from keymgr.timefmt import format_time, parse_time
 
 __all__ = [
     "LEASE",
@@ -64,6 +94,7 @@ __all__ = [
     "Blob",
     "DocumentAdapter",
     "SharedStore",
+    "StateLayout",
     "StateToken",
     "decode_state",
     "encode_state",
@@ -157,6 +188,31 @@ class DocumentAdapter(abc.ABC):
     def version(self, name: str) -> object | None:
         """The current version token alone (one cheap metadata request), None when absent."""
 
+    #: The largest document the store accepts, when known (bytes; None: no
+    #: known limit). ``shards=off`` refuses a larger state with one clear line
+    #: instead of the store's own refusal.
+    max_document: ClassVar[int | None] = None
+
+    def discard(self, name: str) -> None:
+        """Delete the immutable document ``name``, whatever its version; absent: done.
+
+        Only for garbage collection of ``shards/...`` documents, which are
+        never rewritten (content-named), so the version read just before is
+        the one deleted. A read, not :meth:`version`: a least-privilege Vault
+        policy grants no metadata access. An adapter with a cheaper
+        unconditional delete may override it.
+        """
+        blob = self.read(name)
+        if blob is not None:
+            with contextlib.suppress(ConflictError):
+                self.delete(name, blob.version)
+
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        """Every ``FAMILY/LEAF`` document with its age on the store's clock,
+        or None when the adapter cannot list (then orphans of crashed commits
+        stay until removed by hand: see docs/scale.md)."""
+        return None
+
 
 # --------------------------------------------------------------------------- state encoding
 
@@ -193,6 +249,452 @@ class StateToken:
     version: object
     #: The document's own version number (``"version"`` in the JSON).
     number: int
+
+
+# --------------------------------------------------------------------------- sharded state
+
+#: ``shards=auto`` keeps one document until its encoding would pass this.
+AUTO_THRESHOLD = 128 * 1024
+#: Seconds an unreferenced shard or manifest is kept (longer than any load
+#: takes, so a reader that just read an older head still finds what it names).
+GC_GRACE = 900.0
+#: Garbage entries kept in the head at most (about 100 bytes each), and the
+#: least age at which the oldest go early when there are more.
+MAX_GARBAGE, MIN_GRACE = 256, 60.0
+
+
+class ShardGone(StoreError):
+    """A document the head names is missing: the head may have moved on meanwhile."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """One version of the state as loaded or committed, with what it was made of."""
+
+    raw: bytes
+    state: State
+    number: int
+    sharding: Sharding | None = None
+    #: bucket -> shard name (sharded only).
+    buckets: dict[int, str] = field(default_factory=dict)
+    #: Manifest name -> its bucket -> shard name, for the manifests the head lists.
+    manifests: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: Shard name -> its parsed entities, for the shards the manifests list.
+    shards: dict[str, Shard] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class PendingCommit:
+    """A commit whose shards are written: the head to write, then what to collect."""
+
+    head: bytes
+    snapshot: _Snapshot
+    #: Garbage manifests whose grace is over: collected once the head landed.
+    collect: tuple[str, ...] = ()
+    #: time.monotonic() when the first shard was written (None: none written).
+    started: float | None = None
+    written: int = 0
+
+
+class StateLayout:
+    """How a state is laid out over an adapter's documents: one document, or a
+    sharded head with immutable shards and manifests (keymgr.shards, docs/scale.md).
+
+    Shared by :class:`SharedStore` and the file store, which each write the
+    head their own way (a CAS request; a rename under ``flock``) between
+    :meth:`write` (shards and manifests, create-if-absent) and
+    :meth:`committed` (garbage collection). Everything read is checked
+    (keymgr.shards); a parsed shard or manifest is kept by name while the
+    current head references it, so a load reads only what changed, and
+    unchanged rings stay the same objects.
+
+    ``mode``: ``auto`` (one document until it would pass :data:`AUTO_THRESHOLD`,
+    then sharded for good), ``on``, ``off``. ``grace``: seconds an unreferenced
+    document is kept; ``clock``: the wall clock garbage is dated with.
+    """
+
+    def __init__(
+        self,
+        adapter: DocumentAdapter,
+        where: str,
+        *,
+        mode: str = "auto",
+        grace: float = GC_GRACE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if mode not in SHARD_MODES:
+            raise ValueError(f"shards: expected one of {', '.join(SHARD_MODES)}, got {mode!r}")
+        self.adapter, self.where, self.mode = adapter, where, mode
+        self.grace, self.clock = grace, clock
+        self._snap: _Snapshot | None = None
+        #: The version from which layout_event() announced the move to shards.
+        self._migrate_from: int | None = None
+        #: time.monotonic() of the last orphan sweep (None: not yet in this process).
+        self._swept: float | None = None
+        self._mutex = threading.Lock()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the last state loaded or committed is sharded."""
+        snap = self._snap
+        return snap is not None and snap.sharding is not None
+
+    # -- reading ------------------------------------------------------------------
+
+    def decode(self, raw: bytes) -> tuple[State, int]:
+        """The state of a head (or single document) as read; StoreError, one line.
+
+        ShardGone when a document it names is missing (the caller re-reads the
+        head: it may have moved on and the document been collected).
+        """
+        snap = self._snap
+        if snap is not None and snap.raw == raw:
+            return snap.state, snap.number
+        try:
+            with gc_paused():
+                doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict) or "sharding" not in doc:
+            state, number = decode_state(raw, self.where)
+            new = _Snapshot(raw, state, number)
+        else:
+            new = self._decode_sharded(raw, doc, snap)
+        with self._mutex:
+            self._snap = new
+        return new.state, new.number
+
+    def _decode_sharded(self, raw: bytes, doc: dict[str, Any], old: _Snapshot | None) -> _Snapshot:
+        try:
+            head, number, sharding = decode_head(doc)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise StoreError(f"state {self.where}: corrupt state head ({reason})") from None
+        b = sharding.buckets
+        known_m = old.manifests if old is not None else {}
+        known_s = old.shards if old is not None else {}
+        manifests: dict[str, dict[int, str]] = {}
+        buckets: dict[int, str] = {}
+        for j, name in enumerate(sharding.manifests):
+            mapping = known_m.get(name)
+            if mapping is None:
+                mapping = self._fetch(name, functools.partial(decode_manifest, index=j, buckets=b))
+            manifests[name] = mapping
+            buckets.update(mapping)
+        shards: dict[str, Shard] = {}
+        for bucket, name in sorted(buckets.items()):
+            shard = known_s.get(name)
+            if shard is None or shard.bucket != bucket:
+                shard = self._fetch(name, functools.partial(decode_shard, bucket=bucket, buckets=b))
+            shards[name] = shard
+        try:
+            with gc_paused():
+                if old is not None and old.sharding is not None:
+                    state = reassemble(head, old.state, old.shards, shards)
+                else:
+                    state = assemble(head, shards.values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise StoreError(f"state {self.where}: corrupt publisher records ({reason})") from None
+        if sharding.outbox:
+            events: list[dict[str, Any]] = []
+            for i, name in enumerate(sharding.outbox):
+                events += self._fetch(name, functools.partial(decode_outbox, piece=i))
+            state = replace(state, audit=replace(state.audit, outbox=tuple(events)))
+        return _Snapshot(raw, state, number, sharding, buckets, manifests, shards)
+
+    def _fetch(self, name: str, parse: Callable[[str, bytes], Any]) -> Any:
+        blob = self.adapter.read(name)
+        where = self.adapter.describe(name)
+        if blob is None:
+            raise ShardGone(f"state {self.where}: {where}: missing (named by the state head)")
+        try:
+            return parse(name, blob.data)
+        except Corrupt as e:
+            raise StoreError(f"state {self.where}: {where}: {e}; not trusting it") from None
+
+    # -- the layout of the next commit ----------------------------------------------
+
+    def layout_event(self, state: State, base: int) -> dict[str, Any] | None:
+        """The audit event of the commit of ``state`` over version ``base`` when
+        that commit is the one that moves the state to shards; else None."""
+        self._migrate_from = None
+        snap = self._snap
+        if self.mode == "off" or (snap is not None and snap.sharding is not None):
+            return None
+        if self.mode == "on":
+            reason = "shards=on"
+        else:
+            if snap is not None and snap.number == base and len(snap.raw) > AUTO_THRESHOLD:
+                size = len(snap.raw)
+            else:
+                size = len(encode_state(state, base + 1))
+                if size <= AUTO_THRESHOLD:
+                    return None
+            reason = f"state document of {size} bytes, more than {AUTO_THRESHOLD} (shards=auto)"
+        self._migrate_from = base
+        b = buckets_for(entity_count(state))
+        count = len(split(state, b, lambda _: None))
+        return {
+            "event": "state.sharded",
+            "ts": state.clock or datetime.now(UTC).replace(microsecond=0),
+            "buckets": b,
+            "shards": count,
+            "reason": reason,
+        }
+
+    def _shard_next(self, snap: _Snapshot | None, base: int) -> bool:
+        if snap is not None and snap.sharding is not None:
+            if self.mode == "off":
+                raise StoreError(
+                    f"state {self.where}: the state is sharded; shards=off cannot write it "
+                    "back as one document (use shards=auto)"
+                )
+            return True
+        return self.mode == "on" or (self.mode == "auto" and self._migrate_from == base)
+
+    # -- writing ------------------------------------------------------------------
+
+    def write(
+        self, state: State, number: int, read_head: Callable[[], bytes | None]
+    ) -> PendingCommit:
+        """Write the shards and manifests of ``state`` as version ``number``
+        (over ``number - 1``) and return the head to write; nothing else written.
+
+        Only the buckets whose entities changed (by identity, then value, from
+        the version it replaces) are written, and their manifests. When the
+        snapshot is of another version, the head is read (``read_head``)
+        first; ConflictError when the store is not at ``number - 1``.
+        """
+        base = number - 1
+        snap = self._snap
+        if base == 0:
+            snap = None
+        elif snap is None or snap.number != base:
+            raw = read_head()
+            current = self.decode(raw)[1] if raw is not None else 0
+            if current != base:
+                raise ConflictError(
+                    f"state {self.where}: changed by another writer (version {current}, "
+                    f"expected {base})"
+                )
+            snap = self._snap
+        if not self._shard_next(snap, base):
+            data = encode_state(state, number)
+            limit = self.adapter.max_document
+            if limit is not None and len(data) > limit:
+                raise StoreError(
+                    f"state {self.where}: the state document would be {len(data)} bytes, more "
+                    f"than the {limit} the store accepts; use shards=auto (docs/scale.md)"
+                )
+            return PendingCommit(data, _Snapshot(data, state, number))
+        return self._write_sharded(state, number, snap)
+
+    def _write_sharded(self, state: State, number: int, snap: _Snapshot | None) -> PendingCommit:
+        stamp = f"{number}.{uuid.uuid4().hex[:16]}"
+        old = snap if snap is not None and snap.sharding is not None else None
+        b = buckets_for(entity_count(state), old.sharding.buckets if old and old.sharding else None)
+        writes: list[tuple[str, bytes]] = []
+        shards = dict(old.shards) if old else {}
+        manifests = dict(old.manifests) if old else {}
+        dropped: list[str] = []  # manifests this commit stops referencing
+
+        def old_part(key: str) -> dict[str, Any] | None:
+            """A publisher part as the snapshot being replaced holds it."""
+            if old is None or old.sharding is None:
+                return None
+            shard = old.shards.get(old.buckets.get(bucket_of(key, old.sharding.buckets), ""))
+            return shard.parts.get(key) if shard is not None else None
+
+        def old_chunks(publisher: str) -> int | None:
+            head = old_part(f"p:{publisher}")
+            c = head.get("chunks") if head else None
+            return c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else None
+
+        if old is not None and old.sharding is not None and old.sharding.buckets == b:
+            buckets = dict(old.buckets)
+            heads = list(old.sharding.manifests)
+            by_bucket: dict[int, dict[str, Any]] = {}
+            for key, value in changes(old.state, state, old_part).items():
+                by_bucket.setdefault(bucket_of(key, b), {})[key] = value
+            for bucket, changed in sorted(by_bucket.items()):
+                previous = buckets.get(bucket)
+                shard = apply(shards.get(previous) if previous else None, bucket, changed)
+                if previous is not None:
+                    shards.pop(previous, None)
+                if shard:
+                    name, data = encode_shard(shard, b, stamp)
+                    writes.append((name, data))
+                    shards[name], buckets[bucket] = shard, name
+                else:
+                    buckets.pop(bucket, None)
+            for j in sorted({bucket // FANOUT for bucket in by_bucket}):
+                mapping = dict(manifests.pop(heads[j], {}))
+                for bucket in by_bucket:
+                    if bucket // FANOUT == j:
+                        if bucket in buckets:
+                            mapping[bucket] = buckets[bucket]
+                        else:
+                            mapping.pop(bucket, None)
+                name, data = encode_manifest(j, b, mapping, stamp)
+                writes.append((name, data))
+                dropped.append(heads[j])
+                heads[j], manifests[name] = name, mapping
+        else:
+            # Everything, once: the move to shards, or a doubled bucket count.
+            if old is not None and old.sharding is not None:
+                dropped = list(old.sharding.manifests)
+            shards, manifests, buckets, heads = {}, {}, {}, []
+            for bucket, shard in split(state, b, old_chunks).items():
+                name, data = encode_shard(shard, b, stamp)
+                writes.append((name, data))
+                shards[name], buckets[bucket] = shard, name
+            for j in range((b + FANOUT - 1) // FANOUT):
+                mapping = {k: v for k, v in buckets.items() if k // FANOUT == j}
+                name, data = encode_manifest(j, b, mapping, stamp)
+                writes.append((name, data))
+                heads.append(name)
+                manifests[name] = mapping
+        # A large audit outbox (a pass that moved thousands of rings) goes to
+        # pieces of its own, so the head stays small whatever a commit records.
+        outbox: tuple[str, ...] = ()
+        if len(_dumps_events(state.audit.outbox)) > OUTBOX_INLINE:
+            pieces = encode_outbox(state.audit.outbox, stamp)
+            writes += pieces
+            outbox = tuple(name for name, _ in pieces)
+        if old is not None and old.sharding is not None:
+            dropped += old.sharding.outbox
+        now = self.clock()
+        since = format_time(datetime.fromtimestamp(now, UTC).replace(microsecond=0)) or ""
+        keep: list[tuple[str, str]] = []
+        collect: list[str] = []
+        for name, when in old.sharding.garbage if old and old.sharding else ():
+            if now - parse_time(when).timestamp() > self.grace:
+                collect.append(name)
+            else:
+                keep.append((name, when))
+        # The head must stay small however often commits come: past
+        # MAX_GARBAGE entries the oldest go early, though never before
+        # MIN_GRACE (far longer than any load takes).
+        excess = len(keep) + len(dropped) - MAX_GARBAGE
+        while excess > 0 and keep and now - parse_time(keep[0][1]).timestamp() > MIN_GRACE:
+            collect.append(keep.pop(0)[0])
+            excess -= 1
+        keep += [(name, since) for name in dropped]
+        sharding = Sharding(b, tuple(heads), tuple(keep), outbox)
+        head = encode_head(state, number, sharding)
+        started = time.monotonic()
+        for name, data in writes:
+            self._create(name, data)
+        crashpoint("store.shards_written")
+        new = _Snapshot(head, state, number, sharding, buckets, manifests, shards)
+        return PendingCommit(head, new, tuple(collect), started, sum(len(d) for _, d in writes))
+
+    def _create(self, name: str, data: bytes) -> None:
+        """Create-if-absent; an existing document with exactly these bytes is fine
+        (a retried request that landed: names are content hashes)."""
+        try:
+            self.adapter.create(name, data)
+        except ConflictError:
+            blob = self.adapter.read(name)
+            if blob is None or blob.data != data:
+                raise StoreError(
+                    f"state {self.where}: {self.adapter.describe(name)}: exists with other "
+                    "content; not trusting it"
+                ) from None
+
+    def committed(self, pending: PendingCommit) -> None:
+        """The head of ``pending`` landed: remember it, then collect expired garbage.
+
+        A garbage manifest's shards that the new head no longer lists are
+        deleted with it: a shard stops being referenced only in a commit that
+        replaces its manifest, so the last manifest naming it is garbage too.
+        Failures are logged, not raised (the commit landed; what is left is an
+        orphan, see :meth:`sweep`).
+        """
+        with self._mutex:
+            self._snap = pending.snapshot
+            self._migrate_from = None
+        if pending.snapshot.sharding is not None and (
+            self._swept is None or time.monotonic() - self._swept > self.grace
+        ):
+            # Orphans of crashed commits: once per process and grace (a listing).
+            self._swept = time.monotonic()
+            self.sweep()
+        if not pending.collect:
+            return
+        crashpoint("store.before_gc")
+        live = set(pending.snapshot.buckets.values())
+        for manifest in pending.collect:
+            try:
+                blob = self.adapter.read(manifest) if is_manifest_name(manifest) else None
+                if blob is not None:
+                    for shard in listed_shards(manifest, blob.data):
+                        if shard not in live:
+                            self.adapter.discard(shard)
+                self.adapter.discard(manifest)
+            except (StoreError, Corrupt) as e:
+                where = self.adapter.describe(manifest)
+                log.warning("shards.gc_failed", document=where, error=str(e))
+
+    # -- orphans of crashed commits -------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Delete shards and manifests no head references that are older than the
+        grace on the store's clock (left by a commit that crashed or lost its
+        CAS); how many. Nothing when the adapter cannot list or the state is
+        not sharded. Garbage still listed in the head is left to :meth:`committed`.
+
+        The snapshot must be the current head (just committed or loaded): a
+        later head only references documents its predecessors referenced or
+        that its commit wrote less than the grace ago, never ones that were
+        unreferenced (names are never reused), so none of those is deleted.
+        """
+        snap = self._snap
+        if snap is None or snap.sharding is None:
+            return 0
+        try:
+            listed = self.adapter.names("shards")
+        except StoreError as e:
+            log.warning("shards.sweep_failed", state=self.where, error=str(e))
+            return 0
+        if listed is None:
+            return 0
+        referenced = set(snap.buckets.values()) | set(snap.sharding.manifests)
+        referenced |= set(snap.sharding.outbox)
+        # Garbage is still within its grace, and so is every shard its
+        # manifests list (a reader of an older head may need them): an old
+        # shard replaced a moment ago is not an orphan, however old the file.
+        sure = True
+        for name, _ in snap.sharding.garbage:
+            referenced.add(name)
+            if not is_manifest_name(name):
+                continue
+            try:
+                blob = self.adapter.read(name)
+                if blob is None:
+                    sure = False
+                else:
+                    referenced.update(listed_shards(name, blob.data))
+            except (StoreError, Corrupt):
+                sure = False
+        gone = 0
+        for name, age in listed:
+            if name in referenced or age is None or age <= self.grace:
+                continue
+            if not (
+                is_manifest_name(name) or is_outbox_name(name) or (sure and is_shard_name(name))
+            ):
+                continue
+            try:
+                self.adapter.discard(name)
+                gone += 1
+            except StoreError as e:
+                where = self.adapter.describe(name)
+                log.warning("shards.sweep_failed", document=where, error=str(e))
+        return gone
+
+
 
 
 # --------------------------------------------------------------------------- the store
@@ -247,6 +749,7 @@ class SharedStore(StateStore):
         lock_ttl: float = 30.0,
         takeover_grace: float = 5.0,
         owner: str | None = None,
+        shards: str = "auto",
     ) -> None:
         if not math.isfinite(lock_ttl) or lock_ttl <= 0:
             raise ValueError(f"lock_ttl: expected a positive number of seconds, got {lock_ttl!r}")
@@ -262,8 +765,13 @@ class SharedStore(StateStore):
         self._pass = PassLock()
         self._held: _HeldLock | None = None
         self._holder: int | None = None  # threading.get_ident() of the holding thread
-        # The last document parsed: its exact bytes, the State and its number.
-        self._parsed: tuple[bytes, State, int] | None = None
+        #: One document or a sharded head (keymgr.shards); keeps the last state
+        #: loaded or committed, so equal bytes give the same State object.
+        self.layout = StateLayout(adapter, adapter.location, mode=shards)
+
+    def set_shards(self, mode: str) -> None:
+        """``?shards=auto|on|off`` of the state URL (keymgr.stores.open_store)."""
+        self.layout = StateLayout(self.adapter, self.adapter.location, mode=mode)
 
     @property
     def location(self) -> str:
@@ -272,18 +780,31 @@ class SharedStore(StateStore):
     # -- the state document ---------------------------------------------------------
 
     def load(self) -> tuple[State, StateToken | None]:
-        """The state and its token; an empty state and None when there is no document."""
-        blob = self.adapter.read(STATE)
-        if blob is None:
-            return State(), None
-        # Parsing is the costly part (about 0.5 s for 10,000 rings): the same
-        # bytes as last time give the same (immutable) State.
-        parsed = self._parsed
-        if parsed is not None and parsed[0] == blob.data:
-            return parsed[1], StateToken(blob.version, parsed[2])
-        state, number = decode_state(blob.data, self.location)
-        self._parsed = (blob.data, state, number)
-        return state, StateToken(blob.version, number)
+        """The state and its token; an empty state and None when there is no document.
+
+        Parsing is the costly part (about 0.5 s for 10,000 rings in one
+        document): the same bytes as last time give the same (immutable)
+        State, and a sharded head reads only the shards that changed. A shard
+        missing behind a head that has moved on meanwhile (collected after the
+        newer head) is a reason to read the head again, not an error.
+        """
+        for attempt in range(3):
+            blob = self.adapter.read(STATE)
+            if blob is None:
+                return State(), None
+            try:
+                state, number = self.layout.decode(blob.data)
+            except ShardGone:
+                if attempt < 2 and self.adapter.version(STATE) != blob.version:
+                    continue
+                raise
+            return state, StateToken(blob.version, number)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def layout_event(self, state: State, token: StateToken | None) -> dict[str, Any] | None:
+        """The ``state.sharded`` audit event when committing ``state`` over
+        ``token`` moves the state to shards (see :class:`StateLayout`)."""
+        return self.layout.layout_event(state, 0 if token is None else token.number)
 
     def commit(self, state: State, token: StateToken | None) -> StateToken:
         """Write ``state`` if the document is still at ``token`` (None: still absent).
@@ -298,22 +819,47 @@ class SharedStore(StateStore):
         if lost is not None:
             raise StoreError(f"state {self.location}: pass lock lost ({lost}); not writing")
         number = 1 if token is None else token.number + 1
-        data = encode_state(state, number)
+        absent = ", absent" if token is None else ""
         crashpoint("store.before_write")
+
+        def head() -> bytes | None:
+            blob = self.adapter.read(STATE)
+            return None if blob is None else blob.data
+
+        try:
+            pending = self.layout.write(state, number, head)
+        except ConflictError:
+            raise ConflictError(
+                f"state {self.location}: changed by another writer "
+                f"(expected version {number - 1}{absent})"
+            ) from None
+        started = pending.started
+        if started is not None and time.monotonic() - started > self.layout.grace / 2:
+            # The orphan sweep may take shards this old for a crashed commit's.
+            raise StoreError(f"state {self.location}: commit took too long; not writing the head")
+        data = pending.head
         try:
             if token is None:
                 version = self.adapter.create(STATE, data)
             else:
                 version = self.adapter.replace(STATE, data, token.version)
         except ConflictError:
-            absent = ", absent" if token is None else ""
             raise ConflictError(
                 f"state {self.location}: changed by another writer "
                 f"(expected version {number - 1}{absent})"
             ) from None
         crashpoint("store.after_write")
-        self._parsed = (data, state, number)
+        self.layout.committed(pending)
         return StateToken(version, number)
+
+    def sweep(self) -> int:
+        """Delete shards left by crashed commits (:meth:`StateLayout.sweep`); how many.
+
+        Against the head as it is now: a head loaded long ago would not name
+        the shards of the commits since, and they are older than the grace.
+        """
+        self.load()
+        return self.layout.sweep()
 
     def fingerprint(self) -> object:
         """The state document's version token (one metadata request), None when unknown.
@@ -581,3 +1127,8 @@ def _seconds(value: object) -> float | None:
     if not math.isfinite(value) or value <= 0:
         return None
     return min(float(value), MAX_LOCK_TTL)
+
+
+def _dumps_events(events: tuple[dict[str, Any], ...]) -> bytes:
+    """The outbox as the head would hold it (its size decides where it goes)."""
+    return json.dumps(list(events), separators=(",", ":"), default=str).encode()

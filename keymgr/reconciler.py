@@ -43,7 +43,9 @@ from keymgr.model import HAS_PRIVATE, EdgeRecord, Key, State
 from keymgr.planner import (
     Action,
     Destroy,
+    DropTombstone,
     Expire,
+    Forget,
     Generate,
     MarkPublished,
     Plan,
@@ -139,6 +141,11 @@ class Reconciler:
     def commit(
         self, state: State, events: list[dict[str, Any]], token: Token
     ) -> tuple[State, Token]:
+        # A commit that changes how the state is stored (the move to shards)
+        # says so in the audit chain (StateStore.layout_event).
+        layout = self.store.layout_event(state, token)
+        if layout is not None:
+            events = [*events, layout]
         new = self.audit.prepare(state, events, self.actor)
         token = self.store.commit(new, token)
         crashpoint("reconcile.after_commit")
@@ -416,6 +423,10 @@ class Reconciler:
             self.backend(key.backend).destroy(action.ring, action.kid)
             crashpoint("destroy.after_backend")
             return transitions.destroy(state, action.ring, action.kid, now)
+        if isinstance(action, Forget):
+            return transitions.forget(state, action.ring, action.kid, now)
+        if isinstance(action, DropTombstone):
+            return transitions.drop_tombstone(state, action.ring, action.kid, now)
         raise AssertionError(action)
 
     def backend(self, name: str) -> Backend:
@@ -479,9 +490,15 @@ class Reconciler:
             served = jwks.served_keys(current.body if current is not None else None)
             # A key the target serves that state does not record at all was
             # forgotten by the state (lost, restored from an old copy, entry
-            # deleted): unpublishing it could reject live tokens. Refuse.
+            # deleted): unpublishing it could reject live tokens. Refuse. A
+            # destroyed key's tombstone is known: a copy of an old document
+            # brought it back, and it leaves the document like any destroyed key.
             wanted = {k.kid for k in keys}
-            forgotten = sorted(k for k in served if k not in wanted and seen.find(k) is None)
+            forgotten = sorted(
+                k
+                for k in served
+                if k not in wanted and seen.find(k) is None and seen.find_forgotten(k) is None
+            )
             if forgotten:
                 raise StateError(
                     f"state {self.store.url}: publisher {action.publisher} serves "
@@ -600,9 +617,12 @@ class Reconciler:
 
         Any other unrecorded keymgr key means the state does not describe the
         backend (lost, replaced by an old copy, mistyped URL, edited): that is
-        refused with a StateError, and such a key is never destroyed.
+        refused with a StateError, and such a key is never destroyed. A kid
+        the ring keeps a tombstone of is recorded: the leftover of a key it
+        destroyed (a pending deletion, a restored copy), neither foreign nor
+        an orphan, so never adopted (keymgr.planner.TOMBSTONE_KEEP).
         """
-        known = {k.kid for k in state.ring(ring).keys}
+        known = state.ring(ring).known_kids()
         intent = state.intents.get(ring)
         orphans: list[str] = []
         unknown: list[str] = []

@@ -1,4 +1,5 @@
-"""State stores: one JSON document with a version, written by compare-and-swap.
+"""State stores: one JSON document with a version (or a sharded head, see
+docs/scale.md), written by compare-and-swap.
 
 The store's own CAS is the only coordination between writers; there is no
 home-made consensus. The file store adds an advisory lock held for a whole
@@ -19,6 +20,11 @@ from keymgr.model import State
 from keymgr.plugins import store_factory
 
 Token = Any
+
+#: ``?shards=`` of a state URL (docs/scale.md): ``auto`` (the default) keeps
+#: one document until it would pass 128 KiB, then shards it for good; ``on``
+#: shards from the first commit; ``off`` keeps one document.
+SHARD_MODES = ("auto", "on", "off")
 
 
 class PassLock:
@@ -105,6 +111,19 @@ class StateStore(abc.ABC):
         """Cheap value that changes whenever the document may have changed."""
         return None
 
+    def layout_event(self, state: State, token: Token) -> dict[str, Any] | None:
+        """An audit event the commit of ``state`` over ``token`` must carry
+        because it changes how the state is stored (the move to shards:
+        ``state.sharded``), or None. ``Reconciler.commit`` adds it before
+        sealing, so the change of layout is in the audit chain."""
+        return None
+
+    def set_shards(self, mode: str) -> None:
+        """Apply ``?shards=MODE`` (:data:`SHARD_MODES`); a store without shards
+        accepts only ``off``, the layout it always has."""
+        if mode != "off":
+            raise StoreError(f"state {self.url}: this store does not support shards={mode}")
+
     def read_lease(self) -> tuple[dict[str, Any] | None, Token]:
         """The replicas' lease record (a small document beside the state) and its token."""
         raise StoreError(f"state {self.url}: this store does not support leases")
@@ -114,7 +133,38 @@ class StateStore(abc.ABC):
         raise StoreError(f"state {self.url}: this store does not support leases")
 
 
+def split_shards(url: str) -> tuple[str, str | None]:
+    """``(url without ?shards=, mode or None)``; ValueError for a bad or repeated one.
+
+    Taken off the URL before a store's factory sees it, so every store gets
+    the parameter without each one parsing it (docs/scale.md).
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    mode: str | None = None
+    rest = []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name != "shards":
+            rest.append(part)
+            continue
+        if mode is not None:
+            raise ValueError(f"{url!r}: shards given twice")
+        if value not in SHARD_MODES:
+            raise ValueError(f"expected one of {', '.join(SHARD_MODES)}, got {value!r}")
+        mode = value
+    return (f"{base}?{'&'.join(rest)}" if rest else base), mode
+
+
+def file_state_path(url: str) -> Path:
+    """The state file of a ``file:`` URL that :func:`check_state_url` accepted."""
+    return Path(split_shards(url)[0].removeprefix("file:"))
+
+
 def _file_path(url: str, base: Path) -> Path:
+    if "?" in url:
+        raise ValueError(f"{url!r}: the only parameter of a file state is shards=auto|on|off")
     if url.startswith("file://"):
         rest = url[len("file://") :]
         if not rest.startswith("/") or rest.endswith("/"):
@@ -140,18 +190,32 @@ def check_state_url(url: str, base: Path) -> str:
     a URL parameter).
     """
     scheme = _scheme(url)
+    try:
+        bare, mode = split_shards(url)
+    except ValueError as e:
+        raise ConfigError(f"daemon.state?shards: {e}") from None
+    query = "" if mode is None else f"?shards={mode}"
     if scheme == "file":
         try:
-            return f"file:{_file_path(url, base)}"
+            return f"file:{_file_path(bare, base)}{query}"
         except ValueError as e:
             raise ConfigError(f"daemon.state: {e}") from None
-    store_factory(scheme, "daemon.state")(url)
+    store = store_factory(scheme, "daemon.state")(bare)
+    if mode is not None:
+        try:
+            store.set_shards(mode)
+        except StoreError as e:
+            raise ConfigError(f"daemon.state?shards: {e}") from None
     return url
 
 
 def open_store(url: str) -> StateStore:
     """The store for a URL that :func:`check_state_url` accepted (no I/O yet)."""
     try:
-        return store_factory(_scheme(url), "daemon.state")(url)
-    except ConfigError as e:
+        bare, mode = split_shards(url)
+        store = store_factory(_scheme(url), "daemon.state")(bare)
+        if mode is not None:
+            store.set_shards(mode)
+        return store
+    except (ConfigError, ValueError) as e:
         raise StoreError(str(e)) from None

@@ -96,6 +96,11 @@ def _op(kind: str, name: str) -> str:
 class VaultKVAdapter(DocumentAdapter):
     """``PATH``, ``PATH.lock``, ``PATH.lease`` in one KV v2 mount, written with ``cas``."""
 
+    #: Raft storage refuses entries over 1 MiB, Consul over 512 KiB; the state
+    #: is stored as a JSON string (escaped, so larger): ``shards=off`` refuses
+    #: more than the lower limit (docs/scale.md).
+    max_document = 512 * 1024
+
     def __init__(self, mount: str, path: str, client: VaultClient) -> None:
         self.mount, self.path = mount, path
         #: The client (its ``session`` lets tests count requests).

@@ -38,7 +38,9 @@ class Env:
         pass
 
     def state_url(self) -> str:
-        return "file:state.json"
+        # KEYMGR_TEST_SHARDS=on runs the soak on sharded state (docs/scale.md).
+        shards = os.environ.get("KEYMGR_TEST_SHARDS")
+        return f"file:state.json?shards={shards}" if shards else "file:state.json"
 
     def backend_toml(self) -> str:
         return '[backends.local]\ntype = "file"\npath = "keys"\nmaster_key_file = "master.key"\n'

@@ -66,7 +66,9 @@ __all__ = [
     "MemoryAdapter",
     "PassThread",
     "SharedStoreTests",
+    "bump",
     "sample_state",
+    "sharded_state",
 ]
 
 T = TypeVar("T")
@@ -308,6 +310,15 @@ class MemoryAdapter(FaultKnobs, DocumentAdapter):
 
         return self._call("version", name, op)
 
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        with self._lock:
+            now = self.clock()
+            return [
+                (n, now - d.written if self.ages else None)
+                for n, d in self._docs.items()
+                if n.startswith(f"{family}/")
+            ]
+
     # -- what a test looks at or does behind the store's back (no knobs, no calls) ----
 
     def peek(self, name: str) -> bytes | None:
@@ -355,6 +366,9 @@ class FaultyAdapter(FaultKnobs, DocumentAdapter):
 
     def version(self, name: str) -> object | None:
         return self._call("version", name, lambda: self.inner.version(name))
+
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        return self.inner.names(family)
 
     def __repr__(self) -> str:
         return f"FaultyAdapter({self.inner!r})"
@@ -794,3 +808,147 @@ class SharedStoreTests(StoreTests):
             assert time.monotonic() - start < harness.lock_ttl
             assert _holder(harness.factory()) == a.owner
         assert harness.factory().read(LOCK) is None
+
+    # -- sharded state (keymgr.shards, docs/scale.md) -----------------------------------
+
+    def test_sharded_round_trip_writes_only_what_changed(self, harness: DocHarness) -> None:
+        """A one-ring change writes one shard, one manifest and the head; a
+        reader fetches just those and keeps every other ring object."""
+        faulty = harness.faulty()
+        a, b = harness.store(faulty), harness.store()
+        a.set_shards("on")
+        b.set_shards("on")
+        state = sharded_state(120)
+        t1 = a.commit(state, None)
+        assert b.load() == (state, t1)
+        # The head is small and names no ring; everything is in shards.
+        head = harness.factory().read(STATE)
+        assert head is not None and b"tenant-" not in head.data and len(head.data) < 4096
+        loaded = b.load()[0]
+        assert b.load()[0] is loaded  # unchanged store: the same object
+        changed = bump(loaded, "tenant-007")
+        faulty.calls.clear()
+        t2 = a.commit(changed, t1)
+        writes = [(op, name) for op, name in faulty.calls if op in ("create", "replace")]
+        kinds = sorted(("manifest" if "/m-" in n else "shard") if op == "create" else n
+                       for op, n in writes)
+        assert kinds == ["manifest", "shard", "state"], writes
+        reader = harness.faulty()
+        b.adapter = reader
+        b.layout.adapter = reader
+        again, t = b.load()
+        assert (again, t) == (changed, t2)
+        reads = [n for op, n in reader.calls if op == "read"]
+        assert len(reads) == 3, reads  # the head, one manifest, one shard
+        assert again.rings["tenant-008"] is loaded.rings["tenant-008"]
+        # Nothing changed: the head alone is written (a new version), no shard.
+        faulty.calls.clear()
+        a.commit(again, t2)
+        assert [c for c in faulty.calls if c[0] == "create"] == []
+
+    def test_sharded_compare_and_swap_and_a_missing_shard(self, harness: DocHarness) -> None:
+        a, b = harness.store(), harness.store()
+        a.set_shards("on")
+        b.set_shards("on")
+        t1 = a.commit(sharded_state(40), None)
+        (sa, ta), (sb, tb) = a.load(), b.load()
+        a.commit(bump(sa, "tenant-001"), ta)
+        with _one_line(ConflictError):
+            b.commit(bump(sb, "tenant-002"), tb)
+        assert b.load()[0] == bump(sa, "tenant-001")
+        assert t1.number == 1
+        # A shard the head names that is gone (deleted by hand): one line naming it.
+        a.load()
+        layout = a.layout._snap
+        assert layout is not None
+        victim = layout.buckets[sorted(layout.buckets)[0]]
+        harness.factory().discard(victim)
+        fresh = harness.store()
+        with _one_line(StoreError) as info:
+            fresh.load()
+        assert victim in str(info.value) and "missing" in str(info.value)
+
+    def test_sharded_garbage_is_collected_after_the_grace_only(self, harness: DocHarness) -> None:
+        a = harness.store()
+        a.set_shards("on")
+        now = [1_000_000.0]
+        a.layout.clock = lambda: now[0]
+        a.layout.grace = 60.0
+        t: StateToken | None = a.commit(sharded_state(30), None)
+        s1, t = a.load()
+        snap = a.layout._snap
+        assert snap is not None and snap.sharding is not None
+        old_manifest = snap.sharding.manifests[0]
+        old_shards = set(snap.buckets.values())
+        # A reader that read this head and is still fetching its shards ...
+        reader_head = harness.factory().read(STATE)
+        assert reader_head is not None
+        t = a.commit(bump(s1, "tenant-003"), t)
+        s2, t = a.load()
+        now[0] += 30  # within the grace: nothing is deleted
+        t = a.commit(bump(s2, "tenant-004"), t)
+        docs = harness.factory()
+        assert all(docs.read(n) is not None for n in old_shards | {old_manifest})
+        slow = harness.store()
+        assert slow.layout.decode(reader_head.data)[0] == s1  # still complete
+        now[0] += 61  # past the grace: the first manifest and its replaced shard go
+        s3, t = a.load()
+        a.commit(bump(s3, "tenant-005"), t)
+        assert docs.read(old_manifest) is None
+        live = set(a.layout._snap.buckets.values()) if a.layout._snap else set()
+        gone = {n for n in old_shards if docs.read(n) is None}
+        assert gone and not gone & live
+        assert harness.store().load()[0] == a.load()[0]
+
+    def test_sharded_orphans_are_swept_by_listing(self, harness: DocHarness) -> None:
+        """Shards of a commit that died before its head, listed by ``names``:
+        kept while younger than the grace (a commit may be in flight), then
+        deleted; nothing a head references is touched."""
+        if harness.factory().names("shards") is None:
+            pytest.skip("this adapter cannot list documents (no orphan sweep)")
+        a = harness.store()
+        a.set_shards("on")
+        a.commit(sharded_state(20), None)
+        s, t = a.load()
+        assert t is not None
+        crashed = harness.store()
+        crashed.set_shards("on")
+        crashed.load()
+        crashed.layout.write(bump(s, "tenant-003"), t.number + 1, lambda: None)
+        listed = harness.factory().names("shards")
+        assert listed is not None and len(listed) >= 4
+        assert all(age is None or age >= -1 - harness.resolution for _, age in listed)
+        a.layout.grace = 1.0 + 2 * harness.resolution
+        assert a.sweep() == 0
+        harness.elapse(a.layout.grace + harness.resolution + 0.5)
+        assert a.sweep() == 2
+        assert harness.store().load()[0] == s
+
+
+def sharded_state(rings: int) -> State:
+    """A state of ``rings`` rings (one active key each), two publishers and an edge."""
+    from datetime import UTC, datetime
+
+    from keymgr.model import ACTIVE, EdgeRecord, Key, PublisherRecord, Ring
+
+    t = datetime(2031, 3, 1, 8, 0, tzinfo=UTC)
+    jwk = {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "B" * 43}
+    ring_map = {}
+    for i in range(rings):
+        name = f"tenant-{i:03d}"
+        kid = hashlib.sha256(name.encode()).hexdigest()[:43]
+        ring_map[name] = Ring(name, (Key(kid, "ES256", "local", ACTIVE, jwk, t, t, t),))
+    pubs = {
+        p: PublisherRecord("ab" * 32, frozenset({"k1"}), t, since={"k1": t})
+        for p in ("site", "cdn")
+    }
+    edges = {"cdn": {"https://cdn.example/jwks.json": EdgeRecord(frozenset({"k1"}), {"k1": t}, t)}}
+    return State(rings=ring_map, publishers=pubs, edges=edges, clock=t)
+
+
+def bump(state: State, ring: str) -> State:
+    """``state`` with ring ``ring`` changed (its emergency flag flipped), all else kept."""
+    from dataclasses import replace
+
+    r = state.rings[ring]
+    return state.with_ring(replace(r, emergency=not r.emergency))
