@@ -39,7 +39,7 @@ from keymgr.errors import (
 from keymgr.faults import crashpoint
 from keymgr.jose import alg_family, curve_for
 from keymgr.logs import get_logger
-from keymgr.model import HAS_PRIVATE, EdgeRecord, Key, State
+from keymgr.model import HAS_PRIVATE, EdgeRecord, Key, Ring, State
 from keymgr.planner import (
     Action,
     Destroy,
@@ -100,6 +100,8 @@ class Reconciler:
         #: (backend, ring, kid) -> the public JWK the backend returned: checked
         #: once per process before a key is published (see _check_keys).
         self._backend_jwks: dict[tuple[str, str, str], dict[str, str]] = {}
+        #: Rings of the last state found sound (keymgr.validate.check_state).
+        self._checked_rings: dict[int, Ring] = {}
         #: Called after each edge probe (publisher, result, record before,
         #: state after): the daemon's metrics.
         self.on_probe: Callable[[str, ProbeResult, EdgeRecord | None, State], None] | None = None
@@ -118,7 +120,7 @@ class Reconciler:
         the stores hand back the same immutable object while the bytes are unchanged."""
         if state is self._validated:
             return
-        check_state(state, f"state {self.store.url}")
+        check_state(state, f"state {self.store.url}", self._checked_rings)
         self._validated = state
 
     def check_rings(self, state: State) -> None:

@@ -27,6 +27,7 @@ from keymgr.model import (
     RETIRED,
     REVOKED,
     Key,
+    Ring,
     State,
     Tombstone,
 )
@@ -55,19 +56,35 @@ _MEMBERS = {
 }
 
 
-def check_state(state: State, where: str) -> None:
-    """Raise StateError for the first rule ``state`` breaks; ``where`` names the store."""
+def check_state(
+    state: State, where: str, checked: dict[int, Ring] | None = None
+) -> None:
+    """Raise StateError for the first rule ``state`` breaks; ``where`` names the store.
+
+    ``checked`` (id -> Ring) holds rings already found sound: a store hands
+    back the very same immutable Ring objects for what did not change (a
+    sharded store reads only the changed shards), so only new rings have their
+    keys checked one by one, and a pass after another replica's one-ring
+    commit costs O(changed) here, plus the cross-ring kid check (a set). It is
+    refilled with this state's rings when the whole state passed.
+    """
     seen: dict[str, str] = {}
+    sound = checked if checked is not None else {}
     for name, ring in state.rings.items():
+        known = sound.get(id(ring)) is ring
         active = 0
         for key in ring.keys:
-            at = f"{where}: ring {name}: key {key.kid}"
             if key.kid in seen:
-                raise StateError(f"{at}: recorded twice (also in ring {seen[key.kid]})")
+                raise StateError(
+                    f"{where}: ring {name}: key {key.kid}: recorded twice "
+                    f"(also in ring {seen[key.kid]})"
+                )
             seen[key.kid] = name
+            if known:
+                continue
             problem = key_problem(key)
             if problem is not None:
-                raise StateError(f"{at}: {problem}")
+                raise StateError(f"{where}: ring {name}: key {key.kid}: {problem}")
             active += key.state == ACTIVE
         if active > 1:
             raise StateError(f"{where}: ring {name}: {active} active keys (at most one)")
@@ -76,6 +93,8 @@ def check_state(state: State, where: str) -> None:
             if tomb.kid in seen:
                 raise StateError(f"{at}: recorded twice (also in ring {seen[tomb.kid]})")
             seen[tomb.kid] = name
+            if known:
+                continue
             problem = tombstone_problem(tomb, state.clock)
             if problem is not None:
                 raise StateError(f"{at}: {problem}")
@@ -86,6 +105,9 @@ def check_state(state: State, where: str) -> None:
         for url, edge in urls.items():
             if not edge.kids.issuperset(edge.since):
                 raise StateError(f"{where}: edges.{pub}: {url}: a time for a kid it does not show")
+    if checked is not None:
+        checked.clear()
+        checked.update((id(ring), ring) for ring in state.rings.values())
 
 
 def key_problem(key: Key) -> str | None:
