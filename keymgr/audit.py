@@ -1,5 +1,11 @@
 """The audit log: hash-chained JSON lines, anchored in the state document.
 
+The lines live in a :class:`Medium`: the JSON-lines file (:class:`FileMedium`,
+``[daemon] audit_log``), or, with a shared state store, one immutable object
+per event in the store (``keymgr.auditstore.StoreMedium``). Everything below
+-- the chain, the anchor, the outbox, the checkpoints -- is written once here
+for both; a medium only reads its end, reads in order and appends.
+
 Each line carries ``seq``, ``prev`` (the previous line's hash) and ``hash`` =
 SHA-256 over ``prev`` and the line's canonical JSON (sorted keys, no ``hash``
 and no checkpoint fields). A chain alone cannot show that its tail was cut off,
@@ -26,6 +32,7 @@ pinned by the operator.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -38,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from keymgr import checkpoint
 from keymgr.checkpoint import CKPT_FIELDS, KEY_EVENT, AuditKey, Checkpointer
-from keymgr.errors import AuditError, StateError
+from keymgr.errors import AuditError, ConflictError, StateError
 from keymgr.faults import crashpoint
 from keymgr.jose import b64url_decode
 from keymgr.logs import get_logger
@@ -76,10 +83,13 @@ KEY_EVENT_STATES = {
     "key.retired": RETIRED,
     "key.expired": EXPIRED,
     "key.destroyed": DESTROYED,
+    "key.forgotten": DESTROYED,  # the full record replaced by its tombstone
     "key.revoked": REVOKED,
 }
 #: Key events about keys the state does not record (or records as destroyed).
 ORPHAN_EVENTS = frozenset({"key.orphan_destroyed"})
+#: Key events after which the state holds nothing of the key (its tombstone dropped).
+GONE_EVENTS = frozenset({"key.tombstone_dropped"})
 _LIFECYCLE = (PENDING, PUBLISHED, ACTIVE, RETIRED, EXPIRED, DESTROYED)
 _FIX = (
     "refusing to append; restore the log (or the state) from a copy, "
@@ -177,39 +187,76 @@ class Verified:
     pinned: bool = False
 
 
-class AuditLog:
-    def __init__(self, path: Path, checkpoints: Checkpointer | None = None) -> None:
-        """``checkpoints`` signs each commit's chain head (``[audit]``); see
-        :meth:`for_config` for the log a config describes."""
+class Medium(abc.ABC):
+    """Where the chain's events live: a JSON-lines file, or one immutable
+    object per sequence number in the shared state store (keymgr.auditstore).
+
+    Only storage: the chain, the anchor, the outbox and the checkpoints are
+    :class:`AuditLog`'s, written once for every medium. Lines are the exact
+    bytes keymgr wrote, newline included; nothing read is trusted (the callers
+    check every field they use).
+    """
+
+    #: For messages: ``audit log PATH`` or ``audit store URL.audit``.
+    where: str
+
+    def at(self, n: int) -> str:
+        """Where event ``n`` is, for messages."""
+        return f"{self.where}: line {n}"
+
+    @abc.abstractmethod
+    def last(self, hint: int = 0, drop_torn: bool = False) -> dict[str, Any] | None:
+        """The last event, parsed (None: none). ``hint``: the seq the state
+        anchors, where a medium that cannot read its end starts looking;
+        ``drop_torn``: look past an interrupted append instead of refusing it."""
+
+    @abc.abstractmethod
+    def lines(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
+        """(position, raw line) from event ``start`` on, in order."""
+
+    @abc.abstractmethod
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Append ``events``, sealed, in order; durable when it returns."""
+
+    def anchored_now(self) -> int | None:
+        """The seq the state *now* anchors, read again from where the state is
+        (None: not known to the medium). A store shared by replicas that
+        commit without waiting for each other (a lost pass lock) can hold
+        events beyond the state read a moment ago: this tells a stale read
+        from events nobody committed."""
+        return None
+
+    def repair(self) -> None:
+        """Remove what an interrupted append of ours left (a file's torn last line).
+        A store's creates are whole or absent: nothing to do by default."""
+        return None
+
+
+def encode_line(ev: dict[str, Any]) -> bytes:
+    """One event as keymgr writes it: compact JSON and a newline."""
+    return json.dumps(ev, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_event(line: bytes, where: str) -> dict[str, Any]:
+    """A line that must be an audit event (an object with an int ``seq`` and a
+    str ``hash``); AuditError, one line, otherwise."""
+    try:
+        ev = json.loads(line)
+        if isinstance(ev, dict) and type(ev.get("seq")) is int and isinstance(ev.get("hash"), str):
+            return ev
+    except (ValueError, RecursionError):
+        pass
+    raise AuditError(f"{where} is not an audit event; run 'keymgr audit verify'")
+
+
+class FileMedium(Medium):
+    """The JSON-lines file: appended with O_APPEND and fsync; its end read backwards."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.checkpoints = checkpoints
-        #: Called with the events of each durable append, right after it
-        #: (keymgr.notify); never before, and its failure never fails the append.
-        self.on_append: Callable[[list[dict[str, Any]]], None] | None = None
+        self.where = f"audit log {path}"
 
-    @classmethod
-    def for_config(cls, config: Config) -> AuditLog:
-        """The ``[daemon] audit_log`` of ``config``, signing with its ``[audit]``."""
-        cp = (
-            Checkpointer(config.audit, config.backends)
-            if config.audit is not None
-            else None
-        )
-        return cls(config.daemon.audit_log, cp)
-
-    # -- reading ----------------------------------------------------------
-
-    def tail(self, drop_torn: bool = False) -> Tail:
-        """The last complete line's (seq, hash), read from the end of the file.
-
-        ``drop_torn`` looks past an incomplete last line (an interrupted
-        append) instead of refusing it, so that a repair can first check the
-        rest of the log agrees with the state before it cuts anything.
-        """
-        last = self._last(drop_torn)
-        return Tail(0, GENESIS) if last is None else Tail(last["seq"], last["hash"])
-
-    def _last(self, drop_torn: bool = False) -> dict[str, Any] | None:
+    def last(self, hint: int = 0, drop_torn: bool = False) -> dict[str, Any] | None:
         """The last complete line, parsed (None for an empty or missing log).
 
         Only the end of the file is read (a block, doubled until it holds a
@@ -239,58 +286,33 @@ class AuditLog:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise AuditError(f"audit log {self.path}: cannot read: {e.strerror}") from None
+            raise AuditError(f"{self.where}: cannot read: {e.strerror}") from None
         if not data.endswith(b"\n") and drop_torn:
             lines = lines[:-1]
             if not lines:
                 return None
         elif not data.endswith(b"\n"):
             raise AuditError(
-                f"audit log {self.path}: last line is incomplete (torn write); "
+                f"{self.where}: last line is incomplete (torn write); "
                 "run 'keymgr audit verify'"
             )
         # Whole from its start: the block began at the file's start, or lines[0]
         # (perhaps partial) is not the last of at least two kept lines.
-        return self._parse_last(lines[-1])
+        return parse_event(lines[-1], f"{self.where}: last line")
 
-    def _parse_last(self, line: bytes) -> dict[str, Any]:
-        try:
-            last = json.loads(line)
-            if (
-                isinstance(last, dict)
-                and type(last.get("seq")) is int
-                and isinstance(last.get("hash"), str)
-            ):
-                return last
-        except ValueError:
-            pass
-        raise AuditError(
-            f"audit log {self.path}: last line is not an audit event; run 'keymgr audit verify'"
-        )
-
-    def lines(self) -> Iterator[tuple[int, bytes]]:
+    def lines(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
         try:
             with open(self.path, "rb") as f:
-                yield from enumerate(f, 1)
+                for n, line in enumerate(f, 1):
+                    if n >= start:
+                        yield n, line
         except FileNotFoundError:
             return
         except OSError as e:
-            raise AuditError(f"audit log {self.path}: cannot read: {e.strerror}") from None
+            raise AuditError(f"{self.where}: cannot read: {e.strerror}") from None
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        for n, line in self.lines():
-            try:
-                yield json.loads(line)
-            except ValueError:
-                raise AuditError(f"audit log {self.path}: line {n} is not JSON") from None
-
-    # -- writing ----------------------------------------------------------
-
-    def _append(self, events: list[dict[str, Any]]) -> None:
-        data = b"".join(
-            json.dumps(ev, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-            for ev in events
-        )
+    def append(self, events: list[dict[str, Any]]) -> None:
+        data = b"".join(encode_line(ev) for ev in events)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -303,9 +325,9 @@ class AuditLog:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise AuditError(f"audit log {self.path}: cannot append: {e.strerror}") from None
+            raise AuditError(f"{self.where}: cannot append: {e.strerror}") from None
 
-    def _repair_torn_tail(self) -> None:
+    def repair(self) -> None:
         """Cut a final line without newline: only our own interrupted append makes one."""
         try:
             with open(self.path, "rb+") as f:
@@ -317,6 +339,90 @@ class AuditLog:
                     os.fsync(f.fileno())
         except FileNotFoundError:
             return
+
+
+class AuditLog:
+    def __init__(
+        self,
+        path: Path,
+        checkpoints: Checkpointer | None = None,
+        medium: Medium | None = None,
+    ) -> None:
+        """``checkpoints`` signs each commit's chain head (``[audit]``); see
+        :meth:`for_config` for the log a config describes. ``medium``: where
+        the events live (default: the file at ``path``); with a store medium
+        ``path`` is the ``[daemon] audit_log`` setting, a mirror at most
+        (``mirror``)."""
+        self.path = path
+        self.checkpoints = checkpoints
+        self.medium: Medium = medium if medium is not None else FileMedium(path)
+        #: A best-effort copy of what this process appends (store medium only).
+        self.mirror: Callable[[list[dict[str, Any]]], None] | None = None
+        #: Called with the events of each durable append, right after it
+        #: (keymgr.notify); never before, and its failure never fails the append.
+        self.on_append: Callable[[list[dict[str, Any]]], None] | None = None
+        #: The seq the last state seen anchors: where a store medium looks for its end.
+        self._hint = 0
+
+    @property
+    def where(self) -> str:
+        """``audit log PATH`` or ``audit store URL.audit``, for messages."""
+        return self.medium.where
+
+    @property
+    def in_store(self) -> bool:
+        """Whether the record is the shared store (not the file at ``path``)."""
+        return not isinstance(self.medium, FileMedium)
+
+    @classmethod
+    def for_config(cls, config: Config, store: object = None) -> AuditLog:
+        """The audit log ``config`` describes, signing with its ``[audit]``: the
+        shared state store's (``store``) when it is the record
+        (keymgr.auditstore.record_in_store), else the ``[daemon] audit_log`` file."""
+        cp = (
+            Checkpointer(config.audit, config.backends)
+            if config.audit is not None
+            else None
+        )
+        if store is not None:
+            from keymgr.auditstore import record_in_store, store_log
+
+            if record_in_store(config, store):
+                return store_log(config, store, cp)
+        return cls(config.daemon.audit_log, cp)
+
+    # -- reading ----------------------------------------------------------
+
+    def tail(self, drop_torn: bool = False) -> Tail:
+        """The last complete line's (seq, hash), read from the end of the log.
+
+        ``drop_torn`` looks past an incomplete last line (an interrupted
+        append) instead of refusing it, so that a repair can first check the
+        rest of the log agrees with the state before it cuts anything.
+        """
+        last = self._last(drop_torn)
+        return Tail(0, GENESIS) if last is None else Tail(last["seq"], last["hash"])
+
+    def _last(self, drop_torn: bool = False) -> dict[str, Any] | None:
+        return self.medium.last(self._hint, drop_torn)
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        return self.medium.lines()
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        for n, line in self.lines():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise AuditError(f"{self.medium.at(n)} is not JSON") from None
+
+    # -- writing ----------------------------------------------------------
+
+    def _append(self, events: list[dict[str, Any]]) -> None:
+        self.medium.append(events)
+
+    def _repair_torn_tail(self) -> None:
+        self.medium.repair()
 
     def _check_head(
         self, anchor: AuditAnchor, last: dict[str, Any] | None, *, signed: bool
@@ -331,7 +437,7 @@ class AuditLog:
         is read. A log rewritten and rechained by someone without the audit
         key fails here, whatever they did to the state.
         """
-        where = f"audit log {self.path}"
+        where = self.where
         if anchor.seq == 0:
             if last is not None:
                 raise AuditError(
@@ -343,6 +449,12 @@ class AuditLog:
             raise self._mismatch(Tail(0 if last is None else last["seq"], ""), anchor)
         seq = anchor.seq
         if last["seq"] > seq:
+            now = self.medium.anchored_now()
+            if now is not None and now >= last["seq"]:
+                raise ConflictError(
+                    f"{where}: holds events up to seq {last['seq']}, committed after the state "
+                    f"was read (at seq {seq}): another replica committed; read it again"
+                )
             raise AuditError(
                 f"{where}: ends at seq {last['seq']} but the state anchors seq {seq}: the lines "
                 f"after it were not committed by keymgr; {_FIX}"
@@ -382,6 +494,7 @@ class AuditLog:
         """
         anchor = state.audit
         cp = self.checkpoints
+        self._hint = anchor.seq
         # A commit without events leaves the head as it is: the next one that
         # adds events checks its signature (no audit backend call before).
         self._check_head(anchor, self._last(), signed=bool(events))
@@ -415,7 +528,15 @@ class AuditLog:
         outbox = list(anchor.outbox)
         if outbox:
             self._check_outbox(state)
+        self._hint = anchor.seq
         last = self._last(drop_torn=True)
+        if self.in_store and (last is None or last["seq"] < anchor.seq):
+            from keymgr.auditstore import import_file, import_needed
+
+            # A file log kept before the store was the record: imported once.
+            if import_needed(self, anchor, last):
+                import_file(self, state)
+                last = self._last()
         t = Tail(0, GENESIS) if last is None else Tail(last["seq"], last["hash"])
         if t.seq >= anchor.seq:
             # Nothing to append. No signature check here: a pass that commits
@@ -423,7 +544,10 @@ class AuditLog:
             # an anchor (new, or lost) is refused by prepare, before its first
             # commit, so that the store's own refusals of a lost state come first.
             if anchor.seq:
-                self._check_head(anchor, last, signed=False)
+                try:
+                    self._check_head(anchor, last, signed=False)
+                except ConflictError:
+                    return  # a newer state anchors these events (and the ones after)
             self._repair_torn_tail()
             return
         if not outbox or outbox[0]["seq"] > t.seq + 1:
@@ -433,15 +557,17 @@ class AuditLog:
             raise self._mismatch(t, anchor)
         if last is not None and chain_hash(str(last.get("prev")), last) != t.hash:
             raise AuditError(
-                f"audit log {self.path}: the line at seq {t.seq} does not hash to its "
+                f"{self.where}: the line at seq {t.seq} does not hash to its "
                 f"recorded hash: edited; {_FIX}"
             )
         cp = self.checkpoints
         if cp is not None and anchor.key_kid is not None:
-            cp.check_signed(outbox[-1], anchor, f"audit log {self.path}: the state's outbox")
+            cp.check_signed(outbox[-1], anchor, f"{self.where}: the state's outbox")
         self._repair_torn_tail()
         crashpoint("audit.before_flush")
         self._append(missing)
+        if self.mirror is not None:
+            self.mirror(missing)  # best effort, never raises: the record is written
         if self.on_append is not None:
             try:
                 self.on_append(missing)
@@ -452,7 +578,7 @@ class AuditLog:
         """The outbox must be sealed events that chain, end at the anchor, and
         record transitions the state agrees with. Raises AuditError, one line."""
         anchor = state.audit
-        where = f"audit log {self.path}: the state's outbox"
+        where = f"{self.where}: the state's outbox"
         fix = "refusing to append it; restore the state, or run 'keymgr audit verify'"
         prev: dict[str, Any] | None = None
         for i, ev in enumerate(anchor.outbox, 1):
@@ -493,25 +619,35 @@ class AuditLog:
             return "names no ring and key"
         r = state.rings.get(ring)
         key = r.key(kid) if r is not None else None
+        # A destroyed key past its history: only its tombstone is left.
+        tomb = r.tombstone(kid) if r is not None and key is None else None
         if name in ORPHAN_EVENTS:
             if key is not None and key.state != DESTROYED:
                 return f"key {kid} of ring {ring} is recorded in state as {key.state}"
             return None
-        if key is None:
+        if name in GONE_EVENTS:
+            if key is not None or tomb is not None:
+                return f"key {kid} of ring {ring} is still recorded in state"
+            return None
+        if name == "key.forgotten" and key is not None:
+            return f"key {kid} of ring {ring} is still recorded in full, as {key.state}"
+        held = key if key is not None else tomb
+        if held is None:
             return f"names key {kid} of ring {ring}, which the state does not hold"
+        have = key.state if key is not None else DESTROYED
         recorded = KEY_EVENT_STATES.get(name)
         if name == "key.adopted" and ev.get("state") in STATES:
             recorded = ev["state"]
-        if recorded is not None and not at_or_past(key.state, recorded):
-            return f"records key {kid} as {recorded}, but the state holds it as {key.state}"
+        if recorded is not None and not at_or_past(have, recorded):
+            return f"records key {kid} as {recorded}, but the state holds it as {have}"
         for f in ("backend", "alg"):
-            if f in ev and ev[f] != getattr(key, f):
-                return f"{f} {ev[f]!r} differs from the state's {getattr(key, f)!r} for key {kid}"
+            if f in ev and ev[f] != getattr(held, f):
+                return f"{f} {ev[f]!r} differs from the state's {getattr(held, f)!r} for key {kid}"
         return None
 
     def _mismatch(self, t: Tail, anchor: AuditAnchor) -> AuditError:
         return AuditError(
-            f"audit log {self.path}: ends at seq {t.seq} but the state anchors seq "
+            f"{self.where}: ends at seq {t.seq} but the state anchors seq "
             f"{anchor.seq}: the log was truncated or replaced, or another replica writes "
             "this state to another log; run 'keymgr audit verify'"
         )
@@ -555,9 +691,9 @@ class AuditLog:
         seq = 0
         anchored = anchor.seq == 0
         pending = {int(ev["seq"]): ev for ev in anchor.outbox}
-        sig = _Signatures(self.path, pinned)
+        sig = _Signatures(self.where, pinned)
         for n, line in self.lines():
-            where = f"audit log {self.path}: line {n}"
+            where = self.medium.at(n)
             if not line.endswith(b"\n"):
                 raise AuditError(f"{where}: incomplete last line (torn write)")
             try:
@@ -590,7 +726,7 @@ class AuditLog:
                     raise AuditError(f"{where}: differs from the head anchored in state")
                 anchored = True
         if not anchored:
-            gone = f"audit log {self.path}: line {seq + 1} missing: the log ends at seq {seq}"
+            gone = f"{self.medium.at(seq + 1)} missing: the log ends at seq {seq}"
             if seq + 1 in pending and pending[seq + 1]["prev"] == prev:
                 # A crash between the state commit and the append, or lines
                 # removed since: either way the state still holds them.
@@ -605,8 +741,8 @@ class AuditLog:
 class _Signatures:
     """The checkpoint half of ``AuditLog.check``, fed one verified line at a time."""
 
-    def __init__(self, path: Path, pinned: Mapping[str, Mapping[str, Any]] | None) -> None:
-        self.path = path
+    def __init__(self, where: str, pinned: Mapping[str, Mapping[str, Any]] | None) -> None:
+        self.where = where
         self.pinned = pinned
         #: The key signing checkpoints now, once a checkpoint confirmed it.
         self.current: AuditKey | None = None
@@ -675,7 +811,7 @@ class _Signatures:
             self.intro = {}
 
     def finish(self, seq: int, anchor: AuditAnchor, require_signed: bool) -> Verified:
-        where = f"audit log {self.path}"
+        where = self.where
         if anchor.key_kid is not None and anchor.key_kid not in self.known:
             raise AuditError(
                 f"{where}: the state names audit key {anchor.key_kid}, but no audit.key line "
@@ -718,12 +854,19 @@ class LineCheck:
     """
 
     def __init__(
-        self, path: Path, seq: int = 0, prev: str = GENESIS, key: AuditKey | None = None
+        self,
+        path: Path,
+        seq: int = 0,
+        prev: str = GENESIS,
+        key: AuditKey | None = None,
+        where: str | None = None,
     ) -> None:
         self.path = path
+        #: ``audit log PATH`` (or the store's ``where``), for messages.
+        self.where = where or f"audit log {path}"
         self.seq = seq
         self.prev = prev
-        self._sig = _Signatures(path, None)
+        self._sig = _Signatures(self.where, None)
         if key is not None:
             self._sig.current = key
             self._sig.known.add(key.kid)
@@ -743,7 +886,7 @@ class LineCheck:
         """Check the next line (with its newline); return it parsed, or raise
         AuditError naming it."""
         n = self.seq + 1
-        where = f"audit log {self.path}: line {n}"
+        where = f"{self.where}: line {n}"
         if not raw.endswith(b"\n"):
             raise AuditError(f"{where}: incomplete line (torn write)")
         try:

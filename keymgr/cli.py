@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = cmd(
         "audit",
-        "verify, show, follow or list the keys of the audit log",
+        "verify, show, follow, import or list the keys of the audit log",
         "keymgr audit verify\nkeymgr audit show --ring api --json\nkeymgr audit follow",
     )
     asub = s.add_subparsers(dest="audit_command", metavar="ACTION", parser_class=_Parser)
@@ -297,6 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
         "print the audit keys' public JWKS, read from the [audit] backend (to pin)",
         "keymgr audit keys > audit-keys.json",
         parent=asub,
+    )
+    a = cmd(
+        "import",
+        "copy a file audit log into the shared state store (once; verified first)",
+        "keymgr audit import\nkeymgr audit import /var/lib/keymgr/audit.jsonl",
+        parent=asub,
+        more="With a shared state store the audit chain is kept in the store. A log kept "
+        "in a file before is imported on the first start by itself; this command does it "
+        "explicitly. The file must be the chain the state anchors (verified whole, with "
+        "its checkpoints) before anything is written; events the store already holds with "
+        "the same bytes are skipped, so it can be run again. See docs/audit.md#store.",
+    )
+    a.add_argument(
+        "file", nargs="?", metavar="FILE", help="the file log (default: [daemon] audit_log)"
     )
     a = cmd(
         "show",
@@ -523,8 +537,16 @@ def _offline_checks(cfg: Any) -> None:
     from keymgr.fsutil import dir_problem
 
     dirs: list[tuple[str, Path]] = [("daemon.audit_log", cfg.daemon.audit_log.parent)]
+    if (
+        not cfg.daemon.state.startswith("file:")
+        and cfg.daemon.audit != "file"
+        and not cfg.daemon.audit_log_set
+    ):
+        dirs = []  # the audit chain lives in the shared store, no mirror is written
     if cfg.daemon.state.startswith("file:"):
-        dirs.append(("daemon.state", Path(cfg.daemon.state[len("file:") :]).parent))
+        from keymgr.stores import file_state_path
+
+        dirs.append(("daemon.state", file_state_path(cfg.daemon.state).parent))
     for name, pub in cfg.publishers.items():
         for option, path in pub.paths().items():
             dirs.append((f"publishers.{name}.{option}", path.parent))
@@ -697,12 +719,18 @@ def _audit(m: Any, args: argparse.Namespace) -> int:
         from keymgr.checkpoint import load_pinned
 
         pinned = load_pinned(args.keys) if args.keys else None
-        with m.store.exclusive():  # not between a pass's commit and its append
-            r = m.audit.check(
-                m.state().audit, pinned=pinned, require_signed=m.config.audit is not None
-            )
+        if m.audit.in_store:
+            from keymgr.auditstore import verify_store
+
+            r = verify_store(m, pinned)
+        else:
+            with m.store.exclusive():  # not between a pass's commit and its append
+                r = m.audit.check(
+                    m.state().audit, pinned=pinned, require_signed=m.config.audit is not None
+                )
+        label = m.audit.medium.adapter.describe("audit") if m.audit.in_store else m.audit.path
         print(
-            f"{m.audit.path}: ok ({r.events} events, chain intact, "
+            f"{label}: ok ({r.events} events, chain intact, "
             f"head anchored in state{_signed(r)})"
         )
         return EXIT_OK
@@ -715,8 +743,26 @@ def _audit(m: Any, args: argparse.Namespace) -> int:
         cp = Checkpointer(m.config.audit, m.config.backends)
         print(json.dumps(cp.public_jwks(m.state().audit), indent=2, sort_keys=True))
         return EXIT_OK
+    if args.audit_command == "import":
+        return _audit_import(m, args)
     assert args.audit_command == "follow", args.audit_command
     return _audit_follow(m, args)
+
+
+def _audit_import(m: Any, args: argparse.Namespace) -> int:
+    """``audit import [FILE]``: the file log into the store, verified, then audited."""
+    from pathlib import Path
+
+    from keymgr.auditstore import import_file
+
+    path = Path(args.file) if args.file else m.audit.path
+    with m.store.exclusive():  # no pass between the anchor read and the copy
+        state = m.store.load()[0]
+        m.reconciler.validate(state)
+        n = import_file(m.audit, state, path)
+        m.reconciler.record([{"event": "audit.imported", "reason": f"{n} events from {path}"}])
+    print(f"{path}: {n} events imported into {m.audit.where}, verified against the anchor")
+    return EXIT_OK
 
 
 def _stdout_writer() -> tuple[Any, Any]:
@@ -754,25 +800,44 @@ def _audit_show(args: argparse.Namespace) -> int:
         reverse=args.reverse,
         scan=args.scan,
     )
-    path = load_config(resolve_config_path(getattr(args, "config", None))).daemon.audit_log
+    cfg = load_config(resolve_config_path(getattr(args, "config", None)))
+    path = cfg.daemon.audit_log
+    hits = _store_hits(cfg, q)
     write, flush = _stdout_writer()
 
     def warn(text: str) -> None:
         print(f"keymgr: warning: {_one_line(text)}", file=sys.stderr)
 
     try:
+        found = hits(warn) if hits is not None else query(path, q, warn)
         if args.json:
-            for hit in query(path, q, warn):
+            for hit in found:
                 write(hit.raw + b"\n")
         else:
             table = Table(lambda text: write(text.encode()))
-            for hit in query(path, q, warn):
+            for hit in found:
                 table.add(hit.event)
             table.close()
         flush()
     except BrokenPipeError:
         _quiet_stdout()
     return EXIT_OK
+
+
+def _store_hits(cfg: Any, q: Any) -> Any:
+    """With the audit record in the shared state store: a function of ``warn``
+    giving the hits (keymgr.auditstore.query_store); None for the file log."""
+    if cfg.daemon.state.startswith("file:") or cfg.daemon.audit == "file":
+        return None
+    from keymgr.audit import AuditLog
+    from keymgr.auditstore import StoreMedium, query_store
+    from keymgr.stores import open_store
+
+    store = open_store(cfg.daemon.state)
+    medium = AuditLog.for_config(cfg, store).medium
+    if not isinstance(medium, StoreMedium):
+        return None
+    return lambda warn: query_store(medium, store.load()[0].audit.seq, q, warn)
 
 
 def _audit_follow(m: Any, args: argparse.Namespace) -> int:
@@ -803,7 +868,16 @@ def _audit_follow(m: Any, args: argparse.Namespace) -> int:
 
     exit_on_sigterm()
     try:
-        Follower(m, from_start=args.from_start, emit=emit, note=note, interval=args.interval).run()
+        if m.audit.in_store:
+            from keymgr.auditstore import StoreFollower
+
+            StoreFollower(
+                m, from_start=args.from_start, emit=emit, note=note, interval=args.interval
+            ).run()
+        else:
+            Follower(
+                m, from_start=args.from_start, emit=emit, note=note, interval=args.interval
+            ).run()
     except BrokenPipeError:
         _quiet_stdout()
     finally:

@@ -76,6 +76,9 @@ class Daemon:
         self._queued = False
         self._running = False
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults=JOB_DEFAULTS)
+        #: Jobs add jobs only while the scheduler is not shutting down (see _add_job).
+        self._jobs_lock = threading.Lock()
+        self._shutting_down = False
         self.started = time.monotonic()
         self.last_ok: float | None = None
         self.last_error: str | None = None
@@ -143,7 +146,7 @@ class Daemon:
                 log.info("lease.acquired", replica=self.lease.holder)
             # In a worker of its own: this job must keep renewing the lease
             # while the pass runs.
-            self.scheduler.add_job(
+            self._add_job(
                 self.request_pass,
                 "date",
                 run_date=datetime.now().astimezone(),
@@ -153,6 +156,20 @@ class Daemon:
         elif was_held and not held:
             log.warning("lease.lost", replica=self.lease.holder)
         self._first_beat = False
+
+    def _add_job(self, *args: Any, **kwargs: Any) -> None:
+        """``scheduler.add_job`` from a running job, unless the daemon is stopping.
+
+        ``BackgroundScheduler.shutdown(wait=True)`` holds the job stores' lock
+        while it waits for running jobs, and ``add_job`` needs that lock: a job
+        that adds one after shutdown began (a heartbeat taking the lease a
+        stopping replica's neighbour released, a pass scheduling its next
+        transition) would wait for it forever, and shutdown for the job. The
+        flag is set under ``_jobs_lock`` before shutdown is called.
+        """
+        with self._jobs_lock:
+            if not self._shutting_down:
+                self.scheduler.add_job(*args, **kwargs)
 
     def run_checks(self, mgr: KeyManager) -> tuple[dict[str, str], State | None]:
         """Reachability of the store and of every backend a ring uses ("ok" or the error)."""
@@ -243,7 +260,7 @@ class Daemon:
                 log.error("reconcile.failed", failures=len(res.failures), error=res.failures[0])
             nxt = res.plan.next_at if res.plan is not None else None
             if nxt is not None and not self.stop.is_set():
-                self.scheduler.add_job(
+                self._add_job(
                     self.request_pass,
                     "date",
                     run_date=nxt + timedelta(seconds=0.2),
@@ -361,9 +378,10 @@ class Daemon:
     def record(self, event: dict[str, Any]) -> None:
         """Record a daemon event through the state, never forking the hash chain.
 
-        Replicas on one host share the audit log: the store's exclusive lock
-        (the file store's flock, a shared store's lock object) serialises this
-        commit with every pass and with the other replicas; committing it
+        Replicas share one audit chain (one file on one host, or the shared
+        store's objects): the store's exclusive lock (the file store's flock, a
+        shared store's lock object) serialises this commit with every pass and
+        with the other replicas; committing it
         (rather than appending it) anchors it, so its removal from the log is
         detectable. Every store's exclusive() is re-entrant per thread and
         queues the other threads of the process, so this waits for a pass
@@ -514,6 +532,9 @@ class Daemon:
             listen=_addr(cfg.listen[0], self.health.port),
             replica=self.lease.holder,
             lease=mode,
+            # Where the audit chain is kept: a file, or the shared store's
+            # objects (keymgr.auditstore; then no local file is the record).
+            audit=self.manager.audit.where,
         )
         if mode == "single":
             log.warning(
@@ -544,6 +565,8 @@ class Daemon:
         log.info("daemon.stopping")
         if self.service is not None:
             self.service.close()  # answers in flight, then records pending refusals
+        with self._jobs_lock:
+            self._shutting_down = True  # no job adds one now (see _add_job)
         self.scheduler.shutdown(wait=True)  # lets a running pass finish
         with self.lease_lock:
             try:

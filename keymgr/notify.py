@@ -87,6 +87,8 @@ KNOWN_EVENTS = (
     "config.loaded",
     "config.rejected",
     "audit.key",
+    "audit.imported",
+    "state.sharded",
 )
 TYPE_PREFIX = "io.keymgr."
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"

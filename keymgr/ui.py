@@ -177,7 +177,12 @@ class OperatorView:
     def refresh_events(self, audit: AuditLog, redact: Callable[[str], str]) -> None:
         """Read the last AUDIT_EVENTS events of the log (its end only)."""
         try:
-            events, error = tail_events(audit.path, AUDIT_EVENTS), None
+            if audit.in_store:  # the chain in the shared store (keymgr.auditstore)
+                from keymgr.auditstore import tail_events as store_tail
+
+                events, error = store_tail(audit, AUDIT_EVENTS), None
+            else:
+                events, error = tail_events(audit.path, AUDIT_EVENTS), None
         except OSError as e:
             events, error = [], f"cannot read the audit log: {e.strerror}"
         with self._lock:
@@ -209,10 +214,15 @@ class OperatorView:
                 with mgr.store.exclusive():  # not between a pass's commit and its append
                     anchor = mgr.state().audit
                     try:
-                        size = os.stat(mgr.audit.path).st_size
+                        size = 0 if mgr.audit.in_store else os.stat(mgr.audit.path).st_size
                     except FileNotFoundError:
                         size = 0
-                log = _Prefix(mgr.audit, size, cancelled)
+                if mgr.audit.in_store:  # the events up to the anchor read (appends go on)
+                    from keymgr.auditstore import up_to
+
+                    log: AuditLog = up_to(mgr.audit, anchor.seq)
+                else:
+                    log = _Prefix(mgr.audit, size, cancelled)
                 r = log.check(anchor, require_signed=mgr.config.audit is not None)
                 result = ChainCheck(
                     True, r.events, r.checkpoints, at, time.monotonic() - t0, None

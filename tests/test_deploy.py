@@ -314,8 +314,9 @@ def test_every_manifest_validates_strictly(version: str) -> None:
     docs = manifests()
     assert {d["kind"] for _, d in docs} >= {
         "Deployment", "ServiceAccount", "ConfigMap", "Secret", "PodDisruptionBudget",
-        "Service", "PersistentVolumeClaim", "NetworkPolicy", "Namespace",
+        "Service", "NetworkPolicy", "Namespace",
     }
+    assert "PersistentVolumeClaim" not in {d["kind"] for _, d in docs}, "stateless: no PVC"
     for path, doc in docs:
         try:
             kubernetes_validate.validate(doc, v, strict=True)
@@ -331,7 +332,8 @@ def test_deployment_security_and_probes() -> None:
     """Two replicas, non-root, read-only root, no privilege escalation, no
     capabilities, RuntimeDefault seccomp, probes on /healthz and /readyz, and
     resource requests and limits: what the restricted Pod Security Standard and
-    the issue ask for."""
+    the issue ask for. Stateless (issue 17): no volume but the config, the
+    audit chain kept in the shared state store, nothing written in the pod."""
     (dep,) = by_kind("Deployment")
     spec = dep["spec"]
     assert spec["replicas"] == 2
@@ -365,12 +367,11 @@ def test_deployment_security_and_probes() -> None:
     mount = mounts[str(Path(config_path).parent)]
     assert mount.get("readOnly") is True
     assert vols[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
-    # The audit log is on the shared (ReadWriteMany) claim, not in the container.
+    # No volume besides the config: the audit chain is in the state store (no
+    # audit = "file", no local mirror that would need a writable volume).
     cfg = tomllib.loads(cm["data"]["keymgr.toml"])
-    audit_mount = mounts[str(Path(cfg["daemon"]["audit_log"]).parent)]
-    claim = vols[audit_mount["name"]]["persistentVolumeClaim"]["claimName"]
-    (pvc,) = [p for p in by_kind("PersistentVolumeClaim") if p["metadata"]["name"] == claim]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert list(vols) == [mount["name"]] and list(mounts) == [mount["mountPath"]]
+    assert "audit_log" not in cfg["daemon"] and cfg["daemon"].get("audit", "store") == "store"
     # The pod can stop cleanly: a pass finishes before SIGKILL.
     assert pod["terminationGracePeriodSeconds"] >= 30
     # PDB and metrics Service select these pods; ports line up with the config.

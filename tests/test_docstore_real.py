@@ -111,7 +111,7 @@ def test_s3_objects_and_messages(moto: Any, s3_key: str) -> None:
 S3_URL_ERRORS = [
     (
         "s3://bucket/state.json?regoin=x",
-        "daemon.state?regoin: unknown option (known: "
+        "daemon.state?regoin: unknown option (known: audit_lock, audit_retention, "
         "connect_timeout, endpoint_url, lock_ttl, max_attempts, profile, read_timeout, region)",
     ),
     (

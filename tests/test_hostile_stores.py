@@ -546,6 +546,13 @@ def test_rechained_audit_log_is_refused_before_any_commit(
     world: World, cmd: tuple[str, ...]
 ) -> None:
     w = world
+    # The file as the record ([daemon] audit = "file"); the store as the
+    # record is forged in tests/test_audit_store.py.
+    cfg = w.home.config.read_text()
+    assert 'audit_log = "audit.jsonl"\n' in cfg
+    w.home.config.write_text(
+        cfg.replace('audit_log = "audit.jsonl"\n', 'audit_log = "audit.jsonl"\naudit = "file"\n')
+    )
     w.reconcile(T0)
     log = w.home.dir / "audit.jsonl"
     forge(log)

@@ -133,6 +133,10 @@ def test_soak_vault_cloud_state_faults_no_rejection(tmp_path: Path) -> None:
     )  # fmt: skip
     assert {v["name"] for v in r["verifiers"]} == {"pyjwt", "jwcrypto", "jose"}, out
     assert r["keymgr_settings"]["state_store"] == "vault", out
+    # Issue 17: no audit file; the chain in KV verified (final audit verify).
+    assert r["keymgr_settings"]["audit_record"] == "store", out
+    assert not r["keymgr_settings"]["audit_file"], out
+    assert not (tmp_path / "w" / "audit.jsonl").exists(), out
     assert r["rotations"] >= 4, out
     assert r["rejections"] == 0, out
     for v in r["verifiers"]:

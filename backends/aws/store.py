@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,7 +42,9 @@ __all__ = ["S3Adapter", "open_s3_store"]
 # --------------------------------------------------------------------------- the URL
 
 
-_STORE_PARAMS = frozenset(AWS_CONNECTION_OPTIONS | {"lock_ttl"})
+_STORE_PARAMS = frozenset(AWS_CONNECTION_OPTIONS | {"lock_ttl", "audit_retention", "audit_lock"})
+#: S3 Object Lock modes for the audit objects (``audit_lock``).
+AUDIT_LOCK_MODES = ("governance", "compliance")
 DEFAULT_LOCK_TTL = 30.0
 _MIN_LOCK_TTL, _MAX_LOCK_TTL = 5, 3600
 
@@ -66,9 +69,19 @@ def _store_params(url: str) -> tuple[str, str, Options]:
 class S3Adapter(LazyS3, DocumentAdapter):
     """``KEY``, ``KEY.lock``, ``KEY.lease`` in one bucket, by conditional requests."""
 
-    def __init__(self, bucket: str, key: str, connection: AWSConnection | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        key: str,
+        connection: AWSConnection | None = None,
+        audit_lock: tuple[str, timedelta] | None = None,
+    ) -> None:
         self.bucket, self.key = bucket, key
         self.connection = connection or AWSConnection()
+        #: (mode, retention): S3 Object Lock on every audit event created
+        #: (``audit/...``, keymgr.auditstore), so that not even keymgr's own
+        #: credentials can delete or overwrite one before it expires.
+        self.audit_lock = audit_lock
         self._lock = threading.Lock()
         self._client: Any = None
 
@@ -97,12 +110,20 @@ class S3Adapter(LazyS3, DocumentAdapter):
         return Blob(data, str(resp["ETag"]), _age(resp))
 
     def create(self, name: str, data: bytes) -> object:
-        return self._put(name, data, {"IfNoneMatch": "*"})
+        extra: dict[str, Any] = {"IfNoneMatch": "*"}
+        if self.audit_lock is not None and name.startswith("audit/"):
+            mode, keep = self.audit_lock
+            # Retention runs from this machine's clock: S3 only needs it in
+            # the future, and a skew of minutes is nothing against days.
+            extra["ObjectLockMode"] = mode.upper()
+            extra["ObjectLockRetainUntilDate"] = datetime.now(UTC) + keep
+            extra["ChecksumAlgorithm"] = "SHA256"  # S3 wants a checksum on locked PUTs
+        return self._put(name, data, extra)
 
     def replace(self, name: str, data: bytes, version: object) -> object:
         return self._put(name, data, {"IfMatch": str(version)})
 
-    def _put(self, name: str, data: bytes, condition: dict[str, str]) -> str:
+    def _put(self, name: str, data: bytes, condition: dict[str, Any]) -> str:
         try:
             resp = self.client.put_object(
                 Bucket=self.bucket,
@@ -158,6 +179,27 @@ class S3Adapter(LazyS3, DocumentAdapter):
             raise self._error(self._op("HeadObject", name), e) from None
         return str(head["ETag"])
 
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        """``FAMILY/LEAF`` objects by ListObjectsV2 on ``KEY.FAMILY/``, with their
+        age on S3's clock (each page's Date header minus LastModified); for the
+        sweep of orphaned state shards (keymgr.docstore.StateLayout.sweep)."""
+        prefix = f"{self.key}.{family}/"
+        out: list[tuple[str, float | None]] = []
+        token: str | None = None
+        try:
+            while True:
+                more = {"ContinuationToken": token} if token else {}
+                resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, **more)
+                for obj in resp.get("Contents", []):
+                    leaf = str(obj["Key"])[len(prefix) :]
+                    age = _age({**resp, "LastModified": obj["LastModified"]})
+                    out.append((f"{family}/{leaf}", age))
+                token = resp.get("NextContinuationToken")
+                if not resp.get("IsTruncated") or not token:
+                    return out
+        except aws_errors() as e:
+            raise self._error(f"ListObjectsV2 {prefix}", e) from None
+
     def __repr__(self) -> str:
         return f"S3Adapter({self.location!r})"
 
@@ -179,4 +221,25 @@ def open_s3_store(url: str) -> SharedStore:
     """
     bucket, key, o = _store_params(url)
     lock_ttl = o.number("lock_ttl", DEFAULT_LOCK_TTL, _MIN_LOCK_TTL, _MAX_LOCK_TTL)
-    return SharedStore(S3Adapter(bucket, key, parse_connection(o)), url=url, lock_ttl=lock_ttl)
+    adapter = S3Adapter(bucket, key, parse_connection(o), _audit_lock(o))
+    return SharedStore(adapter, url=url, lock_ttl=lock_ttl)
+
+
+def _audit_lock(o: Options) -> tuple[str, timedelta] | None:
+    """``audit_retention=400d[&audit_lock=governance|compliance]``: Object Lock
+    on the audit objects (docs/audit.md#object-lock); None without it."""
+    from keymgr.timefmt import parse_duration
+
+    text = o.string("audit_retention")
+    mode = o.choice("audit_lock", "governance", AUDIT_LOCK_MODES)
+    if text is None:
+        if "audit_lock" in o:
+            raise o.err("audit_lock", "needs audit_retention (e.g. audit_retention=400d)")
+        return None
+    try:
+        keep = parse_duration(text)
+    except ValueError:
+        raise o.err("audit_retention", f"expected a duration such as 400d, got {text!r}") from None
+    if not timedelta(days=1) <= keep <= timedelta(days=36500):
+        raise o.err("audit_retention", f"must be between 1d and 36500d, got {text!r}")
+    return mode, keep

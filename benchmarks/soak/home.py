@@ -39,9 +39,13 @@ class Home:
             [PY, "-m", "keymgr.cli", "init", "--dir", str(self.work)],
             check=True, capture_output=True, env=e.env, cwd=REPO,
         )  # fmt: skip
+        # With a shared (cloud) state the audit chain is kept in the store
+        # (keymgr.auditstore) and no local audit file is written at all: the
+        # checks read it back through `keymgr audit verify` / `show`.
+        audit_log = 'audit_log = "audit.jsonl"\n' if e.state_url().startswith("file:") else ""
         self.config.write_text(
             "# written by benchmarks/soak (python -m benchmarks.soak)\n"
-            f'[daemon]\nstate = "{e.state_url()}"\naudit_log = "audit.jsonl"\n'
+            f'[daemon]\nstate = "{e.state_url()}"\n{audit_log}'
             'reconcile_interval = "1s"\nlisten = "127.0.0.1:0"\nlease_ttl = "3s"\n\n'
             f"{e.backend_toml()}\n{e.publisher_toml()}"
             + (f"verify_urls = {json.dumps(list(verify_urls))}\nprobe_timeout = 1\n"

@@ -154,6 +154,9 @@ def build_report(run: Runner) -> dict[str, Any]:
             "clock_skew": s.skew,
             "token_ttl": s.ttl,
             "state_store": env.state_url().split(":", 1)[0],
+            # Where the audit chain is kept: the shared store's objects, or the file.
+            "audit_record": "file" if env.state_url().startswith("file:") else "store",
+            "audit_file": (run.home.work / "audit.jsonl").exists(),
         },
         "config_warnings": run.home.config_warnings,
         "wall_seconds": round(time.time() - t0, 1),
