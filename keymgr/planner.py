@@ -165,20 +165,26 @@ class Plan:
 # --- what each publisher should serve ----------------------------------------
 
 
-def desired_keys(state: State, policies: Mapping[str, Policy], publisher: str) -> list[Key]:
+def desired_keys(
+    state: State,
+    policies: Mapping[str, Policy],
+    publisher: str,
+    index: Mapping[str, tuple[str, ...]] | None = None,
+) -> list[Key]:
     """Keys the publisher's document must hold.
 
     Every JWKS key of the rings that use it, plus the JWKS keys it already
     serves for rings that no longer use it: dropping a publisher from a ring
     stops new keys going there, while the keys verifiers may have fetched from
-    it leave on their usual schedule (expiry), never at once.
+    it leave on their usual schedule (expiry), never at once. ``index``:
+    :func:`rings_of` of ``policies``, when the caller already built it.
     """
     out: list[Key] = []
-    for name, pol in policies.items():
-        if publisher in pol.publishers:
-            ring = state.rings.get(name)
-            if ring is not None:
-                out.extend(k for k in ring.keys if k.state in IN_JWKS)
+    rings = (index if index is not None else rings_of(policies)).get(publisher, ())
+    for name in rings:
+        ring = state.rings.get(name)
+        if ring is not None:
+            out.extend(k for k in ring.keys if k.state in IN_JWKS)
     rec = state.publishers.get(publisher)
     if rec is not None and rec.kids:
         left = rec.kids.difference(k.kid for k in out)
@@ -187,6 +193,18 @@ def desired_keys(state: State, policies: Mapping[str, Policy], publisher: str) -
             if found is not None and found[1].state in IN_JWKS:
                 out.append(found[1])
     return out
+
+
+def rings_of(policies: Mapping[str, Policy]) -> dict[str, tuple[str, ...]]:
+    """The rings of each publisher, in policy order. :func:`plan` builds it once
+    and hands it to every :func:`desired_keys` call: with 100,000 rings and
+    hundreds of publishers, walking every ring for every publisher was most
+    of a pass."""
+    lists: dict[str, list[str]] = {}
+    for name, pol in policies.items():
+        for p in pol.publishers:
+            lists.setdefault(p, []).append(name)
+    return {p: tuple(names) for p, names in lists.items()}
 
 
 def publishers_in_use(policies: Mapping[str, Policy]) -> list[str]:
@@ -291,9 +309,10 @@ def plan(
     due: list[Action] = []
     upcoming: dict[str, Upcoming | None] = {}
     managed = _managed(policies, publishers)
+    index = rings_of(policies)
     for p in managed:
         rec = state.publishers.get(p)
-        want = frozenset(k.kid for k in desired_keys(state, policies, p))
+        want = frozenset(k.kid for k in desired_keys(state, policies, p, index))
         if (rec is None and want) or (rec is not None and (rec.stale or rec.kids != want)):
             due.append(Publish(p))
     for name, pol in policies.items():
