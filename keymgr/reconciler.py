@@ -102,6 +102,8 @@ class Reconciler:
         self._backend_jwks: dict[tuple[str, str, str], dict[str, str]] = {}
         #: Rings of the last state found sound (keymgr.validate.check_state).
         self._checked_rings: dict[int, Ring] = {}
+        #: The config and the rings :meth:`check_rings` last found configured.
+        self._rings_ok: tuple[object, dict[int, Ring]] = (None, {})
         #: Called after each edge probe (publisher, result, record before,
         #: state after): the daemon's metrics.
         self.on_probe: Callable[[str, ProbeResult, EdgeRecord | None, State], None] | None = None
@@ -124,21 +126,39 @@ class Reconciler:
         self._validated = state
 
     def check_rings(self, state: State) -> None:
+        """Every ring with live keys is configured, and so is every backend holding one.
+
+        A ring that passed for this config is not walked again while the store
+        hands back the same (immutable) Ring object: a pass over 100,000
+        unchanged rings costs a dictionary lookup each.
+        """
+        config, passed = self._rings_ok
+        if config is not self.config:
+            passed = {}
+        now_ok: dict[int, Ring] = {}
         for name, ring in state.rings.items():
-            if name not in self.config.policies and ring.in_state(*HAS_PRIVATE):
+            if passed.get(id(ring)) is ring:
+                now_ok[id(ring)] = ring
+                continue
+            self._check_ring(name, ring)
+            now_ok[id(ring)] = ring
+        self._rings_ok = (self.config, now_ok)
+
+    def _check_ring(self, name: str, ring: Ring) -> None:
+        if name not in self.config.policies and ring.in_state(*HAS_PRIVATE):
+            raise ConfigError(
+                f"{self.config.path}: keyrings.{name}: missing, but the state still holds "
+                f"live keys of ring {name!r}; restore the ring (removing it would drop "
+                "keys verifiers may still need)"
+            )
+        for k in ring.keys:
+            if k.state in HAS_PRIVATE and k.backend not in self.config.backends:
                 raise ConfigError(
-                    f"{self.config.path}: keyrings.{name}: missing, but the state still holds "
-                    f"live keys of ring {name!r}; restore the ring (removing it would drop "
-                    "keys verifiers may still need)"
+                    f"{self.config.path}: backends.{k.backend}: missing, but key {k.kid} of "
+                    f"ring {name} ({k.state}) lives there; keep the backend configured "
+                    "until its keys are destroyed (a moved ring keeps its old keys where "
+                    "they are)"
                 )
-            for k in ring.keys:
-                if k.state in HAS_PRIVATE and k.backend not in self.config.backends:
-                    raise ConfigError(
-                        f"{self.config.path}: backends.{k.backend}: missing, but key {k.kid} of "
-                        f"ring {name} ({k.state}) lives there; keep the backend configured "
-                        "until its keys are destroyed (a moved ring keeps its old keys where "
-                        "they are)"
-                    )
 
     def commit(
         self, state: State, events: list[dict[str, Any]], token: Token

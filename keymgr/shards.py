@@ -46,11 +46,11 @@ HEAD_FORMAT = 2
 SHARD_KIND, MANIFEST_KIND, DOC_FORMAT = "keymgr.shard", "keymgr.manifest", 1
 OUTBOX_KIND = "keymgr.outbox"
 #: Buckets listed by one manifest.
-FANOUT = 256
+FANOUT = 128
 #: Entities per bucket aimed at when the bucket count is chosen ...
-TARGET = 16
+TARGET = 8
 #: ... and the average above which it doubles.
-GROW_AT = 32
+GROW_AT = 16
 
 _SHARD_NAME = re.compile(r"shards/[0-9a-f]{64}\.json")
 _MANIFEST_NAME = re.compile(r"shards/m-[0-9a-f]{64}\.json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import signal
 from datetime import timedelta
@@ -25,11 +26,13 @@ from keymgr.errors import ConfigError, ConflictError, StoreError
 from keymgr.model import EdgeRecord, PublisherRecord
 from keymgr.shards import (
     GROW_AT,
+    TARGET,
     Corrupt,
     bucket_of,
     buckets_for,
     decode_shard,
     encode_shard,
+    entity_count,
     ring_key,
     split,
 )
@@ -55,7 +58,8 @@ def test_shards_are_deterministic_and_checked() -> None:
     state = sharded_state(64)
     b = buckets_for(66)
     shards = split(state, b, lambda _: None)
-    assert b == 8 and sum(len(s.rings) for s in shards.values()) == 64
+    assert b == 2 ** math.ceil(math.log2(66 / TARGET))
+    assert sum(len(s.rings) for s in shards.values()) == 64
     one = next(iter(shards.values()))
     name, data = encode_shard(one, b, "7.abc")
     assert encode_shard(one, b, "7.abc") == (name, data)  # same entities and stamp: same bytes
@@ -85,8 +89,8 @@ def docstore_name(data: bytes) -> str:
 
 
 def test_buckets_grow_by_doubling_and_never_shrink() -> None:
-    assert buckets_for(0) == 1 and buckets_for(16) == 1 and buckets_for(17) == 2
-    assert buckets_for(100_000) == 8192
+    assert buckets_for(0) == 1 and buckets_for(TARGET) == 1 and buckets_for(TARGET + 1) == 2
+    assert buckets_for(100_000) == 2 ** math.ceil(math.log2(100_000 / TARGET))
     assert buckets_for(8 * GROW_AT, 8) == 8 and buckets_for(8 * GROW_AT + 1, 8) == 16
     assert buckets_for(3, 64) == 64
 
@@ -109,7 +113,10 @@ def test_a_tampered_shard_or_head_is_one_line() -> None:
     store.commit(sharded_state(20), None)
     snap = store.layout._snap
     assert snap is not None
-    victim = next(iter(snap.buckets.values()))
+    # A shard holding a ring (some buckets hold only publisher parts).
+    victim = next(
+        n for n in snap.buckets.values() if b'"emergency":false' in (adapter.peek(n) or b"")
+    )
     data = adapter.peek(victim)
     assert data is not None
     adapter.poke(victim, data.replace(b'"emergency":false', b'"emergency":true ', 1))
@@ -123,7 +130,10 @@ def test_a_tampered_shard_or_head_is_one_line() -> None:
             adapter.poke(victim, data)
             head = adapter.peek(STATE)
             assert head is not None
-            adapter.poke(STATE, head.replace(b'"buckets": 2', b'"buckets": 3'))
+            buckets = snap.sharding.buckets if snap.sharding else 0
+            damaged = head.replace(f'"buckets": {buckets}'.encode(), b'"buckets": 3')
+            assert damaged != head
+            adapter.poke(STATE, damaged)
         else:
             assert "corrupt state head" in msg and "power of two" in msg
 
@@ -246,7 +256,8 @@ def test_auto_keeps_one_document_and_off_refuses_what_the_store_cannot_hold() ->
     assert b"tenant-001" in (adapter.peek(STATE) or b"")  # one document
     big = sharded_state(600)
     event = store.layout_event(big, t)
-    assert event is not None and event["event"] == "state.sharded" and event["buckets"] == 64
+    assert event is not None and event["event"] == "state.sharded"
+    assert event["buckets"] == buckets_for(entity_count(big))
     store.commit(big, t)
     assert b"tenant-001" not in (adapter.peek(STATE) or b"")
     # off over a sharded state: refused, never silently rewritten as one document.
