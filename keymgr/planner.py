@@ -293,19 +293,85 @@ def _managed(policies: Mapping[str, Policy], publishers: Collection[str] | None)
 # --- the planner -------------------------------------------------------------
 
 
+class PlanMemo:
+    """What :func:`plan` found for steady rings, so a pass over 100,000 rings
+    where nothing changed does not plan each ring again.
+
+    A ring's plan is a pure function of the ring, its policy, the publisher
+    and edge records, the managed publishers, the edges and ``now``. For a
+    *steady* ring (a signer, nothing pending or published, nothing due)
+    ``now`` only enters through thresholds that are each either passed or
+    among the ring's upcoming times (``test_sleeping_until_next_at_misses_nothing``
+    checks that every threshold is reported); so for the same inputs and any
+    later ``now`` before the earliest of them, the plan is the same: no due
+    action and the same next transition. The inputs are compared by identity
+    (state objects are immutable; a store hands back the same objects for
+    what did not change), the small ones by equality; anything else plans
+    the ring again. One memo per :class:`~keymgr.reconciler.Reconciler`.
+    """
+
+    def __init__(self) -> None:
+        self.context: tuple[object, ...] | None = None
+        #: ring name -> (ring, policy, when planned, its next transition)
+        self.rings: dict[str, tuple[Ring, Policy, datetime, Upcoming | None]] = {}
+
+    def enter(
+        self, state: State, managed: Sequence[str], edges: Edges | None
+    ) -> None:
+        """Forget everything unless the records every ring's plan reads are the same."""
+        old = self.context
+        if (
+            old is None
+            or old[0] is not state.publishers
+            or old[1] is not state.edges
+            or old[2] != tuple(managed)
+            or old[3] != (dict(edges) if edges is not None else None)
+        ):
+            self.rings.clear()
+        self.context = (
+            state.publishers,
+            state.edges,
+            tuple(managed),
+            dict(edges) if edges is not None else None,
+        )
+
+    def get(
+        self, name: str, ring: Ring, pol: Policy, now: datetime
+    ) -> tuple[bool, Upcoming | None]:
+        """(True, its next transition) when ``ring``'s plan at ``now`` is known."""
+        hit = self.rings.get(name)
+        if hit is None or hit[0] is not ring or hit[1] is not pol or now < hit[2]:
+            return False, None
+        nxt = hit[3]
+        if nxt is not None and now >= nxt.at:
+            return False, None
+        return True, nxt
+
+    def put(
+        self, name: str, ring: Ring, pol: Policy, now: datetime, nxt: Upcoming | None
+    ) -> None:
+        """Remember a plan with nothing due, if the ring is steady."""
+        if ring.active is not None and not ring.in_state(PENDING, PUBLISHED):
+            self.rings[name] = (ring, pol, now, nxt)
+        else:
+            self.rings.pop(name, None)
+
+
 def plan(
     state: State,
     policies: Mapping[str, Policy],
     now: datetime,
     publishers: Collection[str] | None = None,
     edges: Edges | None = None,
+    memo: PlanMemo | None = None,
 ) -> Plan:
     """What is due at ``now``. ``publishers``: every configured publisher
     (default: those the rings use), so one dropped from every ring is still
     kept consistent and still counts before a key is destroyed. ``edges``:
     the URLs probed for each publisher (``verify_urls``), each of which must
     show a key before its promotion clock starts and stop showing it before
-    it is destroyed."""
+    it is destroyed. ``memo``: a :class:`PlanMemo` kept between calls, which
+    skips steady rings whose inputs did not change (same result)."""
     due: list[Action] = []
     upcoming: dict[str, Upcoming | None] = {}
     managed = _managed(policies, publishers)
@@ -315,10 +381,23 @@ def plan(
         want = frozenset(k.kid for k in desired_keys(state, policies, p, index))
         if (rec is None and want) or (rec is not None and (rec.stale or rec.kids != want)):
             due.append(Publish(p))
+    if memo is not None:
+        memo.enter(state, managed, edges)
     for name, pol in policies.items():
-        ring_due, nxt = plan_ring(state, state.ring(name), pol, now, managed, edges)
+        ring = state.ring(name)
+        if memo is not None:
+            known, nxt = memo.get(name, ring, pol, now)
+            if known:
+                upcoming[name] = nxt
+                continue
+        ring_due, nxt = plan_ring(state, ring, pol, now, managed, edges)
         due.extend(ring_due)
         upcoming[name] = nxt
+        if memo is not None:
+            if ring_due:
+                memo.rings.pop(name, None)
+            else:
+                memo.put(name, ring, pol, now, nxt)
     return Plan(due=tuple(due), upcoming=upcoming)
 
 

@@ -49,6 +49,7 @@ from keymgr.planner import (
     Generate,
     MarkPublished,
     Plan,
+    PlanMemo,
     Promote,
     Publish,
     desired_keys,
@@ -102,6 +103,8 @@ class Reconciler:
         self._backend_jwks: dict[tuple[str, str, str], dict[str, str]] = {}
         #: Rings of the last state found sound (keymgr.validate.check_state).
         self._checked_rings: dict[int, Ring] = {}
+        #: Steady rings' plans, reused while nothing they depend on changed.
+        self._plan_memo = PlanMemo()
         #: The config and the rings :meth:`check_rings` last found configured.
         self._rings_ok: tuple[object, dict[int, Ring]] = (None, {})
         #: Called after each edge probe (publisher, result, record before,
@@ -239,7 +242,12 @@ class Reconciler:
 
     def plan(self, state: State, now: datetime) -> Plan:
         return plan(
-            state, self.config.policies, now, self.config.publishers, self.config.edge_urls()
+            state,
+            self.config.policies,
+            now,
+            self.config.publishers,
+            self.config.edge_urls(),
+            self._plan_memo,
         )
 
     # -- the pass ----------------------------------------------------------

@@ -24,6 +24,7 @@ They are fast (the mutation-testing run in pyproject.toml selects this file).
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -54,6 +55,7 @@ from keymgr.planner import (
     Generate,
     MarkPublished,
     Plan,
+    PlanMemo,
     Policy,
     Promote,
     Publish,
@@ -350,3 +352,61 @@ def served_everywhere(state: State, pol: Policy, kid: str | None) -> bool:
 
 def maybe_served(state: State, kid: str | None) -> bool:
     return any(r.stale or kid in r.kids or kid in r.asked for r in state.publishers.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(world=worlds(), steps=st.lists(st.floats(0, 1), min_size=1, max_size=4),
+       change=st.sampled_from(["none", "ring", "publishers", "backwards"]))
+def test_a_plan_memo_changes_nothing(
+    world: tuple[State, dict[str, Policy], datetime], steps: list[float], change: str
+) -> None:
+    """``plan`` with a PlanMemo kept across calls gives exactly the plan
+    without one: at later times, after a ring or the publisher records change
+    (new objects), and when time goes backwards (``--at``)."""
+    state, policies, now = world
+    memo = PlanMemo()
+    assert plan(state, policies, now, PUBLISHERS, memo=memo) == plan(
+        state, policies, now, PUBLISHERS
+    )
+    t = now
+    for f in steps:
+        t = t + timedelta(seconds=int(60 * 86400 * f))
+        if change == "ring" and state.rings:
+            name = sorted(state.rings)[int(f * (len(state.rings) - 1))]
+            r = state.rings[name]
+            state = state.with_ring(dataclasses.replace(r, keys=r.keys[1:]))
+        elif change == "publishers" and state.publishers:
+            state = dataclasses.replace(state, publishers={
+                n: dataclasses.replace(rec, kids=frozenset(), since={}, asked=frozenset())
+                for n, rec in state.publishers.items()
+            })
+        elif change == "backwards":
+            t = now - timedelta(seconds=int(3600 * f))
+        assert plan(state, policies, t, PUBLISHERS, memo=memo) == plan(
+            state, policies, t, PUBLISHERS
+        ), (t, change)
+
+
+def test_a_plan_memo_sees_a_publisher_stop_serving_an_expired_key() -> None:
+    """An expired key past ``destroy_after`` still served somewhere: nothing is
+    due and the memo keeps the ring's plan; once no publisher serves it (new
+    publisher records), destruction is due at once, memo or not."""
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    jwk = {"kty": "EC", "crv": "P-256", "x": "x", "y": "y"}
+    active = Key("a", "ES256", "local", ACTIVE, jwk, t0, t0, t0)
+    old = Key("o", "ES256", "local", EXPIRED, jwk, t0, t0, t0, t0, t0)
+    ring = Ring("r", (active, old))
+    pol = Policy("r", "local", "ES256", timedelta(days=30), timedelta(hours=1),
+                 timedelta(days=1), timedelta(days=1), ("p0",))
+    served = PublisherRecord("ab" * 32, frozenset({"a", "o"}), t0, since={"a": t0, "o": t0})
+    state = State(rings={"r": ring}, publishers={"p0": served}, clock=t0)
+    now = t0 + timedelta(days=2)
+    memo = PlanMemo()
+    first = plan(state, {"r": pol}, now, ("p0",), memo=memo)
+    assert not ring_actions(first) and "r" in memo.rings
+    gone = dataclasses.replace(served, kids=frozenset({"a"}), since={"a": t0})
+    state = dataclasses.replace(state, publishers={"p0": gone})
+    later = now + timedelta(minutes=1)
+    with_memo = plan(state, {"r": pol}, later, ("p0",), memo=memo)
+    assert with_memo == plan(state, {"r": pol}, later, ("p0",))
+    assert Destroy("r", "o") in with_memo.due
