@@ -754,6 +754,23 @@ class SyslogSink:
 # --------------------------------------------------------------------------- follow
 
 
+def state_audit_key(m: Any, anchor: AuditAnchor, where: str) -> AuditKey | None:
+    """The audit key in use at the head, its public key read from its backend
+    (where ``audit follow`` starts, over a file or a store); ``m`` a KeyManager."""
+    if anchor.key_kid is None:
+        return None
+    cp = m.audit.checkpoints
+    if cp is None:
+        raise UsageError(
+            f"{where}: the state names audit key {anchor.key_kid} but "
+            f"{m.config.path} has no [audit] table to read its public key from: use "
+            "the daemon's config, or --from-start (keys from the log, as 'audit verify')"
+        )
+    assert anchor.key_alg is not None and anchor.key_backend is not None
+    public = cp.public(anchor.key_backend, anchor.key_kid, anchor.key_alg)
+    return AuditKey(anchor.key_kid, anchor.key_alg, public)
+
+
 class Follower:
     """``keymgr audit follow``: the log as it grows, every line verified.
 
@@ -870,19 +887,7 @@ class Follower:
         return f", signed through line {n}" if n else ""
 
     def _state_key(self, anchor: AuditAnchor) -> AuditKey | None:
-        """The audit key in use at the head, its public key read from its backend."""
-        if anchor.key_kid is None:
-            return None
-        cp = self.m.audit.checkpoints
-        if cp is None:
-            raise UsageError(
-                f"{self.where}: the state names audit key {anchor.key_kid} but "
-                f"{self.m.config.path} has no [audit] table to read its public key from: use "
-                "the daemon's config, or --from-start (keys from the log, as 'audit verify')"
-            )
-        assert anchor.key_alg is not None and anchor.key_backend is not None
-        public = cp.public(anchor.key_backend, anchor.key_kid, anchor.key_alg)
-        return AuditKey(anchor.key_kid, anchor.key_alg, public)
+        return state_audit_key(self.m, anchor, self.where)
 
     def _last_line(self, size: int) -> bytes:
         """The last line of the first ``size`` bytes, with its newline (b"" if none)."""

@@ -613,18 +613,9 @@ class StoreFollower:
                   f"state{signed})")
 
     def _state_key(self, anchor: AuditAnchor) -> AuditKey | None:
-        if anchor.key_kid is None:
-            return None
-        cp = self.m.audit.checkpoints
-        if cp is None:
-            raise UsageError(
-                f"{self.where}: the state names audit key {anchor.key_kid} but "
-                f"{self.m.config.path} has no [audit] table to read its public key from: use "
-                "the daemon's config, or --from-start (keys from the log, as 'audit verify')"
-            )
-        assert anchor.key_alg is not None and anchor.key_backend is not None
-        public = cp.public(anchor.key_backend, anchor.key_kid, anchor.key_alg)
-        return AuditKey(anchor.key_kid, anchor.key_alg, public)
+        from keymgr.auditquery import state_audit_key
+
+        return state_audit_key(self.m, anchor, self.where)
 
     def _verify_existing(self, anchor: AuditAnchor) -> None:
         digests = bytearray()
