@@ -206,10 +206,11 @@ class StoreMedium(Medium):
                         break
                 while window:
                     s, fut = window.pop(0)
+                    data = fut.result()  # done before the next is sent: never more in flight
                     nxt = next(it, None)
                     if nxt is not None:
                         window.append((nxt, pool.submit(self.read, nxt)))
-                    yield s, fut.result()
+                    yield s, data
             finally:
                 for _, fut in window:
                     fut.cancel()
