@@ -754,24 +754,84 @@ class SyslogSink:
 # --------------------------------------------------------------------------- follow
 
 
-def state_audit_key(m: Any, anchor: AuditAnchor, where: str) -> AuditKey | None:
-    """The audit key in use at the head, its public key read from its backend
-    (where ``audit follow`` starts, over a file or a store); ``m`` a KeyManager."""
-    if anchor.key_kid is None:
-        return None
-    cp = m.audit.checkpoints
-    if cp is None:
-        raise UsageError(
-            f"{where}: the state names audit key {anchor.key_kid} but "
-            f"{m.config.path} has no [audit] table to read its public key from: use "
-            "the daemon's config, or --from-start (keys from the log, as 'audit verify')"
+class Following:
+    """What ``keymgr audit follow`` does the same over a file (:class:`Follower`)
+    and over a store (keymgr.auditstore.StoreFollower): the options, the poll
+    loop, the audit key at the head, and when an event must be signed."""
+
+    def __init__(
+        self,
+        m: KeyManager,
+        *,
+        where: str,
+        from_start: bool,
+        emit: Callable[[dict[str, Any], bytes], None],
+        note: Callable[[str], None],
+        interval: float,
+        stuck_after: float,
+    ) -> None:
+        self.m = m
+        self.where = where
+        self.from_start = from_start
+        self.emit = emit
+        self.note = note
+        self.interval = interval
+        self.stuck_after = stuck_after
+        self.check = LineCheck(m.audit.path, where=where)
+
+    def run(self) -> None:
+        self.start()
+        while True:
+            time.sleep(self.interval)
+            self.poll()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _at(self, n: int) -> str:
+        """Event ``n``, for messages."""
+        raise NotImplementedError
+
+    def _state_key(self, anchor: AuditAnchor) -> AuditKey | None:
+        """The audit key in use at the head, its public key read from its backend."""
+        if anchor.key_kid is None:
+            return None
+        cp = self.m.audit.checkpoints
+        if cp is None:
+            raise UsageError(
+                f"{self.where}: the state names audit key {anchor.key_kid} but "
+                f"{self.m.config.path} has no [audit] table to read its public key from: use "
+                "the daemon's config, or --from-start (keys from the log, as 'audit verify')"
+            )
+        assert anchor.key_alg is not None and anchor.key_backend is not None
+        public = cp.public(anchor.key_backend, anchor.key_kid, anchor.key_alg)
+        return AuditKey(anchor.key_kid, anchor.key_alg, public)
+
+    def _require_signed(self, anchor: AuditAnchor, s: int) -> None:
+        """At the anchored head: with an audit key in use, it must be signed."""
+        if not self._signing(anchor):
+            return
+        if anchor.key_kid is not None and anchor.key_kid not in self.check.known_keys:
+            raise AuditError(
+                f"{self.where}: the state names audit key {anchor.key_kid}, but no audit.key "
+                "line introduces it"
+            )
+        if self.check.signed_through < s:
+            raise AuditError(
+                f"{self._at(self.check.signed_through + 1)}: not covered by a signed "
+                "checkpoint: written without the audit key"
+            )
+
+    def _signing(self, anchor: AuditAnchor) -> bool:
+        return anchor.key_kid is not None or (
+            self.m.config.audit is not None and bool(self.check.known_keys)
         )
-    assert anchor.key_alg is not None and anchor.key_backend is not None
-    public = cp.public(anchor.key_backend, anchor.key_kid, anchor.key_alg)
-    return AuditKey(anchor.key_kid, anchor.key_alg, public)
 
 
-class Follower:
+class Follower(Following):
     """``keymgr audit follow``: the log as it grows, every line verified.
 
     It starts from a verified point, taken under the store's lock (not
@@ -805,21 +865,22 @@ class Follower:
         interval: float = 0.2,
         stuck_after: float = 30.0,
     ) -> None:
-        self.m = m
         self.path: Path = m.audit.path
-        self.where = f"audit log {self.path}"
-        self.from_start = from_start
-        self.emit = emit
-        self.note = note
-        self.interval = interval
-        self.stuck_after = stuck_after
+        super().__init__(
+            m,
+            where=f"audit log {self.path}",
+            from_start=from_start,
+            emit=emit,
+            note=note,
+            interval=interval,
+            stuck_after=stuck_after,
+        )
         self.f: Any = None
         self.ident: tuple[int, int] | None = None
         self.offset = 0
         #: The last line checked, with its newline (an in-place rewrite check).
         self.last_raw = b""
         self.size_seen = -1
-        self.check = LineCheck(self.path)
         #: Lines checked but not yet confirmed by the anchor (or a checkpoint).
         self.pending: list[tuple[int, dict[str, Any], bytes]] = []
         self.confirmed = 0
@@ -827,12 +888,6 @@ class Follower:
         self.gone = False
 
     # -- start ----------------------------------------------------------------
-
-    def run(self) -> None:
-        self.start()
-        while True:
-            time.sleep(self.interval)
-            self.poll()
 
     def _open(self) -> bool:
         try:
@@ -886,8 +941,8 @@ class Follower:
         n = self.check.signed_through
         return f", signed through line {n}" if n else ""
 
-    def _state_key(self, anchor: AuditAnchor) -> AuditKey | None:
-        return state_audit_key(self.m, anchor, self.where)
+    def _at(self, n: int) -> str:
+        return f"{self.where}: line {n}"
 
     def _last_line(self, size: int) -> bytes:
         """The last line of the first ``size`` bytes, with its newline (b"" if none)."""
@@ -945,26 +1000,6 @@ class Follower:
     def _lines(self, start: int, end: int) -> Iterator[bytes]:
         for _, line in _forward(self.f, start, end):
             yield line + b"\n"
-
-    def _require_signed(self, anchor: AuditAnchor, s: int) -> None:
-        """At the anchored head: with an audit key in use, it must be signed."""
-        if not self._signing(anchor):
-            return
-        if anchor.key_kid is not None and anchor.key_kid not in self.check.known_keys:
-            raise AuditError(
-                f"{self.where}: the state names audit key {anchor.key_kid}, but no audit.key "
-                "line introduces it"
-            )
-        if self.check.signed_through < s:
-            raise AuditError(
-                f"{self.where}: line {self.check.signed_through + 1}: not covered by a signed "
-                "checkpoint: written without the audit key"
-            )
-
-    def _signing(self, anchor: AuditAnchor) -> bool:
-        return anchor.key_kid is not None or (
-            self.m.config.audit is not None and bool(self.check.known_keys)
-        )
 
     # -- follow ---------------------------------------------------------------
 

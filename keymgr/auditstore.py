@@ -48,7 +48,8 @@ from keymgr.audit import (
     encode_line,
     parse_event,
 )
-from keymgr.checkpoint import AuditKey, Checkpointer
+from keymgr.auditquery import Following
+from keymgr.checkpoint import Checkpointer
 from keymgr.errors import AuditError, ConflictError, UsageError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
@@ -542,7 +543,7 @@ def query_store(
 # --------------------------------------------------------------------------- follow
 
 
-class StoreFollower:
+class StoreFollower(Following):
     """``keymgr audit follow`` on the store: new events, each verified first.
 
     It starts from a verified point read under the store's lock: the anchored
@@ -567,26 +568,24 @@ class StoreFollower:
         interval: float = 1.0,
         stuck_after: float = 30.0,
     ) -> None:
-        self.m = m
         medium = m.audit.medium
         assert isinstance(medium, StoreMedium)
         self.medium = medium
-        self.where = medium.where
-        self.from_start = from_start
-        self.emit = emit
-        self.note = note
-        self.interval = interval
-        self.stuck_after = stuck_after
-        self.check = LineCheck(m.audit.path, where=self.where)
+        super().__init__(
+            m,
+            where=medium.where,
+            from_start=from_start,
+            emit=emit,
+            note=note,
+            interval=interval,
+            stuck_after=stuck_after,
+        )
         #: Events checked but not confirmed by the anchor yet.
         self.pending: list[tuple[dict[str, Any], bytes]] = []
         self.beyond_since: float | None = None
 
-    def run(self) -> None:
-        self.start()
-        while True:
-            time.sleep(self.interval)
-            self.poll()
+    def _at(self, n: int) -> str:
+        return self.medium.at(n)
 
     def start(self) -> None:
         m = self.m
@@ -613,11 +612,6 @@ class StoreFollower:
         self.note(f"{self.where}: following from event {anchor.seq} (the head anchored in "
                   f"state{signed})")
 
-    def _state_key(self, anchor: AuditAnchor) -> AuditKey | None:
-        from keymgr.auditquery import state_audit_key
-
-        return state_audit_key(self.m, anchor, self.where)
-
     def _verify_existing(self, anchor: AuditAnchor) -> None:
         digests = bytearray()
         for _, line in self.medium.lines(1, anchor.seq):
@@ -629,22 +623,13 @@ class StoreFollower:
                              f"the state anchors seq {anchor.seq}; run 'keymgr audit verify'")
         if s and self.check.prev != anchor.hash:
             raise AuditError(f"{self.medium.at(s)}: differs from the head anchored in state")
-        if self._signing(anchor) and self.check.signed_through < s:
-            raise AuditError(
-                f"{self.medium.at(self.check.signed_through + 1)}: not covered by a signed "
-                "checkpoint: written without the audit key"
-            )
+        self._require_signed(anchor, s)
         for n, line in self.medium.lines(1, s):
             i = 16 * (n - 1)
             if hashlib.blake2b(line, digest_size=16).digest() != digests[i : i + 16]:
                 raise AuditError(f"{self.medium.at(n)}: changed while it was being printed, "
                                  "after it was verified")
             self.emit(json.loads(line), line.rstrip(b"\n"))
-
-    def _signing(self, anchor: AuditAnchor) -> bool:
-        return anchor.key_kid is not None or (
-            self.m.config.audit is not None and bool(self.check.known_keys)
-        )
 
     def poll(self) -> None:
         # The anchor first: an event read after it and beyond it may be a
