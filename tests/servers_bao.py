@@ -57,7 +57,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers_common import ServerProcess, free_port, launch
+from tests.servers_common import ServerProcess, free_port, launch, stop_dead
 
 _START_TIMEOUT = 30.0
 
@@ -158,7 +158,7 @@ class BaoServer:
 
     def pause(self) -> None:
         # The whole process group: also right if ``bao`` were a wrapper process.
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        stop_dead(self.proc.pid, group=True)
 
     def resume(self) -> None:
         os.killpg(self.proc.pid, signal.SIGCONT)

@@ -27,6 +27,47 @@ def free_port() -> int:
         return port
 
 
+def stop_dead(pid: int, *, group: bool = False, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` (its process group with ``group``) and return once every
+    thread of it is stopped.
+
+    ``kill`` returns when the signal is queued, not delivered: the kernel wakes
+    one thread to start the group stop, and until that thread is scheduled the
+    others keep running. On a busy two-core machine a server's network thread
+    could still answer the next request in that window (seen once in CI: a
+    "stopped" fake-gcs-server answered). Waiting for state ``T`` in
+    ``/proc/PID/task/*/stat`` closes it.
+    """
+    if group:
+        os.killpg(pid, signal.SIGSTOP)
+    else:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = [
+                (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            ]
+        except (OSError, IndexError):
+            return  # gone, or no /proc: nothing more to wait for
+        if all(s in "tTXZ" for s in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"process {pid} not stopped {timeout:.0f}s after SIGSTOP: {states}"
+            )
+        time.sleep(0.001)
+
+
+#: For a hook run inside a CLI subprocess (``python -c``): makes :func:`stop_dead`
+#: importable there.
+STOP_DEAD_IMPORT = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+    "from tests.servers_common import stop_dead"
+)
+
+
 @dataclass
 class ServerProcess:
     """A server process on a loopback port, its log beside it."""
@@ -72,7 +113,7 @@ class ServerProcess:
         Code inside the block may also be what stops it (a hook in a CLI run
         that sends SIGSTOP at an exact request): the server comes back anyway.
         """
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        stop_dead(self.proc.pid)
         try:
             yield
         finally:

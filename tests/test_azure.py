@@ -78,6 +78,7 @@ from tests.servers_azurite import (
     keymgr_command,
     register_plugins,
 )
+from tests.servers_common import STOP_DEAD_IMPORT
 from tests.servers_moto import error_lines, ts, verify_token, write_config
 
 # The fixtures (until tests/conftest.py lists tests.servers_azurite in pytest_plugins).
@@ -1018,7 +1019,7 @@ def test_three_concurrent_reconciles_share_one_store(home: Any, azurite: Azurite
 
 #: Runs the real CLI, and SIGSTOPs Azurite the moment the publisher is about to
 #: upload the JWKS: an outage in the middle of a pass, at an exact request.
-_STOP_AT_JWKS_UPLOAD = """
+_STOP_AT_JWKS_UPLOAD = STOP_DEAD_IMPORT + """
 import os, signal, sys
 import keymgr.plugins as p
 p.BUILTIN[p.PUBLISHERS].setdefault("azblob", "keymgr.backends.azure.publisher:AzureBlobPublisher")
@@ -1026,7 +1027,7 @@ p.BUILTIN[p.STORES].setdefault("azblob", "keymgr.backends.azure.store:open_azblo
 from keymgr.backends.azure.publisher import AzureBlobPublisher
 _write = AzureBlobPublisher.write
 def write(self, data):
-    os.kill({pid}, signal.SIGSTOP)
+    stop_dead({pid})
     return _write(self, data)
 AzureBlobPublisher.write = write
 from keymgr.cli import main

@@ -60,6 +60,7 @@ from keymgr.stores import StateStore, open_store
 from keymgr.testing.conformance import PublisherTests, StoreTests, sample_jwks
 from keymgr.testing.docstore import DocHarness, SharedStoreTests, sample_state
 from tests.conftest import T0, A, D, G, P
+from tests.servers_common import STOP_DEAD_IMPORT
 from tests.servers_gcs import (  # noqa: F401 - fixtures
     JWKS_OBJECT,
     OUTAGE,
@@ -774,12 +775,12 @@ def test_rotation_end_to_end_through_the_cli(home: Any, gcs: GCSServer, bucket: 
 
 #: Runs the real CLI, and SIGSTOPs the emulator the moment the GCS publisher is
 #: about to upload the JWKS: an outage in the middle of a pass, at an exact request.
-_STOP_AT_JWKS_UPLOAD = """
+_STOP_AT_JWKS_UPLOAD = STOP_DEAD_IMPORT + """
 import os, signal
 import keymgr.backends.gcp.publisher as gcp_publisher
 _write = gcp_publisher.GCSPublisher.write
 def write(self, data):
-    os.kill({pid}, signal.SIGSTOP)
+    stop_dead({pid})
     return _write(self, data)
 gcp_publisher.GCSPublisher.write = write
 """

@@ -23,6 +23,7 @@ from keymgr.backends.aws.publisher import S3Publisher
 
 from keymgr.errors import ConfigError, PublishError
 from tests.conftest import T0, A, D, G, P
+from tests.servers_common import STOP_DEAD_IMPORT
 from tests.servers_moto import (
     JWKS_KEY,
     OUTAGE,
@@ -323,7 +324,7 @@ def test_concurrent_reconciles_share_one_s3_store(
 
 #: Runs the real CLI, and SIGSTOPs moto the moment the S3 publisher is about to
 #: upload the JWKS: an outage in the middle of a pass, at an exact request.
-_STOP_AT_JWKS_UPLOAD = """
+_STOP_AT_JWKS_UPLOAD = STOP_DEAD_IMPORT + """
 import os, signal, sys
 import keymgr.backends.aws.client as s3
 _client = s3.AWSConnection.client
@@ -331,7 +332,7 @@ def client(self, service):
     c = _client(self, service)
     def hook(params, **_):
         if params.get("Key") == {key!r}:
-            os.kill({pid}, signal.SIGSTOP)
+            stop_dead({pid})
     c.meta.events.register("before-parameter-build.s3.PutObject", hook)
     return c
 s3.AWSConnection.client = client
