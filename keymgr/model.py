@@ -52,6 +52,31 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+#: Short strings that repeat in every key record (alg, backend, state, and the
+#: kty / crv / e of the public JWK), one object each: json.loads makes a new
+#: string per occurrence, 50-60 bytes each, several per key; at 100,000 rings
+#: that is over 100 MB (benchmarks/bench_scale.py).
+_SHARED: dict[str, str] = {}
+_SHARED_MAX = 4096
+
+
+def shared(value: Any) -> Any:
+    """``value``, or the one equal short string already seen (anything else as is)."""
+    if type(value) is not str or len(value) > 16:
+        return value
+    got = _SHARED.get(value)
+    if got is not None:
+        return got
+    if len(_SHARED) < _SHARED_MAX:  # bounded: a hostile document cannot grow it
+        _SHARED[value] = value
+    return value
+
+
+def _public_jwk(jwk: Any) -> dict[str, Any]:
+    """A copy of a stored public JWK, its short members shared (see :func:`shared`)."""
+    return {shared(k): shared(v) for k, v in dict(jwk).items()}
+
+
 _TIME_FIELDS = (
     "created_at",
     "published_at",
@@ -63,7 +88,7 @@ _TIME_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Key:
     kid: str
     alg: str
@@ -104,10 +129,10 @@ class Key:
             raise ValueError(f"key {get('kid')}: unknown state {d['state']!r}")
         return cls(
             kid=d["kid"],
-            alg=d["alg"],
-            backend=d["backend"],
-            state=d["state"],
-            public_jwk=dict(d["public_jwk"]),
+            alg=shared(d["alg"]),
+            backend=shared(d["backend"]),
+            state=shared(d["state"]),
+            public_jwk=_public_jwk(d["public_jwk"]),
             created_at=parse_time(created),
             published_at=_time_or_none(get("published_at")),
             activated_at=_time_or_none(get("activated_at")),
@@ -123,7 +148,7 @@ def _time_or_none(value: Any) -> datetime | None:
     return parse_time(value) if value else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tombstone:
     """What a ring keeps of a destroyed key once its ``history`` has passed.
 
@@ -167,10 +192,12 @@ class Tombstone:
             destroyed = parse_time(d["destroyed_at"])
         except ValueError as e:
             raise ValueError(f"{at}: destroyed_at: {e}") from None
-        return cls(kid=d["kid"], alg=d["alg"], backend=d["backend"], destroyed_at=destroyed)
+        return cls(
+            kid=d["kid"], alg=shared(d["alg"]), backend=shared(d["backend"]), destroyed_at=destroyed
+        )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ring:
     name: str
     keys: tuple[Key, ...] = ()

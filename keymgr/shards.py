@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 from keymgr.model import EdgeRecord, PublisherRecord, Ring, State, gc_paused
 
 #: The head's ``format``: the state document's is 1 (``keymgr.model.FORMAT``),
@@ -265,7 +267,9 @@ def _checked(name: str, data: bytes, kind: str, buckets: int | None) -> dict[str
         raise Corrupt("its bytes do not hash to its name (changed or damaged)")
     try:
         with gc_paused():
-            doc = json.loads(data)
+            # orjson: about twice as fast as json here, and it shares the
+            # strings of repeated keys; 16,000 of these at 100,000 rings.
+            doc = orjson.loads(data)
     except (ValueError, RecursionError) as e:
         raise Corrupt(f"not JSON ({' '.join(str(e).split())[:100]})") from None
     if not isinstance(doc, dict) or doc.get("kind") != kind:

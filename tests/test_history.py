@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def test_forget_leaves_a_tombstone_and_one_audit_event() -> None:
 def test_only_a_destroyed_key_is_forgotten(state: str) -> None:
     key = _destroyed()
     times = {"revoked": {"revoked_at": T}}.get(state, {})
-    key = Key(**{**key.__dict__, "state": state, "destroyed_at": None, **times})
+    key = replace(key, state=state, destroyed_at=None, **times)
     with pytest.raises(ValueError, match=f"cannot forget a {state} key"):
         transitions.forget(_state(key), "r0", KID, T + 400 * DAY)
 
@@ -274,7 +275,7 @@ def test_audit_outbox_checks_accept_tombstone_events_and_nothing_else() -> None:
     # A tombstone stands for a destroyed key of its own ring, and nothing else.
     assert problem(with_tomb, {**ev, "event": "key.destroyed"}) is None
     assert "does not hold" in (problem(with_tomb, {**ev, "ring": "r1"}) or "")
-    revoked_key = _state(Key(**{**_destroyed().__dict__, "state": "revoked", "revoked_at": T}))
+    revoked_key = _state(replace(_destroyed(), state="revoked", revoked_at=T))
     assert "holds it as revoked" in (
         problem(revoked_key, {**ev, "event": "key.destroyed"}) or ""
     )

@@ -7,6 +7,7 @@ with another library's computation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -285,6 +286,24 @@ def test_rfc8037_okp_thumbprint_and_jwk() -> None:
 def test_thumbprint_ignores_optional_members_and_order() -> None:
     reordered = {"e": "AQAB", "use": "sig", "n": RFC7638_JWK["n"], "kty": "RSA", "x5t": "zz"}
     assert jose.thumbprint(reordered) == RFC7638_THUMBPRINT
+
+
+@given(st.sampled_from(["EC", "RSA", "OKP"]), st.lists(st.text(), min_size=4, max_size=4))
+@settings(max_examples=300)
+def test_thumbprint_is_the_rfc7638_text_for_any_member_values(kty: str, values: list[str]) -> None:
+    """The canonical text is the stdlib's sorted compact JSON whatever the member
+    values (escapes, non-ASCII, lone surrogates refused), so the faster encoder
+    changes no kid."""
+    members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
+    jwk = dict(zip(members[kty], values, strict=False)) | {"kty": kty}
+    text = json.dumps(jwk, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    try:
+        want = jose.b64url(hashlib.sha256(text.encode("utf-8")).digest())
+    except UnicodeEncodeError:
+        with pytest.raises(ValueError):
+            jose.thumbprint(jwk)
+        return
+    assert jose.thumbprint(jwk) == want
 
 
 @pytest.mark.parametrize(
