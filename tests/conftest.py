@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -165,6 +166,18 @@ def shard_state(config: Path) -> None:
     line = 'state = "file:state.json"'
     assert line in text, "keymgr init wrote another state line"
     config.write_text(text.replace(line, f'state = "file:state.json?shards={TEST_SHARDS}"', 1))
+
+
+_STATE_LINE = re.compile(r'^state = "file:state\.json(\?shards=\w+)?"', re.M)
+
+
+def with_state_url(config_text: str, url: str) -> str:
+    """``config_text`` with its ``state = "file:state.json[?shards=..]"`` line
+    pointing at ``url``, which gets ``shards=`` too under ``KEYMGR_TEST_SHARDS``."""
+    assert _STATE_LINE.search(config_text), "keymgr init wrote another state line"
+    if TEST_SHARDS and "shards=" not in url:
+        url += ("&" if "?" in url else "?") + f"shards={TEST_SHARDS}"
+    return _STATE_LINE.sub(lambda _: f'state = "{url}"', config_text, count=1)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

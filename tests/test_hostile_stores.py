@@ -241,9 +241,9 @@ class VaultWorld(World):
         else:
             assert how == "mistyped", how
             text = self.home.config.read_text()
-            url = f'"vault://secret/{self.kv_path}"'
+            url = f'"vault://secret/{self.kv_path}?'
             assert url in text
-            self.home.config.write_text(text.replace(url, url[:-1] + '-x"'))
+            self.home.config.write_text(text.replace(url, url[:-1] + '-x?'))
 
     def state_absent(self, how: str) -> bool:
         if how == "deleted-latest":
@@ -281,7 +281,9 @@ def vault_world(
     monkeypatch.setenv("VAULT_ADDR", bao.addr)
     monkeypatch.setenv("VAULT_TOKEN", bao.token)
     kv_path = unique("keymgr-hostile-")
-    vh = setup_home(home, bao, "ES256", state_url=f"vault://secret/{kv_path}")
+    # One document, as for S3 (aws_home): these worlds read and tamper with the
+    # stored state as a whole; tampered shards and heads are tests/test_shards.py.
+    vh = setup_home(home, bao, "ES256", state_url=f"vault://secret/{kv_path}?shards=off")
     return VaultWorld(home, [bao.token], vh=vh, kv_path=kv_path)
 
 

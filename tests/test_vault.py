@@ -38,7 +38,7 @@ from keymgr.backends.vault.transit import VaultTransitBackend, key_type_for
 
 from keymgr.errors import BackendError, ConfigError, StoreError
 from keymgr.model import State
-from tests.conftest import SHORT_POLICY, T0, A, D, G, P
+from tests.conftest import SHORT_POLICY, T0, A, D, G, P, with_state_url
 
 ALGS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"]
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
@@ -256,8 +256,7 @@ def setup_home(
     prefix = unique("t") + "-"
     text = home.config.read_text()
     if state_url is not None:
-        assert 'state = "file:state.json"' in text
-        text = text.replace('state = "file:state.json"', f'state = "{state_url}"')
+        text = with_state_url(text, state_url)
     text += (
         "\n[backends.vault]\n"
         'type = "vault-transit"\n'
