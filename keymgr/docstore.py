@@ -49,6 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -130,6 +131,22 @@ MAX_LOCK_TTL = 3600.0
 # --------------------------------------------------------------------------- adapter
 
 
+def each(concurrency: int, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(item) for item in items]``, up to ``concurrency`` calls at a time.
+
+    The first failure (in ``items`` order) is raised once the calls under way
+    have finished; calls not yet started are cancelled.
+    """
+    if concurrency <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = ThreadPoolExecutor(min(concurrency, len(items)), thread_name_prefix="keymgr-state")
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass(frozen=True)
 class Blob:
     """One stored document as read."""
@@ -192,6 +209,14 @@ class DocumentAdapter(abc.ABC):
     #: known limit). ``shards=off`` refuses a larger state with one clear line
     #: instead of the store's own refusal.
     max_document: ClassVar[int | None] = None
+
+    #: How many documents one load or commit of a sharded state reads or writes
+    #: at once. 1 (one after the other) for a local disk, where reading is
+    #: parsing; a network store sets more, as each document is a round trip:
+    #: 16,000 documents one after the other on S3 (~20 ms each) would be five
+    #: minutes of a replica's start at 100,000 rings. The adapter's client must
+    #: then be safe to call from several threads.
+    concurrency: ClassVar[int] = 1
 
     def discard(self, name: str) -> None:
         """Delete the immutable document ``name``, whatever its version; absent: done.
@@ -377,20 +402,32 @@ class StateLayout:
         b = sharding.buckets
         known_m = old.manifests if old is not None else {}
         known_s = old.shards if old is not None else {}
+        n = self.adapter.concurrency
+        missing = [(j, name) for j, name in enumerate(sharding.manifests) if name not in known_m]
+        fetched = dict(zip(
+            (name for _, name in missing),
+            each(n, lambda m: self._fetch(
+                m[1], functools.partial(decode_manifest, index=m[0], buckets=b)), missing),
+            strict=True,
+        ))  # fmt: skip
         manifests: dict[str, dict[int, str]] = {}
         buckets: dict[int, str] = {}
-        for j, name in enumerate(sharding.manifests):
-            mapping = known_m.get(name)
-            if mapping is None:
-                mapping = self._fetch(name, functools.partial(decode_manifest, index=j, buckets=b))
+        for name in sharding.manifests:
+            mapping = known_m[name] if name in known_m else fetched[name]
             manifests[name] = mapping
             buckets.update(mapping)
+        wanted = sorted(buckets.items())
+        todo = [
+            (bucket, name) for bucket, name in wanted
+            if (s := known_s.get(name)) is None or s.bucket != bucket
+        ]  # fmt: skip
+        got = each(n, lambda t: self._fetch(
+            t[1], functools.partial(decode_shard, bucket=t[0], buckets=b)), todo)  # fmt: skip
+        new_shards = dict(zip(todo, got, strict=True))
         shards: dict[str, Shard] = {}
-        for bucket, name in sorted(buckets.items()):
-            shard = known_s.get(name)
-            if shard is None or shard.bucket != bucket:
-                shard = self._fetch(name, functools.partial(decode_shard, bucket=bucket, buckets=b))
-            shards[name] = shard
+        for bucket, name in wanted:
+            key = (bucket, name)
+            shards[name] = new_shards[key] if key in new_shards else known_s[name]
         try:
             with gc_paused():
                 if old is not None and old.sharding is not None:
@@ -588,8 +625,7 @@ class StateLayout:
         sharding = Sharding(b, tuple(heads), tuple(keep), outbox)
         head = encode_head(state, number, sharding)
         started = time.monotonic()
-        for name, data in writes:
-            self._create(name, data)
+        each(self.adapter.concurrency, lambda w: self._create(*w), writes)
         crashpoint("store.shards_written")
         new = _Snapshot(head, state, number, sharding, buckets, manifests, shards)
         return PendingCommit(head, new, tuple(collect), started, sum(len(d) for _, d in writes))

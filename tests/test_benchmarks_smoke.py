@@ -108,3 +108,11 @@ def test_bench_scale(tmp_path):
         if r["layout"] == "auto" and r["rings"] == 60:  # 170 KiB as one document: sharded
             assert r["largest_entry_bytes"] < r["single_document_bytes"] / 2, r
             assert r["due_commit_max_bytes"] < r["single_document_bytes"] / 2, r
+
+
+def test_bench_store_latency(tmp_path):
+    rows = _run("bench_store_latency.py", tmp_path)["store_latency"]
+    assert {(r["rtt_ms"], r["concurrency"]) for r in rows} == {
+        (0.0, 1), (0.0, 16), (10.0, 1), (10.0, 16)
+    }
+    assert all(r["documents"] > 10 for r in rows)

@@ -433,3 +433,87 @@ def test_frequent_commits_keep_the_head_small() -> None:
         # Collected early (1 s apart: the oldest were minutes old), or all kept.
         assert (adapter.peek(first) is None) == (step > 0), step
         assert memory_store(adapter).load()[0] == store.load()[0]
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+class _SlowAdapter(MemoryAdapter):
+    """A network-like store: each read or create takes a while, several at once allowed."""
+
+    concurrency = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay = 0.0
+        self.in_flight = self.most = 0
+        self.fail: str | None = None
+        self._count = __import__("threading").Lock()
+
+    def _timed(self, name: str, op: Any) -> Any:
+        import time
+
+        with self._count:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        try:
+            time.sleep(self.delay if name != STATE else 0)
+            if self.fail is not None and name == self.fail:
+                raise StoreError(f"{name}: injected failure")
+            return op()
+        finally:
+            with self._count:
+                self.in_flight -= 1
+
+    def read(self, name: str) -> Any:
+        return self._timed(name, lambda: super(_SlowAdapter, self).read(name))
+
+    def create(self, name: str, data: bytes) -> object:
+        return self._timed(name, lambda: super(_SlowAdapter, self).create(name, data))
+
+
+def test_a_network_store_reads_and_writes_shards_concurrently_with_the_same_result() -> None:
+    """concurrency > 1: a load and a commit keep that many requests in flight (never
+    more), and read back exactly what one-at-a-time reads give."""
+    adapter = _SlowAdapter()
+    adapter.delay = 0.01
+    state = sharded_state(200)
+    memory_store(adapter).commit(state, None)
+    assert adapter.most == adapter.concurrency  # the commit's shard writes
+    adapter.most = 0
+    got = memory_store(adapter).load()
+    assert adapter.most == adapter.concurrency
+    sequential = MemoryAdapter()
+    for name in adapter.names("shards") or []:
+        data = adapter.peek(name[0])
+        assert data is not None
+        sequential.poke(name[0], data)
+    head = adapter.peek(STATE)
+    assert head is not None
+    sequential.poke(STATE, head)
+    assert got[0] == memory_store(sequential).load()[0] == state
+
+
+def test_a_failed_concurrent_read_is_one_line_and_leaves_nothing_running() -> None:
+    adapter = _SlowAdapter()
+    memory_store(adapter).commit(sharded_state(200), None)
+    snap_reader = memory_store(adapter)
+    names = [n for n, _ in adapter.names("shards") or [] if "/m-" not in n]
+    adapter.fail, adapter.delay = names[len(names) // 2], 0.005
+    with pytest.raises(StoreError) as info:
+        snap_reader.load()
+    assert str(info.value).count("\n") == 0 and "injected failure" in str(info.value)
+    assert adapter.in_flight == 0  # every started read finished before the error came back
+
+
+def test_each_keeps_order_and_raises_the_first_failure_in_order() -> None:
+    assert docstore.each(4, lambda x: x * x, list(range(50))) == [x * x for x in range(50)]
+    assert docstore.each(1, lambda x: -x, [1, 2]) == [-1, -2]
+
+    def boom(x: int) -> int:
+        if x in (7, 30):
+            raise ValueError(f"no {x}")
+        return x
+
+    with pytest.raises(ValueError, match="no 7"):
+        docstore.each(4, boom, list(range(50)))

@@ -69,6 +69,10 @@ def _store_params(url: str) -> tuple[str, str, Options]:
 class S3Adapter(LazyS3, DocumentAdapter):
     """``KEY``, ``KEY.lock``, ``KEY.lease`` in one bucket, by conditional requests."""
 
+    #: Shards read and written at once (a round trip each; the client is
+    #: thread-safe): keymgr.docstore.DocumentAdapter.concurrency.
+    concurrency = 16
+
     def __init__(
         self,
         bucket: str,

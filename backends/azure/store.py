@@ -96,6 +96,10 @@ def _store_params(url: str) -> tuple[str, str, str, Options]:
 class AzureBlobAdapter(DocumentAdapter):
     """``BLOB``, ``BLOB.lock``, ``BLOB.lease`` in one container, by conditional requests."""
 
+    #: Shards read and written at once (a round trip each; the client is
+    #: thread-safe): keymgr.docstore.DocumentAdapter.concurrency.
+    concurrency = 16
+
     def __init__(
         self, account: str, container: str, blob: str, connection: AzureConnection | None = None
     ) -> None:

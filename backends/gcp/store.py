@@ -97,6 +97,10 @@ class _PreconditionFailed(Exception):
 class GCSAdapter(LazyGCS, DocumentAdapter):
     """``OBJECT``, ``OBJECT.lock``, ``OBJECT.lease`` in one bucket, by conditional uploads."""
 
+    #: Shards read and written at once (a round trip each; the client is
+    #: thread-safe): keymgr.docstore.DocumentAdapter.concurrency.
+    concurrency = 16
+
     def __init__(
         self, bucket: str, name: str, connection: GCSConnection | None = None
     ) -> None:

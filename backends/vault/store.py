@@ -96,6 +96,10 @@ def _op(kind: str, name: str) -> str:
 class VaultKVAdapter(DocumentAdapter):
     """``PATH``, ``PATH.lock``, ``PATH.lease`` in one KV v2 mount, written with ``cas``."""
 
+    #: Shards read and written at once (a round trip each; the client is
+    #: thread-safe): keymgr.docstore.DocumentAdapter.concurrency.
+    concurrency = 16
+
     #: Raft storage refuses entries over 1 MiB, Consul over 512 KiB; the state
     #: is stored as a JSON string (escaped, so larger): ``shards=off`` refuses
     #: more than the lower limit (docs/scale.md).
