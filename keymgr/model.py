@@ -133,7 +133,7 @@ class Key:
             backend=shared(d["backend"]),
             state=shared(d["state"]),
             public_jwk=_public_jwk(d["public_jwk"]),
-            created_at=parse_time(created),
+            created_at=stored_time(created),
             published_at=_time_or_none(get("published_at")),
             activated_at=_time_or_none(get("activated_at")),
             retired_at=_time_or_none(get("retired_at")),
@@ -144,8 +144,30 @@ class Key:
         )
 
 
+#: Recorded times, one datetime object per distinct text. Every time in a state
+#: is the ``now`` of the pass that recorded it (to the second), so a state holds
+#: at most one distinct time per pass in its history window, whatever the ring
+#: count: with 100,000 rings and a pass a minute over 120 days, at most ~173,000
+#: distinct values among millions of fields (48 bytes each as separate objects:
+#: 105 MB of the 100,000-ring state of benchmarks/bench_scale.py). Bounded: once
+#: full it starts over, which only costs sharing.
+_TIMES: dict[str, datetime] = {}
+_TIMES_MAX = 1 << 18
+
+
+def stored_time(text: str) -> datetime:
+    """``parse_time(text)``, the same object for the same text (see :data:`_TIMES`)."""
+    got = _TIMES.get(text)
+    if got is None:
+        got = parse_time(text)
+        if len(_TIMES) >= _TIMES_MAX:
+            _TIMES.clear()
+        _TIMES[text] = got
+    return got
+
+
 def _time_or_none(value: Any) -> datetime | None:
-    return parse_time(value) if value else None
+    return stored_time(value) if value else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +211,7 @@ class Tombstone:
         if extra:
             raise ValueError(f"{at}: unexpected field(s) {', '.join(extra)}")
         try:
-            destroyed = parse_time(d["destroyed_at"])
+            destroyed = stored_time(d["destroyed_at"])
         except ValueError as e:
             raise ValueError(f"{at}: destroyed_at: {e}") from None
         return cls(
@@ -331,7 +353,7 @@ class PublisherRecord:
             # from the last confirmation, which is never earlier than the truth.
             since = {k: confirmed for k in kids} if confirmed is not None else {}
         else:
-            since = {str(k): parse_time(v) for k, v in raw_since.items()}
+            since = {str(k): stored_time(v) for k, v in raw_since.items()}
         return cls(
             sha256=d["sha256"],
             kids=kids,
@@ -379,7 +401,7 @@ class EdgeRecord:
         error = d.get("error")
         return cls(
             kids=frozenset(str(k) for k in d.get("kids", [])),
-            since={str(k): parse_time(v) for k, v in d.get("since", {}).items()},
+            since={str(k): stored_time(v) for k, v in d.get("since", {}).items()},
             at=parse_time(d["at"]),
             error=None if error is None else str(error),
         )

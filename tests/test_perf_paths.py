@@ -98,6 +98,35 @@ def test_time_fast_paths_round_trip():
     assert format_time(odd) == "2031-01-01T05:00:00Z"
 
 
+def test_time_memos_share_objects_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stored_time gives one object per text and format_time one text per time,
+    each the exact answer of the unmemoised function, through the memo's resets."""
+    from keymgr import model, timefmt
+
+    monkeypatch.setattr(model, "_TIMES_MAX", 64)
+    monkeypatch.setattr(timefmt, "_FORMATTED_MAX", 64)
+    rng = random.Random(11)
+    texts = [format_time(T0 + timedelta(seconds=rng.randrange(10**9))) for _ in range(500)]
+    for _ in range(3):
+        for text in texts:
+            assert text is not None
+            dt = model.stored_time(text)
+            assert dt == parse_time(text) and dt.tzinfo is UTC
+            assert format_time(dt) == dt.strftime("%Y-%m-%dT%H:%M:%SZ") == text
+            assert len(model._TIMES) <= 64 and len(timefmt._FORMATTED) <= 64
+    first = model.stored_time(texts[0])
+    assert model.stored_time(texts[0]) is first  # shared while in the memo
+    for bad in ("2031-02-30T00:00:00Z", "yesterday"):
+        with pytest.raises(ValueError):
+            model.stored_time(bad)
+        assert bad not in model._TIMES
+    # The same instant in another zone is formatted as UTC, not taken from the memo.
+    from datetime import timezone
+
+    plus2 = first.astimezone(timezone(timedelta(hours=2)))
+    assert format_time(plus2) == texts[0]
+
+
 def _home(tmp_path: Path) -> Path:
     (tmp_path / "master.key").write_text("A" * 43 + "=\n")
     (tmp_path / "master.key").chmod(0o600)
