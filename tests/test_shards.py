@@ -82,6 +82,53 @@ def test_shards_are_deterministic_and_checked() -> None:
     assert "another bucket" in refused(docstore_name(forged), forged)
 
 
+def test_manifests_and_the_head_list_digests_and_refuse_anything_else() -> None:
+    """A manifest lists each bucket of its range by the base64url SHA-256 of its
+    shard (null: empty); the head its manifests alike. Anything else is refused."""
+    import base64
+    import hashlib
+
+    from keymgr.shards import Sharding, decode_manifest, encode_manifest
+
+    def hexname(i: int, prefix: str = "") -> str:
+        return f"shards/{prefix}{hashlib.sha256(bytes([i])).hexdigest()}.json"
+
+    listed = {130: hexname(1), 200: hexname(2)}
+    name, data = encode_manifest(1, 256, listed, "3.x")
+    assert decode_manifest(name, data, 1, 256) == listed
+    doc = json.loads(data)
+    assert len(doc["shards"]) == 128 and doc["shards"].count(None) == 126
+    token = base64.urlsafe_b64encode(hashlib.sha256(bytes([1])).digest()).rstrip(b"=").decode()
+    assert doc["shards"][2] == token and len(token) == 43
+
+    def refused(shards: Any) -> str:
+        forged = _dumps_sorted({**doc, "shards": shards})
+        with pytest.raises(Corrupt) as info:
+            decode_manifest(docstore_name(forged).replace("shards/", "shards/m-"), forged, 1, 256)
+        return str(info.value)
+
+    assert "does not list the 128 buckets" in refused(doc["shards"][:-1])
+    assert "does not list" in refused({"130": token})
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    assert last % 4 == 0  # 258 bits for 256: the last character's two low bits are unused
+    bad_bits = token[:-1] + alphabet[last + 1]  # same digest, non-canonical text
+    for bad in (hexname(1), token[:-1], token + "=", bad_bits, 7):
+        assert "not a shard" in refused([bad, *doc["shards"][1:]])
+    mname = hexname(3, "m-")
+    head = Sharding(128, (mname,)).to_dict()
+    assert head["manifests"] == [
+        base64.urlsafe_b64encode(hashlib.sha256(bytes([3])).digest()).rstrip(b"=").decode()
+    ]
+    assert Sharding.from_dict(head).manifests == (mname,)
+    with pytest.raises(ValueError, match="is not a manifest"):
+        Sharding.from_dict({**head, "manifests": [mname]})
+
+
+def _dumps_sorted(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
 def docstore_name(data: bytes) -> str:
     import hashlib
 
@@ -423,7 +470,8 @@ def test_frequent_commits_keep_the_head_small() -> None:
         now = [1_000_000.0]
         store.layout.clock = lambda now=now: now[0]  # type: ignore[misc]
         t = store.commit(sharded_state(20), None)
-        first = json.loads(adapter.peek(STATE) or b"{}")["sharding"]["manifests"][0]
+        assert store.layout._snap is not None and store.layout._snap.sharding is not None
+        first = store.layout._snap.sharding.manifests[0]
         for i in range(docstore.MAX_GARBAGE + 40):
             s, t = store.load()
             t = store.commit(bump(s, f"tenant-{i % 20:03d}"), t)
