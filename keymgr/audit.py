@@ -363,6 +363,9 @@ class AuditLog:
         self.on_append: Callable[[list[dict[str, Any]]], None] | None = None
         #: The seq the last state seen anchors: where a store medium looks for its end.
         self._hint = 0
+        #: ``audit.imported`` events of automatic imports (:meth:`flush`) that the
+        #: reconciler has yet to commit (keymgr.reconciler.Reconciler.run, record).
+        self.imported: list[dict[str, Any]] = []
 
     @property
     def where(self) -> str:
@@ -535,7 +538,11 @@ class AuditLog:
 
             # A file log kept before the store was the record: imported once.
             if import_needed(self, anchor, last):
-                import_file(self, state)
+                n = import_file(self, state)
+                self.imported.append({
+                    "ts": utcnow(), "event": "audit.imported",
+                    "reason": f"{n} events from {self.path}",
+                })  # fmt: skip
                 last = self._last()
         t = Tail(0, GENESIS) if last is None else Tail(last["seq"], last["hash"])
         if t.seq >= anchor.seq:

@@ -754,13 +754,16 @@ def _audit_import(m: Any, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from keymgr.auditstore import import_file
+    from keymgr.timefmt import utcnow
 
     path = Path(args.file) if args.file else m.audit.path
     with m.store.exclusive():  # no pass between the anchor read and the copy
         state = m.store.load()[0]
         m.reconciler.validate(state)
         n = import_file(m.audit, state, path)
-        m.reconciler.record([{"event": "audit.imported", "reason": f"{n} events from {path}"}])
+        m.reconciler.record(
+            [{"ts": utcnow(), "event": "audit.imported", "reason": f"{n} events from {path}"}]
+        )
     print(f"{path}: {n} events imported into {m.audit.where}, verified against the anchor")
     return EXIT_OK
 

@@ -262,6 +262,19 @@ class Reconciler:
             if check is not None:
                 check(state)
             self.check_rings(state)
+            if self.audit.imported:
+                # The file log this load imported into the store: recorded by
+                # the first commit after it, as `keymgr audit import` does.
+                now = clock()
+                if state.clock is not None and now < state.clock:
+                    now = state.clock
+                imported = [{**e, "ts": now} for e in self.audit.imported]
+                try:
+                    state, token = self.commit(state, imported, token)
+                    result.events.extend(state.audit.outbox)
+                    self.audit.imported.clear()
+                except ConflictError:
+                    state, token = self.load()  # another writer: recorded next pass
             state = self.observe(state)
             if self.config.edges or state.edges:
                 state, token = self.record_edges(state, token, clock, result)
@@ -421,10 +434,11 @@ class Reconciler:
             dated = [
                 {**e, "ts": floor} if floor is not None and e.get("ts") is not None
                 and e["ts"] < floor else e
-                for e in events
+                for e in [*self.audit.imported, *events]
             ]
             try:
                 self.commit(state, dated, token)
+                self.audit.imported.clear()
                 return
             except ConflictError:
                 continue

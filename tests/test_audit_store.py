@@ -375,6 +375,27 @@ def test_a_file_log_is_imported_once_verified(home: Home) -> None:
     assert (home.dir / "audit.jsonl").read_bytes() == b"".join(objs[s] for s in sorted(objs))
     m.reconcile(TIMES[4])  # nothing imported twice
     assert m.audit.check(anchor_of(m)).events == len(stored(adapter))
+    # The import is itself an audit event, committed by the pass that did it,
+    # right after the imported chain, dated at the pass.
+    after = [json.loads(objs[s]) for s in sorted(objs) if s > len(lines)]
+    assert after[0]["event"] == "audit.imported", after[:2]
+    assert after[0]["reason"] == f"{len(lines)} events from {home.dir / 'audit.jsonl'}"
+    assert after[0]["ts"] == TIMES[3].strftime("%Y-%m-%dT%H:%M:%SZ")
+    events = [json.loads(v)["event"] for v in stored(adapter).values()]
+    assert events.count("audit.imported") == 1
+
+
+def test_an_import_on_a_recorded_event_is_recorded_with_it(home: Home) -> None:
+    """The daemon's first commit is often ``daemon.started`` (Reconciler.record),
+    not a pass: the import's event goes into that commit, before it."""
+    adapter, m = file_home_to_store(home)
+    lines = (home.dir / "audit.jsonl").read_bytes().splitlines(keepends=True)
+    m.reconciler.record([{"ts": TIMES[3], "event": "daemon.started"}])
+    objs = stored(adapter)
+    after = [json.loads(objs[s])["event"] for s in sorted(objs) if s > len(lines)]
+    assert after == ["audit.imported", "daemon.started"], after
+    assert not m.audit.imported
+    assert m.audit.check(anchor_of(m)).events == len(objs)
 
 
 def test_an_import_interrupted_resumes(home: Home) -> None:
