@@ -439,13 +439,7 @@ class KeyManager:
                     u = p.upcoming.get(name)
                     if u is not None:
                         nxt = {"action": u.action, "kid": u.kid, "at": format_time(u.at)}
-                keys = []
-                for k in ring.keys:
-                    d = k.to_dict()
-                    d.pop("public_jwk")
-                    d.pop("reason")
-                    keys.append(d)
-                doc: dict[str, Any] = {"keys": keys, "next": nxt}
+                doc: dict[str, Any] = {"keys": [k.summary() for k in ring.keys], "next": nxt}
                 if ring.forgotten:  # destroyed keys past their history (tombstones)
                     doc["forgotten"] = [t.to_dict() for t in ring.forgotten]
                 yield name, doc

@@ -77,17 +77,6 @@ def _public_jwk(jwk: Any) -> dict[str, Any]:
     return {shared(k): shared(v) for k, v in dict(jwk).items()}
 
 
-_TIME_FIELDS = (
-    "created_at",
-    "published_at",
-    "activated_at",
-    "retired_at",
-    "expired_at",
-    "destroyed_at",
-    "revoked_at",
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Key:
     kid: str
@@ -105,17 +94,27 @@ class Key:
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
+        d = self.summary()
+        d["reason"] = self.reason
+        d["public_jwk"] = self.public_jwk
+        return d
+
+    def summary(self) -> dict[str, Any]:
+        """:meth:`to_dict` without ``reason`` and ``public_jwk``: a key as
+        ``status --json`` shows it (400,000 of them at 100,000 rings)."""
+        return {
             "kid": self.kid,
             "alg": self.alg,
             "backend": self.backend,
             "state": self.state,
+            "created_at": format_time(self.created_at),
+            "published_at": format_time(self.published_at),
+            "activated_at": format_time(self.activated_at),
+            "retired_at": format_time(self.retired_at),
+            "expired_at": format_time(self.expired_at),
+            "destroyed_at": format_time(self.destroyed_at),
+            "revoked_at": format_time(self.revoked_at),
         }
-        for f in _TIME_FIELDS:
-            d[f] = format_time(getattr(self, f))
-        d["reason"] = self.reason
-        d["public_jwk"] = self.public_jwk
-        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Key:
