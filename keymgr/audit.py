@@ -443,6 +443,14 @@ class AuditLog:
         where = self.where
         if anchor.seq == 0:
             if last is not None:
+                now = self.medium.anchored_now()
+                if now is not None and now >= last["seq"]:
+                    # The state was read empty just before another replica's
+                    # first commit (a shared store): not a replaced state.
+                    raise ConflictError(
+                        f"{where}: holds events up to seq {last['seq']}, committed after the "
+                        "state was read (with none): another replica committed; read it again"
+                    )
                 raise AuditError(
                     f"{where}: holds events up to seq {last['seq']} but the state anchors none "
                     f"(a new or replaced state); {_FIX}"

@@ -470,6 +470,41 @@ def test_audit_setting_is_checked(home: Home) -> None:
     assert proc.returncode == 2 and 'expected "store" or "file"' in proc.stderr, proc.stderr
 
 
+def test_an_empty_state_read_before_another_first_commit_is_a_conflict() -> None:
+    """Two writers without the pass lock both read the new, empty state; one
+    commits the first event. The other's stale read is a conflict to read
+    again, not a "replaced state"; a state that still anchors nothing while
+    the store holds events is refused as before (a lost or replaced state)."""
+    from keymgr.errors import ConflictError
+    from keymgr.model import State
+
+    adapter = MemoryAdapter()
+    store = SharedStore(adapter)
+    logs = []
+    for _ in range(2):
+        medium = StoreMedium(adapter)
+        medium.anchored = lambda: store.load()[0].audit.seq
+        logs.append(AuditLog(Path("/nonexistent"), None, medium))
+    first, token = store.load()  # both read the empty state
+    assert token is None and first.audit.seq == 0
+    new = logs[0].prepare(first, [{"event": "test.append", "reason": "a"}], "a")
+    store.commit(new, token)
+    logs[0].flush(new)
+    with pytest.raises(ConflictError, match="another replica committed"):
+        logs[1].prepare(first, [{"event": "test.append", "reason": "b"}], "b")
+    # The state lost (a new empty one in its place): the events are nobody's.
+    lost = MemoryAdapter()
+    event = adapter.peek(leaf(1))
+    assert event is not None
+    lost.poke(leaf(1), event)
+    medium = StoreMedium(lost)
+    medium.anchored = lambda: SharedStore(lost).load()[0].audit.seq
+    with pytest.raises(AuditError, match="anchors none"):
+        AuditLog(Path("/nonexistent"), None, medium).prepare(
+            State(), [{"event": "test.append", "reason": "c"}], "c"
+        )
+
+
 # --------------------------------------------------------------------------- real processes
 
 #: One appender: commits K events by compare-and-swap *without* the pass lock
