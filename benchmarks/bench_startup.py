@@ -24,13 +24,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -80,39 +76,7 @@ def daemon_rss(home: Path, timeout: float = 120) -> dict[str, Any]:
     port = c.free_port()
     cfg.write_text(re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"',
                           cfg.read_text()))
-    log = (home / "daemon.log").open("wb")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([c.venv_bin("keymgr"), "--config", str(cfg), "run"],
-                            stdout=log, stderr=subprocess.STDOUT, env=c.clean_env())
-    log.close()
-    try:
-        ready = None
-        while time.perf_counter() - t0 < timeout and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        ready = time.perf_counter() - t0
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        if ready is None:
-            raise SystemExit(f"daemon not ready:\n{(home / 'daemon.log').read_text()[-2000:]}")
-        time.sleep(0.5)  # let the first pass's garbage settle
-        fields = {}
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                fields[k] = int(v.split()[0]) / 1024
-        return {"ready_s": ready, "rss_mb": fields["VmRSS"], "hwm_mb": fields["VmHWM"]}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    return c.daemon_rss(cfg, c.clean_env(), timeout, stop_timeout=30)
 
 
 def main() -> int:
