@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections import Counter
 from typing import Any
 
 import pytest
@@ -29,10 +28,9 @@ from tests.servers_moto import (
     write_config,
 )
 from tests.test_daemon import (
-    EVENT_FOR_FIELD,
-    TRANSITIONS,
     Launcher,
     Proc,
+    check_transitions,
     set_daemon,
     wait_for,
 )
@@ -82,20 +80,6 @@ def chain_from_store(read: Any, events: list[dict[str, Any]] | None = None
         events.append(ev)
         prev, seq = ev["hash"], seq + 1
     return events
-
-
-def check_transitions(events: list[dict[str, Any]], state: dict[str, Any]) -> None:
-    """Exactly one event per transition the state records (invariant 7)."""
-    seen = Counter((e["event"], e.get("kid")) for e in events if e["event"] in TRANSITIONS)
-    dup = {k: n for k, n in seen.items() if n > 1}
-    assert not dup, f"transitions recorded more than once: {dup}"
-    for ring in state["rings"].values():
-        for key in ring["keys"]:
-            born = seen[("key.generated", key["kid"])] + seen[("key.adopted", key["kid"])]
-            assert born == 1, f"{key['kid']}: {born} generated/adopted events"
-            for f, ev in EVENT_FOR_FIELD.items():
-                n = seen[(ev, key["kid"])]
-                assert n == (1 if key.get(f) else 0), f"{key['kid']}: {ev} recorded {n} times"
 
 
 def kill_holders(home: Home, launcher: Launcher, holder_pid: Any, events: Any) -> list[Proc]:

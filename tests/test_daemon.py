@@ -255,19 +255,24 @@ class Verifier:
         return claims
 
 
-def check_audit_matches_state(home: Home) -> list[dict[str, Any]]:
-    """Exactly one audit event per transition recorded in state (invariant 7)."""
-    events = audit_events(home)
+def check_transitions(events: list[dict[str, Any]], state: dict[str, Any]) -> None:
+    """Exactly one audit event per transition the state records (invariant 7)."""
     seen = Counter((e["event"], e.get("kid")) for e in events if e["event"] in TRANSITIONS)
     dup = {k: n for k, n in seen.items() if n > 1}
     assert not dup, f"transitions recorded more than once: {dup}"
-    for ring in home.state()["rings"].values():
+    for ring in state["rings"].values():
         for key in ring["keys"]:
             born = seen[("key.generated", key["kid"])] + seen[("key.adopted", key["kid"])]
             assert born == 1, f"{key['kid']}: {born} generated/adopted events"
             for f, ev in EVENT_FOR_FIELD.items():
                 n = seen[(ev, key["kid"])]
                 assert n == (1 if key.get(f) else 0), f"{key['kid']}: {ev} recorded {n} times"
+
+
+def check_audit_matches_state(home: Home) -> list[dict[str, Any]]:
+    """:func:`check_transitions` on the home's log and state, then ``audit verify``."""
+    events = audit_events(home)
+    check_transitions(events, home.state())
     home.run("audit", "verify", check=True)
     return events
 
