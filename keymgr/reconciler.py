@@ -91,6 +91,13 @@ class PassResult:
         return not self.failures
 
 
+def pass_time(clock: Callable[[], datetime], state: State) -> datetime:
+    """The clock, never earlier than the newest time in ``state``: what a pass
+    records moves forward, whatever the clock did."""
+    now = clock()
+    return state.clock if state.clock is not None and now < state.clock else now
+
+
 class Reconciler:
     def __init__(self, config: Config, store: StateStore, audit: AuditLog, actor: str) -> None:
         self.config = config
@@ -265,9 +272,7 @@ class Reconciler:
             if self.audit.imported:
                 # The file log this load imported into the store: recorded by
                 # the first commit after it, as `keymgr audit import` does.
-                now = clock()
-                if state.clock is not None and now < state.clock:
-                    now = state.clock
+                now = pass_time(clock, state)
                 imported = [{**e, "ts": now} for e in self.audit.imported]
                 try:
                     state, token = self.commit(state, imported, token)
@@ -281,9 +286,7 @@ class Reconciler:
             failed: set[Action] = set()
             planned: tuple[State, datetime] | None = None
             for _ in range(MAX_WAVES):
-                now = clock()
-                if state.clock is not None and now < state.clock:
-                    now = state.clock
+                now = pass_time(clock, state)
                 p = self.plan(state, now)
                 result.plan = p
                 planned = (state, now)
@@ -356,9 +359,7 @@ class Reconciler:
                         log.info(ev["event"], **fields)
             else:
                 result.failures.append("reconcile did not settle (internal limit reached)")
-            now = clock()
-            if state.clock is not None and now < state.clock:
-                now = state.clock
+            now = pass_time(clock, state)
             # The last plan already is this one when nothing changed since (the
             # steady state): planning 10,000 rings twice per pass is waste.
             if planned is None or planned[0] is not state or planned[1] != now:
@@ -370,9 +371,7 @@ class Reconciler:
     ) -> tuple[State, Token]:
         """Probe the edges and commit what changed at once: a kid's time at an
         edge must survive to the next pass, planned on or not."""
-        now = clock()
-        if state.clock is not None and now < state.clock:
-            now = state.clock
+        now = pass_time(clock, state)
         probed, events = self.probe_edges(state, now)
         if probed == state:
             return state, token
