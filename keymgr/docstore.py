@@ -404,12 +404,9 @@ class StateLayout:
         known_s = old.shards if old is not None else {}
         n = self.adapter.concurrency
         missing = [(j, name) for j, name in enumerate(sharding.manifests) if name not in known_m]
-        fetched = dict(zip(
-            (name for _, name in missing),
-            each(n, lambda m: self._fetch(
-                m[1], functools.partial(decode_manifest, index=m[0], buckets=b)), missing),
-            strict=True,
-        ))  # fmt: skip
+        got_m = each(n, lambda m: self._fetch(
+            m[1], functools.partial(decode_manifest, index=m[0], buckets=b)), missing)  # fmt: skip
+        fetched = {name: mapping for (_, name), mapping in zip(missing, got_m, strict=True)}
         manifests: dict[str, dict[int, str]] = {}
         buckets: dict[int, str] = {}
         for name in sharding.manifests:

@@ -160,12 +160,8 @@ TEST_SHARDS = os.environ.get("KEYMGR_TEST_SHARDS")
 
 def shard_state(config: Path) -> None:
     """Point a home's ``state = "file:state.json"`` at ``?shards=`` (``KEYMGR_TEST_SHARDS``)."""
-    if not TEST_SHARDS:
-        return
-    text = config.read_text()
-    line = 'state = "file:state.json"'
-    assert line in text, "keymgr init wrote another state line"
-    config.write_text(text.replace(line, f'state = "file:state.json?shards={TEST_SHARDS}"', 1))
+    if TEST_SHARDS:
+        config.write_text(with_state_url(config.read_text(), "file:state.json"))
 
 
 _STATE_LINE = re.compile(r'^state = "file:state\.json(\?shards=\w+)?"', re.M)
