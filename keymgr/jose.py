@@ -112,6 +112,8 @@ _THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
     "OKP": ("crv", "kty", "x"),
 }
 
+_THUMBPRINT_SETS = {kty: frozenset(m) for kty, m in _THUMBPRINT_MEMBERS.items()}
+
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -288,12 +290,18 @@ def thumbprint(jwk: Mapping[str, str]) -> str:
     kty = jwk.get("kty")
     if not isinstance(kty, str) or kty not in _THUMBPRINT_MEMBERS:
         raise ValueError(f"cannot compute a thumbprint for kty {kty!r}")
-    required = {}
-    for member in _THUMBPRINT_MEMBERS[kty]:
-        value = jwk.get(member)
-        if not isinstance(value, str):
-            raise ValueError(f"JWK of kty {kty} lacks string member {member!r}")
-        required[member] = value
+    required: Mapping[str, str]
+    if type(jwk) is dict and jwk.keys() == _THUMBPRINT_SETS[kty] and all(
+        type(v) is str for v in jwk.values()
+    ):
+        required = jwk  # exactly the required members (a stored public JWK): no copy
+    else:
+        required = {}
+        for member in _THUMBPRINT_MEMBERS[kty]:
+            value = jwk.get(member)
+            if not isinstance(value, str):
+                raise ValueError(f"JWK of kty {kty} lacks string member {member!r}")
+            required[member] = value
     # Sorted keys, no whitespace, UTF-8 (RFC 7638 3): what json.dumps(...,
     # separators=(",", ":"), sort_keys=True, ensure_ascii=False) writes, at a
     # fifth of the cost (every key's kid is checked when a state is loaded).
@@ -301,7 +309,7 @@ def thumbprint(jwk: Mapping[str, str]) -> str:
         canonical = orjson.dumps(required, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:  # a lone surrogate: not UTF-8 text
         raise ValueError("JWK members are not valid Unicode text") from None
-    return b64url(hashlib.sha256(canonical).digest())
+    return b64url_bytes(hashlib.sha256(canonical).digest()).decode("ascii")
 
 
 def der_to_raw_ecdsa(der: bytes, size: int) -> bytes:

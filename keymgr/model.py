@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from keymgr.timefmt import format_time, parse_time
+from keymgr.timefmt import format_time, formatted_time, parse_time
 
 FORMAT = 1
 
@@ -55,9 +55,12 @@ def gc_paused() -> Iterator[None]:
 #: Short strings that repeat in every key record (alg, backend, state, and the
 #: kty / crv / e of the public JWK), one object each: json.loads makes a new
 #: string per occurrence, 50-60 bytes each, several per key; at 100,000 rings
-#: that is over 100 MB (benchmarks/bench_scale.py).
-_SHARED: dict[str, str] = {}
+#: that is over 100 MB (benchmarks/bench_scale.py). Seeded with the states so
+#: the common case is one dict lookup (:data:`_seen`).
+_SHARED: dict[str, str] = {s: s for s in STATES}
+_STATE_SET = frozenset(STATES)
 _SHARED_MAX = 4096
+_seen = _SHARED.get
 
 
 def shared(value: Any) -> Any:
@@ -72,9 +75,22 @@ def shared(value: Any) -> Any:
     return value
 
 
+#: Members of a public JWK short enough to repeat from key to key (kty, crv, e).
+_SHORT_MEMBERS = ("kty", "crv", "e")
+
+
 def _public_jwk(jwk: Any) -> dict[str, Any]:
-    """A copy of a stored public JWK, its short members shared (see :func:`shared`)."""
-    return {shared(k): shared(v) for k, v in dict(jwk).items()}
+    """A copy of a stored public JWK, its short members shared (see :func:`shared`).
+
+    The member names need no sharing: both JSON parsers already share the
+    strings of repeated keys (orjson across documents, json within one).
+    """
+    copy = dict(jwk)
+    for m in _SHORT_MEMBERS:
+        v = copy.get(m)
+        if type(v) is str:
+            copy[m] = _seen(v) or shared(v)
+    return copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,44 +117,63 @@ class Key:
 
     def summary(self) -> dict[str, Any]:
         """:meth:`to_dict` without ``reason`` and ``public_jwk``: a key as
-        ``status --json`` shows it (400,000 of them at 100,000 rings)."""
+        ``status --json`` shows it (400,000 of them at 100,000 rings, so
+        each time's text is looked up in format_time's memo inline first)."""
+        known = formatted_time
         return {
             "kid": self.kid,
             "alg": self.alg,
             "backend": self.backend,
             "state": self.state,
-            "created_at": format_time(self.created_at),
-            "published_at": format_time(self.published_at),
-            "activated_at": format_time(self.activated_at),
-            "retired_at": format_time(self.retired_at),
-            "expired_at": format_time(self.expired_at),
-            "destroyed_at": format_time(self.destroyed_at),
-            "revoked_at": format_time(self.revoked_at),
+            "created_at": known(self.created_at) or format_time(self.created_at),
+            "published_at": known(self.published_at) or format_time(self.published_at),
+            "activated_at": known(self.activated_at) or format_time(self.activated_at),
+            "retired_at": known(self.retired_at) or format_time(self.retired_at),
+            "expired_at": known(self.expired_at) or format_time(self.expired_at),
+            "destroyed_at": known(self.destroyed_at) or format_time(self.destroyed_at),
+            "revoked_at": known(self.revoked_at) or format_time(self.revoked_at),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Key:
-        # Written out field by field (no dict of times, no **): a state of
-        # 10,000 rings builds this 10,000+ times per load.
+        # Written out field by field (no dict of times, no **, shared strings
+        # and times looked up inline): a state of 100,000 rings builds this
+        # 400,000 times per load. A value of the wrong type fails here
+        # (TypeError, AttributeError) or in keymgr.validate, never silently.
         get = d.get
         created = get("created_at")
         if not created:
             raise ValueError(f"key {get('kid')}: created_at missing")
-        if d["state"] not in STATES:
-            raise ValueError(f"key {get('kid')}: unknown state {d['state']!r}")
+        state = d["state"]
+        if type(state) is not str or state not in _STATE_SET:
+            raise ValueError(f"key {get('kid')}: unknown state {state!r}")
+        alg, backend = d["alg"], d["backend"]
+        if type(alg) is str:  # anything else is left for keymgr.validate to name
+            alg = _seen(alg) or shared(alg)
+        if type(backend) is str:
+            backend = _seen(backend) or shared(backend)
+        times = _TIMES.get
+        published, activated, retired, expired, destroyed, revoked = (
+            get("published_at"),
+            get("activated_at"),
+            get("retired_at"),
+            get("expired_at"),
+            get("destroyed_at"),
+            get("revoked_at"),
+        )
         return cls(
             kid=d["kid"],
-            alg=shared(d["alg"]),
-            backend=shared(d["backend"]),
-            state=shared(d["state"]),
+            alg=alg,
+            backend=backend,
+            state=_SHARED[state],
             public_jwk=_public_jwk(d["public_jwk"]),
-            created_at=stored_time(created),
-            published_at=_time_or_none(get("published_at")),
-            activated_at=_time_or_none(get("activated_at")),
-            retired_at=_time_or_none(get("retired_at")),
-            expired_at=_time_or_none(get("expired_at")),
-            destroyed_at=_time_or_none(get("destroyed_at")),
-            revoked_at=_time_or_none(get("revoked_at")),
+            created_at=times(created) or stored_time(created),
+            published_at=(times(published) or stored_time(published)) if published else None,
+            activated_at=(times(activated) or stored_time(activated)) if activated else None,
+            retired_at=(times(retired) or stored_time(retired)) if retired else None,
+            expired_at=(times(expired) or stored_time(expired)) if expired else None,
+            destroyed_at=(times(destroyed) or stored_time(destroyed)) if destroyed else None,
+            revoked_at=(times(revoked) or stored_time(revoked)) if revoked else None,
             reason=get("reason"),
         )
 
@@ -167,6 +202,10 @@ def stored_time(text: str) -> datetime:
 
 def _time_or_none(value: Any) -> datetime | None:
     return stored_time(value) if value else None
+
+
+_TOMBSTONE_ORDER = ("kid", "alg", "backend", "destroyed_at")
+_TOMBSTONE_FIELDS = frozenset(_TOMBSTONE_ORDER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,14 +238,35 @@ class Tombstone:
     @classmethod
     def from_dict(cls, ring: str, d: Any) -> Tombstone:
         """One ``forgotten`` entry; ValueError names the ring and the kid."""
+        if type(d) is dict and d.keys() == _TOMBSTONE_FIELDS:
+            # The common case, a sound entry whose time was seen before, in
+            # a few lookups (one per ring at 100,000 rings); anything else
+            # goes through the checks below for its message.
+            kid, alg, backend, text = d["kid"], d["alg"], d["backend"], d["destroyed_at"]
+            if (
+                type(text) is str
+                and (destroyed := _TIMES.get(text)) is not None
+                and type(kid) is str
+                and kid
+                and type(alg) is str
+                and alg
+                and type(backend) is str
+                and backend
+            ):
+                return cls(
+                    kid=kid,
+                    alg=_seen(alg) or shared(alg),
+                    backend=_seen(backend) or shared(backend),
+                    destroyed_at=destroyed,
+                )
         kid = d.get("kid") if isinstance(d, dict) else None
         at = f"ring {ring}: forgotten key {kid if isinstance(kid, str) else '?'}"
         if not isinstance(d, dict):
             raise ValueError(f"{at}: not an object")
-        for f in ("kid", "alg", "backend", "destroyed_at"):
+        for f in _TOMBSTONE_ORDER:
             if not isinstance(d.get(f), str) or not d[f]:
                 raise ValueError(f"{at}: {f} must be a non-empty string")
-        extra = sorted(set(d) - {"kid", "alg", "backend", "destroyed_at"})
+        extra = sorted(set(d) - _TOMBSTONE_FIELDS)
         if extra:
             raise ValueError(f"{at}: unexpected field(s) {', '.join(extra)}")
         try:

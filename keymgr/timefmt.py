@@ -7,6 +7,7 @@ seconds, so that state documents, audit events and ``--at`` round-trip exactly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 #: Ten years: longer periods are typos, and would overflow datetime arithmetic.
@@ -111,6 +112,9 @@ def parse_time(text: str) -> datetime:
 #: million of them. Bounded: once full it starts over.
 _FORMATTED: dict[datetime, str] = {}
 _FORMATTED_MAX = 1 << 16
+#: The memo's text for a time already formatted, else None (also for None):
+#: ``formatted_time(t) or format_time(t)`` skips a call in the common case.
+formatted_time: Callable[[datetime | None], str | None] = _FORMATTED.get  # type: ignore[assignment]
 
 
 def format_time(dt: datetime | None) -> str | None:

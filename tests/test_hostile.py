@@ -315,6 +315,16 @@ def test_key_entry_with_a_foreign_public_key_under_our_kid_is_refused(home: Home
         (lambda k: k.update(published_at="2020-01-01T00:00:00Z"), "published_at is before"),
         (lambda k: k.update(alg="HS256"), "HS256"),
         (lambda k: k["public_jwk"].update(d="c2VjcmV0"), "unexpected member(s) d"),
+        # Wrong types and shapes take the loader's and validator's fast paths
+        # for sound entries; each still gets its own message.
+        (lambda k: k.update(alg=["ES256"]), "is not a supported JWS algorithm"),
+        (lambda k: k.update(backend=7), "kid and backend must be non-empty strings"),
+        (lambda k: k.update(state=["active"]), "unknown state"),
+        (lambda k: k["public_jwk"].pop("y"), "missing member(s) y"),
+        (lambda k: k["public_jwk"].update(y=3), "must be an object of string members"),
+        (lambda k: k["public_jwk"].update(x=k["public_jwk"]["x"] + "AAAA"), "x is not 32 bytes"),
+        # 32 bytes take 43 characters whose last carries 2 unused bits: "B" sets one.
+        (lambda k: k["public_jwk"].update(x=k["public_jwk"]["x"][:-1] + "B"), "not valid base64"),
     ],
 )
 def test_malformed_state_is_one_line_and_exit_1(home: Home, edit: Any, words: str) -> None:

@@ -12,6 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from keymgr.backends.local.store import FileStore
 
 from keymgr import jose
@@ -213,3 +215,73 @@ def test_sign_counts_calls_and_latency_when_metrics_are_attached(tmp_path):
     assert get("keymgr_sign_duration_seconds_count", {"ring": "api"}) == 3
     total = get("keymgr_sign_duration_seconds_sum", {"ring": "api"})
     assert 0 < total < 3  # seconds, not nanoseconds
+
+
+@st.composite
+def _coordinates(draw: st.DrawFn) -> tuple[int, str]:
+    """A size and a base64url text of about that many bytes, sometimes with one
+    character changed (alphabet, padding, unused trailing bits, non-ASCII)."""
+    from keymgr import validate
+
+    size = draw(st.sampled_from(sorted(validate._COORD_RE)))
+    text = jose.b64url(draw(st.binary(min_size=size - 1, max_size=size + 1)))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(text) - 1))
+        text = text[:i] + draw(st.sampled_from("ABQgw09_-+/=. \u00e9")) + text[i + 1 :]
+    return size, text
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_coordinates())
+def test_coordinate_shape_check_accepts_what_the_strict_decoder_decodes_to_its_size(
+    case: tuple[int, str],
+) -> None:
+    """keymgr.validate checks EC/OKP coordinates with one regex per size; it
+    must accept exactly the texts jose.b64url_decode turns into that many bytes."""
+    from keymgr import validate
+
+    size, text = case
+    try:
+        decoded = len(jose.b64url_decode(text)) == size
+    except ValueError:
+        decoded = False
+    assert (validate._COORD_RE[size].fullmatch(text) is not None) == decoded
+
+
+def test_tombstone_and_key_fast_paths_read_what_the_checks_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sound tombstone or key is read alike whether its time is in the memo
+    (the fast path) or not, and shares its short strings either way."""
+    from keymgr import model
+
+    tomb = {"kid": "k" * 43, "alg": "ES256", "backend": "local", "destroyed_at": format_time(T0)}
+    monkeypatch.setattr(model, "_TIMES", {})  # the first read takes the checked path
+    cold = model.Tombstone.from_dict("r", json.loads(json.dumps(tomb)))
+    assert model._TIMES  # its time is now known: the second read takes the fast one
+    warm = model.Tombstone.from_dict("r", json.loads(json.dumps(tomb)))
+    assert cold == warm and warm.destroyed_at is cold.destroyed_at
+    assert warm.alg is cold.alg and warm.backend is cold.backend
+    for bad, words in (({**tomb, "alg": 5}, "alg must be"), ({**tomb, "x": "y"}, "unexpected")):
+        with pytest.raises(ValueError, match=words):
+            model.Tombstone.from_dict("r", bad)
+    priv = ec.generate_private_key(ec.SECP256R1())
+    jwk = jose.public_jwk(priv.public_key())
+    entry = {
+        "kid": jose.thumbprint(jwk),
+        "alg": "ES256",
+        "backend": "local",
+        "state": "active",
+        "public_jwk": jwk,
+        "created_at": format_time(T0),
+        "published_at": format_time(T0),
+        "activated_at": format_time(T0),
+    }
+    a = model.Key.from_dict(json.loads(json.dumps(entry)))
+    b = model.Key.from_dict(json.loads(json.dumps(entry)))
+    assert a == b and a.public_jwk == jwk and a.public_jwk is not b.public_jwk
+    assert a.public_jwk["crv"] is b.public_jwk["crv"] and a.state is b.state is model.ACTIVE
+    assert a.to_dict() == {**entry, **{f: None for f in ("retired_at", "expired_at",
+                                                         "destroyed_at", "revoked_at",
+                                                         "reason")}}
+
