@@ -13,11 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from keymgr.jose import assert_public
-from keymgr.model import Key
+from keymgr.model import Key, jwk_members
 
 
 def jwk_for(key: Key) -> dict[str, str]:
-    jwk = dict(key.public_jwk)
+    jwk = dict(jwk_members(key.public_jwk))
     assert_public(jwk)
     jwk["kid"] = key.kid
     jwk["alg"] = key.alg

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from keymgr.timefmt import format_time, formatted_time, parse_time
 
@@ -52,10 +54,10 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-#: Short strings that repeat in every key record (alg, backend, state, and the
-#: kty / crv / e of the public JWK), one object each: json.loads makes a new
-#: string per occurrence, 50-60 bytes each, several per key; at 100,000 rings
-#: that is over 100 MB (benchmarks/bench_scale.py). Seeded with the states so
+#: Short strings that repeat in every key record (alg, backend, state), one
+#: object each: json.loads makes a new string per occurrence, 50-60 bytes
+#: each, several per key; at 100,000 rings that was over 100 MB
+#: (benchmarks/bench_scale.py). Seeded with the states so
 #: the common case is one dict lookup (:data:`_seen`).
 _SHARED: dict[str, str] = {s: s for s in STATES}
 _STATE_SET = frozenset(STATES)
@@ -75,22 +77,77 @@ def shared(value: Any) -> Any:
     return value
 
 
-#: Members of a public JWK short enough to repeat from key to key (kty, crv, e).
-_SHORT_MEMBERS = ("kty", "crv", "e")
+class PublicJwk(Mapping[str, str]):
+    """A stored public JWK, held as the compact JSON it was stored as.
 
-
-def _public_jwk(jwk: Any) -> dict[str, Any]:
-    """A copy of a stored public JWK, its short members shared (see :func:`shared`).
-
-    The member names need no sharing: both JSON parsers already share the
-    strings of repeated keys (orjson across documents, json within one).
+    Every key record of a loaded state has one (400,000 at 100,000 rings:
+    benchmarks/bench_scale.py), and the public JWK is read only to publish a
+    key or to compare it with the backend's: as a dict with its two
+    coordinate strings an EC JWK takes ~370 bytes, as these bytes ~210. It
+    reads as the dict it was made from (same members, same order, equal to
+    it), parsing its bytes on each read; ``dict(jwk)`` parses them once.
     """
-    copy = dict(jwk)
-    for m in _SHORT_MEMBERS:
-        v = copy.get(m)
-        if type(v) is str:
-            copy[m] = _seen(v) or shared(v)
-    return copy
+
+    __slots__ = ("_json",)
+
+    def __init__(self, members: Mapping[str, str]) -> None:
+        # orjson refuses what is not JSON text (a lone surrogate): the caller
+        # keeps such a value as it is (see :func:`_public_jwk`).
+        # Copied: orjson hands back its 4 KiB output buffer as the bytes
+        # object (400,000 of them were 1.6 GB); the copy is its exact size.
+        plain = members if type(members) is dict else dict(members)
+        self._json: bytes = bytes(memoryview(orjson.dumps(plain)))
+
+    def _members(self) -> dict[str, str]:
+        members: dict[str, str] = orjson.loads(self._json)
+        return members
+
+    def __getitem__(self, member: str) -> str:
+        return self._members()[member]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members())
+
+    def __len__(self) -> int:
+        return len(self._members())
+
+    def keys(self) -> KeysView[str]:
+        return self._members().keys()
+
+    def items(self) -> ItemsView[str, str]:
+        return self._members().items()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PublicJwk):
+            return self._json == other._json or self._members() == other._members()
+        if isinstance(other, Mapping):
+            return self._members() == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to a dict, which has none
+
+    def __repr__(self) -> str:
+        return f"PublicJwk({self._members()!r})"
+
+
+def jwk_members(jwk: Any) -> Any:
+    """A key's public JWK as a new dict when it is a :class:`PublicJwk`
+    (one parse), anything else as it is."""
+    return jwk._members() if type(jwk) is PublicJwk else jwk
+
+
+def _public_jwk(jwk: Any) -> Any:
+    """A stored public JWK as a :class:`PublicJwk` when it is an object of
+    strings; anything else as it is, for keymgr.validate to name."""
+    if type(jwk) is dict:
+        for k, v in jwk.items():
+            if type(k) is not str or type(v) is not str:
+                return jwk
+        try:
+            return PublicJwk(jwk)
+        except orjson.JSONEncodeError:
+            return jwk
+    return jwk
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +156,8 @@ class Key:
     alg: str
     backend: str
     state: str
-    public_jwk: dict[str, str]
+    #: A :class:`PublicJwk` once loaded; a new key's is the backend's dict.
+    public_jwk: Mapping[str, str]
     created_at: datetime
     published_at: datetime | None = None
     activated_at: datetime | None = None
@@ -112,7 +170,7 @@ class Key:
     def to_dict(self) -> dict[str, Any]:
         d = self.summary()
         d["reason"] = self.reason
-        d["public_jwk"] = self.public_jwk
+        d["public_jwk"] = jwk_members(self.public_jwk)
         return d
 
     def summary(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from keymgr.model import (
     Ring,
     State,
     Tombstone,
+    jwk_members,
 )
 
 #: Times each state needs recorded (besides created_at), per docs/design.md#states.
@@ -131,11 +132,12 @@ def key_problem(key: Key) -> str | None:
         if last is not None and t < last[1]:
             return f"{f} is before {last[0]}"
         last = (f, t)
-    problem = _jwk_problem(key.public_jwk, key.alg)
+    jwk = jwk_members(key.public_jwk)
+    problem = _jwk_problem(jwk, key.alg)
     if problem is not None:
         return f"public_jwk: {problem}"
     try:
-        kid = jose.thumbprint(key.public_jwk)
+        kid = jose.thumbprint(jwk)
     except ValueError as e:
         return f"public_jwk: {e}"
     if kid != key.kid:

@@ -281,7 +281,7 @@ def test_tombstone_and_key_fast_paths_read_what_the_checks_read(
     a = model.Key.from_dict(json.loads(json.dumps(entry)))
     b = model.Key.from_dict(json.loads(json.dumps(entry)))
     assert a == b and a.public_jwk == jwk and a.public_jwk is not b.public_jwk
-    assert a.public_jwk["crv"] is b.public_jwk["crv"] and a.state is b.state is model.ACTIVE
+    assert type(a.public_jwk) is model.PublicJwk and a.state is b.state is model.ACTIVE
     assert a.to_dict() == {**entry, **{f: None for f in ("retired_at", "expired_at",
                                                          "destroyed_at", "revoked_at",
                                                          "reason")}}
@@ -330,3 +330,29 @@ def test_one_shot_commands_run_without_the_cyclic_collector(
         assert cli.main(argv) == 0
         assert gc.isenabled()
     assert seen == {"status": False, "run": True, "follow": True, "plan": False}
+
+
+def test_a_stored_public_jwk_reads_as_the_dict_it_was_made_from() -> None:
+    """keymgr.model.PublicJwk (a loaded key's public JWK, kept as its JSON):
+    same members in the same order, equal to the dict both ways, written back
+    as that dict; what is not an object of strings is kept as it is for
+    keymgr.validate to name."""
+    from keymgr import model
+
+    priv = ec.generate_private_key(ec.SECP384R1())
+    jwk = jose.public_jwk(priv.public_key())
+    held = model.PublicJwk(jwk)
+    assert list(held) == list(jwk) == ["kty", "crv", "x", "y"] and len(held) == 4
+    assert dict(held) == jwk and held == jwk and jwk == held
+    assert (held != jwk) is False and (jwk != held) is False
+    assert held["x"] == jwk["x"] and held.get("d") is None and "y" in held
+    assert list(held.items()) == list(jwk.items()) and held == model.PublicJwk(dict(jwk))
+    assert held != {**jwk, "x": jwk["y"]} and held != model.PublicJwk({**jwk, "kty": "RSA"})
+    assert held != "EC" and model.jwk_members(held) == jwk
+    with pytest.raises(TypeError):
+        hash(held)
+    assert jose.thumbprint(held) == jose.thumbprint(jwk)
+    assert repr(held).startswith("PublicJwk({'kty': 'EC'")
+    # Kept as they are: not an object, a non-string member, a lone surrogate.
+    for odd in ([["kty", "EC"]], {**jwk, "y": 3}, {**jwk, "x": "\ud800"}, "EC"):
+        assert model._public_jwk(odd) is odd
