@@ -597,7 +597,9 @@ def run(cfg: Config) -> int:
     from prometheus_client import disable_created_metrics
 
     from keymgr.logs import configure
+    from keymgr.malloc import limit_arenas
 
+    limit_arenas()  # before the scheduler and server threads (keymgr.malloc)
     configure(cfg.daemon.log_level)
     # One ``*_created`` series per counter child doubles the scrape for no use here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
