@@ -10,6 +10,7 @@ way a Kubernetes controller reconciles desired against observed state).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from keymgr.model import (
     RETIRED,
     REVOKED,
     Key,
+    PublisherRecord,
     Ring,
     State,
 )
@@ -179,12 +181,8 @@ def desired_keys(
     it leave on their usual schedule (expiry), never at once. ``index``:
     :func:`rings_of` of ``policies``, when the caller already built it.
     """
-    out: list[Key] = []
-    rings = (index if index is not None else rings_of(policies)).get(publisher, ())
-    for name in rings:
-        ring = state.rings.get(name)
-        if ring is not None:
-            out.extend(k for k in ring.keys if k.state in IN_JWKS)
+    names = (index if index is not None else rings_of(policies)).get(publisher, ())
+    out = _own_keys(state, names)
     rec = state.publishers.get(publisher)
     if rec is not None and rec.kids:
         left = rec.kids.difference(k.kid for k in out)
@@ -193,6 +191,50 @@ def desired_keys(
             if found is not None and found[1].state in IN_JWKS:
                 out.append(found[1])
     return out
+
+
+def _own_keys(state: State, names: Iterable[str]) -> list[Key]:
+    """The JWKS keys of the rings ``names`` (those that use a publisher)."""
+    out: list[Key] = []
+    for name in names:
+        ring = state.rings.get(name)
+        if ring is not None:
+            out.extend(k for k in ring.keys if k.state in IN_JWKS)
+    return out
+
+
+def _wanted(
+    state: State,
+    policies: Mapping[str, Policy],
+    publisher: str,
+    index: Mapping[str, tuple[str, ...]],
+    memo: PlanMemo | None,
+) -> frozenset[str]:
+    """The kids of :func:`desired_keys`, remembered in ``memo`` while the
+    publisher's record, the policies and each of its rings are the same
+    objects, and it serves no kid of another ring (whose keys would be read)."""
+    rec = state.publishers.get(publisher)
+    names = index.get(publisher, ())
+    rings = tuple(map(state.rings.get, names))
+    if memo is not None:
+        hit = memo.wants.get(publisher)
+        if (
+            hit is not None
+            and hit[0] is rec
+            and hit[1] is policies
+            and len(hit[2]) == len(rings)
+            and all(map(operator.is_, hit[2], rings))
+        ):
+            return hit[3]
+    kids = frozenset(k.kid for k in _own_keys(state, names))
+    if rec is not None and not rec.kids <= kids:
+        # It still serves kids of rings that no longer use it: the whole rule.
+        if memo is not None:
+            memo.wants.pop(publisher, None)
+        return frozenset(k.kid for k in desired_keys(state, policies, publisher, index))
+    if memo is not None:
+        memo.wants[publisher] = (rec, policies, rings, kids)
+    return kids
 
 
 def rings_of(policies: Mapping[str, Policy]) -> dict[str, tuple[str, ...]]:
@@ -308,17 +350,39 @@ class PlanMemo:
     (state objects are immutable; a store hands back the same objects for
     what did not change), the small ones by equality; anything else plans
     the ring again. One memo per :class:`~keymgr.reconciler.Reconciler`.
+
+    Of those records, a steady ring's plan reads the publisher and edge
+    records, the managed publishers and the edges only for an expired or
+    revoked key (its destruction waits until nothing serves it). So a change
+    there forgets only the plans of such rings (:attr:`reading`): a one-ring
+    rotation changes one publisher's record, and the other 99,999 rings of a
+    100,000-ring state keep their plans (benchmarks/bench_scale.py).
     """
 
     def __init__(self) -> None:
         self.context: tuple[object, ...] | None = None
         #: ring name -> (ring, policy, when planned, its next transition)
         self.rings: dict[str, tuple[Ring, Policy, datetime, Upcoming | None]] = {}
+        #: The remembered rings whose plan reads the publisher and edge records.
+        self.reading: set[str] = set()
+        #: publisher -> (its record, the policies, its rings, the kids it must
+        #: serve): see :func:`_wanted`.
+        self.wants: dict[
+            str, tuple[PublisherRecord | None, object, tuple[Ring | None, ...], frozenset[str]]
+        ] = {}
+        self._index: tuple[object, dict[str, tuple[str, ...]]] | None = None
+
+    def rings_of(self, policies: Mapping[str, Policy]) -> dict[str, tuple[str, ...]]:
+        """:func:`rings_of`, built again only for other policies (a reload)."""
+        if self._index is None or self._index[0] is not policies:
+            self._index = (policies, rings_of(policies))
+        return self._index[1]
 
     def enter(
         self, state: State, managed: Sequence[str], edges: Edges | None
     ) -> None:
-        """Forget everything unless the records every ring's plan reads are the same."""
+        """Forget the plans that read the publisher and edge records, the
+        managed publishers or the edges, unless those are the same."""
         old = self.context
         if (
             old is None
@@ -327,7 +391,9 @@ class PlanMemo:
             or old[2] != tuple(managed)
             or old[3] != (dict(edges) if edges is not None else None)
         ):
-            self.rings.clear()
+            for name in self.reading:
+                self.rings.pop(name, None)
+            self.reading.clear()
         self.context = (
             state.publishers,
             state.edges,
@@ -353,8 +419,16 @@ class PlanMemo:
         """Remember a plan with nothing due, if the ring is steady."""
         if ring.active is not None and not ring.in_state(PENDING, PUBLISHED):
             self.rings[name] = (ring, pol, now, nxt)
+            if ring.in_state(EXPIRED, REVOKED):
+                self.reading.add(name)
+            else:
+                self.reading.discard(name)
         else:
-            self.rings.pop(name, None)
+            self.forget(name)
+
+    def forget(self, name: str) -> None:
+        self.rings.pop(name, None)
+        self.reading.discard(name)
 
 
 def plan(
@@ -375,10 +449,10 @@ def plan(
     due: list[Action] = []
     upcoming: dict[str, Upcoming | None] = {}
     managed = _managed(policies, publishers)
-    index = rings_of(policies)
+    index = memo.rings_of(policies) if memo is not None else rings_of(policies)
     for p in managed:
         rec = state.publishers.get(p)
-        want = frozenset(k.kid for k in desired_keys(state, policies, p, index))
+        want = _wanted(state, policies, p, index, memo)
         if (rec is None and want) or (rec is not None and (rec.stale or rec.kids != want)):
             due.append(Publish(p))
     if memo is not None:
@@ -395,7 +469,7 @@ def plan(
         upcoming[name] = nxt
         if memo is not None:
             if ring_due:
-                memo.rings.pop(name, None)
+                memo.forget(name)
             else:
                 memo.put(name, ring, pol, now, nxt)
     return Plan(due=tuple(due), upcoming=upcoming)

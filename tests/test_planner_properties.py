@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -410,3 +412,105 @@ def test_a_plan_memo_sees_a_publisher_stop_serving_an_expired_key() -> None:
     with_memo = plan(state, {"r": pol}, later, ("p0",), memo=memo)
     assert with_memo == plan(state, {"r": pol}, later, ("p0",))
     assert Destroy("r", "o") in with_memo.due
+
+
+def test_a_publisher_change_replans_only_the_rings_that_read_publisher_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new publisher record (a rotation of some ring) forgets only the memo
+    entries of rings whose plan reads it (an expired key waits until nothing
+    serves it); the others are not planned again, and the plan is the same."""
+    from keymgr import planner
+
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    jwk = {"kty": "EC", "crv": "P-256", "x": "x", "y": "y"}
+    calm = Ring("calm", (
+        Key("a", "ES256", "local", ACTIVE, jwk, t0, t0, t0),
+        Key("r", "ES256", "local", RETIRED, jwk, t0, t0, t0, t0),
+    ))
+    waiting = Ring("waiting", (
+        Key("b", "ES256", "local", ACTIVE, jwk, t0, t0, t0),
+        Key("o", "ES256", "local", EXPIRED, jwk, t0, t0, t0, t0, t0),
+    ))
+    pols = {
+        name: Policy(name, "local", "ES256", 30 * DAY, HOUR, 10 * DAY, DAY, ("p0",))
+        for name in ("calm", "waiting")
+    }
+    served = PublisherRecord(
+        "ab" * 32, frozenset({"a", "r", "b", "o"}), t0, since=dict.fromkeys("arbo", t0)
+    )
+    state = State(rings={"calm": calm, "waiting": waiting}, publishers={"p0": served}, clock=t0)
+    memo = PlanMemo()
+    now = t0 + 2 * DAY
+    first = plan(state, pols, now, ("p0",), memo=memo)
+    assert not ring_actions(first) and set(memo.rings) == {"calm", "waiting"}
+    assert memo.reading == {"waiting"}
+
+    planned: list[str] = []
+    real = planner.plan_ring
+
+    def counted(st: State, ring: Ring, *args: Any) -> Any:
+        planned.append(ring.name)
+        return real(st, ring, *args)
+
+    gone = dataclasses.replace(
+        served, kids=frozenset({"a", "r", "b"}), since=dict.fromkeys("arb", t0)
+    )
+    state = dataclasses.replace(state, publishers={"p0": gone})
+    later = now + HOUR
+    monkeypatch.setattr(planner, "plan_ring", counted)
+    with_memo = plan(state, pols, later, ("p0",), memo=memo)
+    assert planned == ["waiting"]
+    monkeypatch.setattr(planner, "plan_ring", real)
+    assert with_memo == plan(state, pols, later, ("p0",))
+    assert Destroy("waiting", "o") in with_memo.due and "waiting" not in memo.rings
+    assert memo.reading == set() and "calm" in memo.rings
+
+
+def test_what_each_publisher_must_serve_is_remembered_while_its_rings_are_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kids a publisher must serve are worked out again only when its
+    record, the policies or one of its rings is a new object; a publisher
+    that still serves a key of a ring that left it is worked out every time
+    (that key's ring is read), and every answer is the memo-less one."""
+    from keymgr import planner
+
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    jwk = {"kty": "EC", "crv": "P-256", "x": "x", "y": "y"}
+    rings = {
+        n: Ring(n, (Key(f"k{n}", "ES256", "local", ACTIVE, jwk, t0, t0, t0),))
+        for n in ("a", "b", "c")
+    }
+    pols = {
+        n: Policy(n, "local", "ES256", 30 * DAY, HOUR, DAY, DAY, (pub,))
+        for n, pub in (("a", "p0"), ("b", "p0"), ("c", "p1"))
+    }
+    recs = {
+        "p0": PublisherRecord("ab" * 32, frozenset({"ka", "kb"}), t0, since={}),
+        # p1 still serves ring b's key (b moved to p0): its answer reads ring b.
+        "p1": PublisherRecord("cd" * 32, frozenset({"kb", "kc"}), t0, since={}),
+    }
+    state = State(rings=rings, publishers=recs, clock=t0)
+    memo = PlanMemo()
+    now = t0 + DAY
+    worked: list[tuple[str, ...]] = []
+    real = planner._own_keys
+
+    def counted(st: State, names: Any) -> Any:
+        worked.append(tuple(names))
+        return real(st, names)
+
+    monkeypatch.setattr(planner, "_own_keys", counted)
+    for step in ("first", "same", "ring b replaced"):
+        if step == "ring b replaced":
+            b = rings["b"]
+            state = state.with_ring(dataclasses.replace(b, rotate_at=t0 + 2 * DAY))
+        expected = plan(state, pols, now, ("p0", "p1"))
+        worked.clear()
+        assert plan(state, pols, now, ("p0", "p1"), memo=memo) == expected, step
+        assert "p1" not in memo.wants and "p0" in memo.wants, step
+        # p1 every time (it serves b's key: its own rings, then the whole rule);
+        # p0 only when one of its rings is new.
+        assert worked.count(("c",)) == 2, (step, worked)
+        assert (("a", "b") in worked) == (step != "same"), (step, worked)
