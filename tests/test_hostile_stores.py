@@ -569,3 +569,59 @@ def test_rechained_audit_log_is_refused_before_any_commit(
     assert log.read_bytes() == forged, "appended to a forged log"
     proc = w.run("audit", "verify")
     assert proc.returncode != 0 and "differs from the head anchored in state" in proc.stderr
+
+
+# --------------------------------------------------------------------------- sharded rollback
+
+
+def _head(w: World) -> str:
+    """The stored head of a sharded state, as the store holds it."""
+    return w.raw_state()[1]
+
+
+def _put_head(w: World, text: str) -> None:
+    """Put back a head as someone with write access would (a restored backup,
+    an earlier object version): unconditionally on S3, by CAS on Vault KV."""
+    if isinstance(w, S3World):
+        w.s3.put_object(Bucket=STATE_BUCKET, Key=STATE_KEY, Body=text.encode())
+    else:
+        assert isinstance(w, VaultWorld)
+        version = w.raw_state()[0]
+        w.bao.ok("POST", f"secret/data/{w.kv_path}",
+                 {"options": {"cas": version}, "data": {"state": text}})
+
+
+@pytest.mark.parametrize("store", ["s3", "vault"])
+def test_a_sharded_state_rolled_back_to_an_earlier_head_is_refused(
+    request: pytest.FixtureRequest, home: Home, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """An earlier head of a sharded state put back (its shards are still there,
+    so it reads as a sound, older state: before the promotion) is refused in
+    one line, because the audit log holds events it does not anchor; no key is
+    destroyed or added, the JWKS are unchanged and the head is left as it was."""
+    w = s3_world(request, home) if store == "s3" else vault_world(request, home, monkeypatch)
+    text = home.config.read_text()
+    if store == "s3":
+        assert f"/{STATE_KEY}?" in text
+        home.config.write_text(text.replace(f"/{STATE_KEY}?", f"/{STATE_KEY}?shards=on&", 1))
+    else:
+        assert "shards=off" in text
+        home.config.write_text(text.replace("shards=off", "shards=on", 1))
+    w.reconcile(T0)
+    w.reconcile(T0 + P - A)
+    earlier = _head(w)
+    assert json.loads(earlier)["sharding"], "not a sharded head"
+    out = w.reconcile(T0 + P)
+    assert "key.promoted" in out, out
+    backend, served = w.backend_keys(), w.served()
+
+    _put_head(w, earlier)
+    restored = w.raw_state()
+    line = w.refused("reconcile", "--at", at(T0 + P + SEC))
+    assert "audit" in line and "anchor" in line, line
+    assert w.backend_keys() == backend, "a backend key was destroyed or added"
+    assert w.served() == served, "the JWKS changed"
+    assert w.raw_state() == restored, "the rolled-back head was written over"
+    line = w.refused("rotate", RING)
+    assert "audit" in line and "anchor" in line, line
+    assert w.raw_state() == restored and w.backend_keys() == backend
