@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 from keymgr.errors import ConflictError, StoreError
 from keymgr.faults import crashpoint
 from keymgr.logs import get_logger
-from keymgr.model import State, gc_paused
+from keymgr.model import State, gc_paused, gc_settled
 from keymgr.shards import (
     FANOUT,
     OUTBOX_INLINE,
@@ -292,6 +292,22 @@ class ShardGone(StoreError):
     """A document the head names is missing: the head may have moved on meanwhile."""
 
 
+#: Buckets from which a whole read settles its objects (model.gc_settled):
+#: about 10,000 rings (keymgr.shards sizes buckets to the ring count); below
+#: that the collector's walks cost less than 0.3 s.
+SETTLE_BUCKETS = 1024
+
+
+def _settles(doc: dict[str, Any], snap: _Snapshot | None) -> bool:
+    """Whether reading the sharded head ``doc`` is a whole read of a large
+    state: the first, or after a single document, of at least SETTLE_BUCKETS."""
+    if snap is not None and snap.sharding is not None:
+        return False  # only the shards that changed are read
+    sharding = doc.get("sharding")
+    buckets = sharding.get("buckets") if isinstance(sharding, dict) else None
+    return type(buckets) is int and buckets >= SETTLE_BUCKETS
+
+
 @dataclass(frozen=True, eq=False)
 class _Snapshot:
     """One version of the state as loaded or committed, with what it was made of."""
@@ -386,8 +402,10 @@ class StateLayout:
         else:
             # One pause for the whole read, not one per shard: re-enabled
             # between shards, the collector walked the growing heap of decoded
-            # rings each time (2.7 s of a 100,000-ring load).
-            with gc_paused():
+            # rings each time (2.7 s of a 100,000-ring load). A whole read of
+            # a large state then takes its objects out of the collector's
+            # walks (gc_settled).
+            with gc_settled() if _settles(doc, snap) else gc_paused():
                 new = self._decode_sharded(raw, doc, snap)
         with self._mutex:
             self._snap = new

@@ -54,11 +54,39 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+@contextlib.contextmanager
+def gc_settled() -> Iterator[None]:
+    """:func:`gc_paused` for a whole state read, whose objects then live on:
+    on success they go to the collector's permanent generation (``gc.freeze``).
+
+    Decoded under a pause, the millions of objects of a 100,000-ring state
+    sit in the youngest generation when the collector is turned back on, and
+    the daemon's next pass walks them once per generation: 3 s of its first
+    pass (benchmarks/bench_scale.py). Frozen, they are never walked again; a
+    state holds no cycles, so refcounting still frees it when a later one
+    replaces it. Garbage is collected first (cheap: what earlier reads froze
+    is not walked), so no dead cycle is frozen with them. Used for a whole
+    read only (the first, or after the store's history moved on), never per
+    pass, so what else it freezes is bounded. Nothing when the collector is
+    off (one-shot commands: keymgr.cli).
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        gc.enable()
+
+
 #: Short strings that repeat in every key record (alg, backend, state), one
 #: object each: json.loads makes a new string per occurrence, 50-60 bytes
 #: each, several per key; at 100,000 rings that was over 100 MB
-#: (benchmarks/bench_scale.py). Seeded with the states so
-#: the common case is one dict lookup (:data:`_seen`).
+#: (benchmarks/bench_scale.py). Seeded with the states so the common case is
+#: one dict lookup (:data:`_seen`).
 _SHARED: dict[str, str] = {s: s for s in STATES}
 _STATE_SET = frozenset(STATES)
 _SHARED_MAX = 4096
@@ -85,7 +113,8 @@ class PublicJwk(Mapping[str, str]):
     key or to compare it with the backend's: as a dict with its two
     coordinate strings an EC JWK takes ~370 bytes, as these bytes ~210. It
     reads as the dict it was made from (same members, same order, equal to
-    it), parsing its bytes on each read; ``dict(jwk)`` parses them once.
+    it), parsing its bytes on each read; :func:`jwk_members` gives the dict
+    for one parse.
     """
 
     __slots__ = ("_json",)

@@ -13,6 +13,8 @@ import json
 import math
 import re
 import signal
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -565,3 +567,57 @@ def test_each_keeps_order_and_raises_the_first_failure_in_order() -> None:
 
     with pytest.raises(ValueError, match="no 7"):
         docstore.each(4, boom, list(range(50)))
+
+
+# --------------------------------------------------------------------------- collector
+
+#: A whole read of a sharded state, then a read after one ring changed, in a
+#: process of its own (gc.freeze is process-wide): how many objects each froze.
+_SETTLE_PROBE = r"""
+import gc, sys
+from keymgr import docstore
+from keymgr.docstore import SharedStore
+from keymgr.testing.docstore import MemoryAdapter, bump, sharded_state
+docstore.SETTLE_BUCKETS = int(sys.argv[1])
+if sys.argv[2] == "off":
+    gc.disable()
+adapter = MemoryAdapter()
+writer = SharedStore(adapter, shards="on")
+state = sharded_state(300)
+token = writer.commit(state, None)
+reader = SharedStore(adapter, shards="on")
+before = gc.get_freeze_count()
+got, _ = reader.load()
+assert got == state
+whole = gc.get_freeze_count() - before
+writer.commit(bump(state, "tenant-001"), token)
+got, _ = reader.load()
+assert got.rings["tenant-001"].emergency
+print(whole, gc.get_freeze_count() - before - whole, gc.isenabled())
+"""
+
+
+@pytest.mark.parametrize(
+    ("settle_from", "collector", "expect_frozen", "enabled"),
+    [("1", "on", True, True), ("1000000", "on", False, True), ("1", "off", False, False)],
+)
+def test_a_whole_read_of_a_large_state_leaves_the_collectors_walks(
+    settle_from: str, collector: str, expect_frozen: bool, enabled: bool
+) -> None:
+    """keymgr.model.gc_settled: the first read of a state of at least
+    SETTLE_BUCKETS buckets freezes what it decoded (the daemon's first pass
+    then does not walk it once per generation); a smaller state, a read of
+    the changed shards only, or a collector turned off freezes nothing, and
+    the collector ends as it was."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SETTLE_PROBE, settle_from, collector],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    whole, incremental, on = proc.stdout.split()
+    assert (int(whole) > 300 * 4) == expect_frozen, proc.stdout  # rings, keys, their strings
+    # Nothing more frozen by the second read; what it replaced is freed,
+    # frozen or not (a state holds no cycles): the count may go down.
+    assert int(incremental) <= 0 and (on == "True") == enabled, proc.stdout
+    if not expect_frozen:
+        assert int(whole) == int(incremental) == 0, proc.stdout
