@@ -97,9 +97,10 @@ def plan_text(doc: dict[str, Any]) -> str:
 
 def _compact(value: Any) -> str:
     """Compact JSON of ``value`` (no whitespace), by orjson: ``status --json``
-    of 100,000 rings writes 170 MB through this, three times faster than the
-    C encoder of the stdlib. What orjson refuses (integers beyond 64 bits,
-    non-string keys) goes to the stdlib, so the accepted input stays json's."""
+    of 100,000 rings writes 170 MB through this, about seven times faster
+    than the C encoder of the stdlib. What orjson refuses (integers beyond 64
+    bits, non-string keys) goes to the stdlib, so the accepted input stays
+    json's."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:
