@@ -57,27 +57,26 @@ def gc_paused() -> Iterator[None]:
 @contextlib.contextmanager
 def gc_settled() -> Iterator[None]:
     """:func:`gc_paused` for a whole state read, whose objects then live on:
-    on success they go to the collector's permanent generation (``gc.freeze``).
+    on success they go straight to the collector's oldest generation.
 
     Decoded under a pause, the millions of objects of a 100,000-ring state
-    sit in the youngest generation when the collector is turned back on, and
-    the daemon's next pass walks them once per generation: 3 s of its first
-    pass (benchmarks/bench_scale.py). Frozen, they are never walked again; a
-    state holds no cycles, so refcounting still frees it when a later one
-    replaces it. Garbage is collected first (cheap: what earlier reads froze
-    is not walked), so no dead cycle is frozen with them. Used for a whole
-    read only (the first, or after the store's history moved on), never per
-    pass, so what else it freezes is bounded. Nothing when the collector is
-    off (one-shot commands: keymgr.cli).
+    sat in the youngest generation when the collector came back, and the
+    daemon's next pass walked them once per generation: 3 s of its first
+    pass (benchmarks/bench_scale.py). ``gc.freeze()`` then ``gc.unfreeze()``
+    moves every tracked object to the oldest generation without a walk
+    (documented: unfreeze puts the frozen objects back there). Nothing stays
+    frozen, so whatever becomes garbage later is collected as usual; the
+    oldest generation is walked again only once it has grown by a quarter.
+    Nothing when the collector is off (one-shot commands: keymgr.cli).
     """
     if not gc.isenabled():
         yield
         return
-    gc.collect()
     gc.disable()
     try:
         yield
         gc.freeze()
+        gc.unfreeze()
     finally:
         gc.enable()
 
