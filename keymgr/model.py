@@ -69,16 +69,12 @@ def gc_settled() -> Iterator[None]:
     oldest generation is walked again only once it has grown by a quarter.
     Nothing when the collector is off (one-shot commands: keymgr.cli).
     """
-    if not gc.isenabled():
+    was_on = gc.isenabled()
+    with gc_paused():
         yield
-        return
-    gc.disable()
-    try:
-        yield
-        gc.freeze()
-        gc.unfreeze()
-    finally:
-        gc.enable()
+        if was_on:  # not after a failed read: its objects are garbage
+            gc.freeze()
+            gc.unfreeze()
 
 
 #: Short strings that repeat in every key record (alg, backend, state), one
