@@ -35,6 +35,7 @@ from keymgr.backend import Signer
 
 __all__ = [
     "ALGORITHMS",
+    "KEY_MEMBERS",
     "MIN_RSA_BITS",
     "PRIVATE_MEMBERS",
     "PrivateKey",
@@ -112,7 +113,8 @@ _THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
     "OKP": ("crv", "kty", "x"),
 }
 
-_THUMBPRINT_SETS = {kty: frozenset(m) for kty, m in _THUMBPRINT_MEMBERS.items()}
+#: The members of a public JWK, per kty: exactly those its thumbprint hashes.
+KEY_MEMBERS = {kty: frozenset(m) for kty, m in _THUMBPRINT_MEMBERS.items()}
 
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -291,7 +293,7 @@ def thumbprint(jwk: Mapping[str, str]) -> str:
     if not isinstance(kty, str) or kty not in _THUMBPRINT_MEMBERS:
         raise ValueError(f"cannot compute a thumbprint for kty {kty!r}")
     required: Mapping[str, str]
-    if type(jwk) is dict and jwk.keys() == _THUMBPRINT_SETS[kty] and all(
+    if type(jwk) is dict and jwk.keys() == KEY_MEMBERS[kty] and all(
         type(v) is str for v in jwk.values()
     ):
         required = jwk  # exactly the required members (a stored public JWK): no copy

@@ -170,7 +170,6 @@ _COORD_RE = {
     48: re.compile(r"[A-Za-z0-9_-]{64}"),
     66: re.compile(r"[A-Za-z0-9_-]{88}"),
 }
-_MEMBER_SETS = {kty: frozenset(members) for kty, members in _MEMBERS.items()}
 
 
 def _jwk_problem(jwk: object, alg: str) -> str | None:
@@ -183,7 +182,7 @@ def _jwk_problem(jwk: object, alg: str) -> str | None:
     members = _MEMBERS.get(kty) if isinstance(kty, str) else None
     if members is None:
         return f"kty {kty!r} is not EC, RSA or OKP"
-    if jwk.keys() != _MEMBER_SETS[str(kty)]:
+    if jwk.keys() != jose.KEY_MEMBERS[str(kty)]:
         extra = sorted(set(jwk) - set(members))
         if extra:
             # Private members above all (invariant 5), but anything else too: a
