@@ -30,7 +30,6 @@ and stamp the bytes, hence the name, are identical (sorted keys, compact).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -40,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from keymgr.jose import b64url, b64url_decode
 from keymgr.model import EdgeRecord, PublisherRecord, Ring, State, gc_paused
 
 #: The head's ``format``: the state document's is 1 (``keymgr.model.FORMAT``),
@@ -106,26 +106,25 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
 def _token(name: str) -> str:
     """A shard or manifest name as a manifest or the head lists it: its SHA-256
     in unpadded base64url (43 characters against the 75 of the name). A
     one-ring commit rewrites a manifest of 128 such entries and the head of
     one per manifest: about 11 KB less each at 100,000 rings."""
-    hexdigest = name.rsplit("/", 1)[-1].removesuffix(".json")[-64:]
-    return base64.urlsafe_b64encode(bytes.fromhex(hexdigest)).rstrip(b"=").decode()
+    return b64url(bytes.fromhex(name.rsplit("/", 1)[-1].removesuffix(".json")[-64:]))
 
 
 def _name(token: object, prefix: str = "") -> str | None:
-    """The document name of a listed token (``prefix`` "m-" for a manifest); None if not one."""
-    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+    """The document name of a listed token (``prefix`` "m-" for a manifest); None if not one.
+
+    The strict decoder refuses non-zero unused bits: two tokens would name one document.
+    """
+    if not isinstance(token, str) or len(token) != 43:
         return None
-    raw = base64.urlsafe_b64decode(token + "=")
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != token:
-        return None  # non-zero unused bits: two tokens would name one document
-    return f"shards/{prefix}{raw.hex()}.json"
+    try:
+        return f"shards/{prefix}{b64url_decode(token).hex()}.json"
+    except ValueError:
+        return None
 
 
 def _dumps(doc: Any) -> bytes:
