@@ -580,7 +580,7 @@ def _state_checks(cfg: Any) -> None:
     if not cfg.daemon.state.startswith("file:"):
         return
     from keymgr.audit import AuditLog
-    from keymgr.reconciler import Reconciler
+    from keymgr.reconciler import Reconciler, pass_time
     from keymgr.stores import open_store
 
     store = open_store(cfg.daemon.state)
@@ -591,9 +591,7 @@ def _state_checks(cfg: Any) -> None:
     from keymgr.projection import migration_warnings
     from keymgr.timefmt import utcnow
 
-    now = utcnow()
-    if state.clock is not None and now < state.clock:
-        now = state.clock
+    now = pass_time(utcnow, state)
     for w in migration_warnings(state, cfg.policies, now, cfg.publishers, cfg.edge_urls()):
         print(f"keymgr: warning: {cfg.path}: {_one_line(w)}", file=sys.stderr)
 

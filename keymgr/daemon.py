@@ -44,6 +44,7 @@ from keymgr.manager import KeyManager
 from keymgr.metrics import Metrics
 from keymgr.model import State
 from keymgr.planner import Plan
+from keymgr.reconciler import pass_time
 from keymgr.timefmt import format_time, utcnow
 from keymgr.ui import VERIFY_TICK, OperatorView, Redactor
 
@@ -190,9 +191,7 @@ class Daemon:
 
     @staticmethod
     def _plan(mgr: KeyManager, state: State) -> Plan | None:
-        now = utcnow()
-        if state.clock is not None and now < state.clock:
-            now = state.clock
+        now = pass_time(utcnow, state)
         try:
             return mgr.reconciler.plan(state, now)
         except (KeyError, ValueError, KeymgrError):  # a state this config cannot plan

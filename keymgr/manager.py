@@ -16,7 +16,7 @@ from keymgr.backend import Signer
 from keymgr.config import Config, load_config
 from keymgr.errors import KeymgrError, UsageError
 from keymgr.model import ACTIVE, DESTROYED, PUBLISHED, REVOKED, State
-from keymgr.reconciler import PassResult, Reconciler, cli_actor
+from keymgr.reconciler import PassResult, Reconciler, cli_actor, pass_time
 from keymgr.stores import StateStore, open_store
 from keymgr.timefmt import format_time, utcnow
 
@@ -83,8 +83,7 @@ class KeyManager:
         """``--at``, or the wall clock clamped to the newest time in state: events
         a command records never go back in time, as in a pass."""
         if at is None:
-            now = utcnow()
-            return state.clock if state.clock is not None and now < state.clock else now
+            return pass_time(utcnow, state)
         if state.clock is not None and at < state.clock:
             raise UsageError(
                 f"--at {format_time(at)} is earlier than the newest time in state "
@@ -115,8 +114,6 @@ class KeyManager:
     def plan(self, now: datetime | None = None) -> dict[str, Any]:
         state = self.state()
         at = self._clock(now, state)
-        if now is None and state.clock is not None and at < state.clock:
-            at = state.clock
         state = self.reconciler.observe(state)
         p = self.reconciler.plan(state, at)
         return {
@@ -417,9 +414,7 @@ class KeyManager:
         is computed up front. Consume each section before the next.
         """
         state = self.state()
-        at = utcnow()
-        if state.clock is not None and at < state.clock:
-            at = state.clock
+        at = self._clock(None, state)
         p = self.reconciler.plan(self.reconciler.observe(state), at)
         due_by_ring: dict[str, Any] = {}
         for a in p.due:
@@ -492,9 +487,7 @@ class KeyManager:
         """What ``status`` plans from: the state (publishers observed) and the
         plan now (the wall clock clamped to the state's newest time)."""
         state = self.state()
-        at = utcnow()
-        if state.clock is not None and at < state.clock:
-            at = state.clock
+        at = self._clock(None, state)
         state = self.reconciler.observe(state)
         return state, self.reconciler.plan(state, at), at
 
