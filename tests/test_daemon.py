@@ -584,7 +584,13 @@ def test_three_replicas_one_holder_and_failover(home: Home, launcher: Launcher) 
             pid = int(str(doc.get("holder") or "::").split(":")[1] or 0)
             return next((p for p in procs if p.pid == pid and p.popen.poll() is None), None)
 
+        def gauge_says_held(p: Proc) -> bool:
+            # The lease document is written inside acquire(); the gauge is set
+            # just after it returns, so a scrape may briefly lag the file.
+            return metric(scrape(p.port), "keymgr_lease_held") == 1
+
         first = wait_for(holder, 10, "a lease holder")
+        wait_for(lambda: gauge_says_held(first), 3, "the holder's lease gauge")
         # Only the holder acts: a standby never ran a pass.
         for p in procs:
             m = scrape(p.port)
@@ -603,7 +609,7 @@ def test_three_replicas_one_holder_and_failover(home: Home, launcher: Launcher) 
                           "another replica to take the lease")
         took = time.monotonic() - killed_at
         assert took <= 3 + 1 + 1 + 3, f"takeover took {took:.1f}s"
-        assert metric(scrape(second.port), "keymgr_lease_held") == 1
+        wait_for(lambda: gauge_says_held(second), 3, "the new holder's lease gauge")
         promoted_before = sum(e["event"] == "key.promoted" for e in audit_events(home))
         wait_for(lambda: sum(e["event"] == "key.promoted" for e in audit_events(home))
                  > promoted_before, 15, "a rotation by the new holder")
