@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-from keymgr import sdnotify
+from keymgr import malloc, sdnotify
 from keymgr.config import Config, load_config
 from keymgr.errors import AuditError, KeymgrError
 from keymgr.lease import Lease, supports_lease
@@ -141,6 +141,7 @@ class Daemon:
         self.last_heartbeat = time.monotonic()
         if state is not None:
             self._publish_snapshot(state, self._plan(mgr, state))
+            malloc.release()  # as after a pass: the read may have been a whole one
         lease_mode = self._lease_mode() == "lease"
         if held and (self._first_beat or (lease_mode and not was_held)):
             if lease_mode:
@@ -267,6 +268,9 @@ class Daemon:
                     replace_existing=True,
                 )
                 log.debug("next.scheduled", at=format_time(nxt))
+            # What the pass freed among the records it keeps goes back to the
+            # system rather than staying resident until reused (keymgr.malloc).
+            malloc.release()
             status = "last pass ok" if res.ok else f"last pass failed: {self.last_error}"
             when = f"; next transition {format_time(nxt)}" if nxt is not None else ""
             sdnotify.notify(f"STATUS={status}{when}"[:500])
@@ -596,9 +600,8 @@ def run(cfg: Config) -> int:
     from prometheus_client import disable_created_metrics
 
     from keymgr.logs import configure
-    from keymgr.malloc import limit_arenas
 
-    limit_arenas()  # before the scheduler and server threads (keymgr.malloc)
+    malloc.limit_arenas()  # before the scheduler and server threads (keymgr.malloc)
     configure(cfg.daemon.log_level)
     # One ``*_created`` series per counter child doubles the scrape for no use here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
