@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import operator
 from collections.abc import ItemsView, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import orjson
 
@@ -100,30 +101,92 @@ def shared(value: Any) -> Any:
     return value
 
 
-class PublicJwk(Mapping[str, str]):
-    """A stored public JWK, held as the compact JSON it was stored as.
+#: The members of a JWK that hold key material (RFC 7518 6.2.1 and 6.3.1,
+#: RFC 8037 2): the values that differ from key to key. Every other member
+#: (kty, crv, alg, use) repeats across a state's keys.
+_MATERIAL = frozenset({"n", "e", "x", "y"})
+#: The shapes of stored JWKs seen so far, by index: the members in order with
+#: the fixed values (key material empty, to be filled in), and the names of the
+#: key material. Index 0 is "no shape": the bytes are the JSON. At most 256
+#: (the index is a byte).
+_SHAPES: list[tuple[dict[str, str], tuple[str, ...]]] = [({}, ())]
+#: By member names: how to take the fixed values and the key material out of
+#: a JWK with those members, and the shape index for each fixed-values tuple.
+_BY_NAMES: dict[tuple[str, ...], tuple[Any, Any, dict[tuple[str, ...], int]]] = {}
+
+
+def _shape_index(names: tuple[str, ...], fixed: tuple[str, ...]) -> int | None:
+    """The index of a new shape (member ``names``, ``fixed`` values), or None
+    once 255 are taken or when a fixed value is not ASCII text."""
+    if len(_SHAPES) >= 256 or not all(type(v) is str and v.isascii() for v in fixed):
+        return None
+    values = iter(fixed)
+    template = {n: "" if n in _MATERIAL else next(values) for n in names}
+    _SHAPES.append((template, tuple(n for n in names if n in _MATERIAL)))
+    _BY_NAMES[names][2][fixed] = len(_SHAPES) - 1
+    return len(_SHAPES) - 1
+
+
+def _getter(names: list[str]) -> Any:
+    """A function taking those members of a dict, as a tuple (one or none included)."""
+    if not names:
+        return lambda d: ()
+    if len(names) == 1:
+        one = operator.itemgetter(names[0])
+        return lambda d: (one(d),)
+    return operator.itemgetter(*names)
+
+
+if TYPE_CHECKING:
+
+    class _JwkBytes:
+        """What type checkers see of :class:`PublicJwk`'s base: made from
+        bytes, read back with ``bytes()``; its sequence API is not used."""
+
+        __slots__ = ()
+
+        def __new__(cls, data: bytes) -> Self: ...
+
+        def __bytes__(self) -> bytes: ...
+
+else:
+
+    class _JwkBytes(bytes):
+        __slots__ = ()
+
+
+class PublicJwk(_JwkBytes, Mapping[str, str]):
+    """A stored public JWK, held as compact bytes.
 
     Every key record of a loaded state has one (400,000 at 100,000 rings:
-    benchmarks/bench_scale.py), and the public JWK is read only to publish a
-    key or to compare it with the backend's: as a dict with its two
-    coordinate strings an EC JWK takes ~370 bytes, as these bytes ~210. It
-    reads as the dict it was made from (same members, same order, equal to
-    it), parsing its bytes on each read; :func:`jwk_members` gives the dict
-    for one parse.
+    benchmarks/bench_scale.py), and the public JWK is read only to validate,
+    publish or rewrite a key or to compare it with the backend's. As a dict
+    with its two coordinate strings an EC JWK takes ~370 bytes, as its JSON
+    in an object ~210; this is the JSON without what every key of its shape
+    repeats (member names, ``kty``, ``crv``): a byte naming the shape, then
+    the key material joined by ``.`` (which base64url never holds), ~140
+    bytes in one object. A JWK whose material is not plain ASCII text, or of
+    a 256th shape, is kept as its JSON. It reads as the dict it was made
+    from (same members, same order, equal to it), decoding on each read;
+    :func:`jwk_members` gives the dict for one decode.
     """
 
-    __slots__ = ("_json",)
+    __slots__ = ()
 
-    def __init__(self, members: Mapping[str, str]) -> None:
-        # orjson refuses what is not JSON text (a lone surrogate): the caller
-        # keeps such a value as it is (see :func:`_public_jwk`).
-        # Copied: orjson hands back its 4 KiB output buffer as the bytes
-        # object (400,000 of them were 1.6 GB); the copy is its exact size.
-        plain = members if type(members) is dict else dict(members)
-        self._json: bytes = bytes(memoryview(orjson.dumps(plain)))
+    def __new__(cls, members: Mapping[str, str]) -> PublicJwk:
+        held = _held(members if type(members) is dict else dict(members))
+        if held is None:
+            raise ValueError("a public JWK is an object of strings")
+        return held
 
     def _members(self) -> dict[str, str]:
-        members: dict[str, str] = orjson.loads(self._json)
+        text = str(cast(bytes, self), "latin-1")  # the shape's byte, then ASCII
+        template, material = _SHAPES[ord(text[0])]
+        if not material:  # no shape: JSON
+            members: dict[str, str] = orjson.loads(bytes(self)[1:])
+            return members
+        members = template.copy()  # the members' order, then the material in place
+        members.update(zip(material, text[1:].split("."), strict=True))
         return members
 
     def __getitem__(self, member: str) -> str:
@@ -135,6 +198,9 @@ class PublicJwk(Mapping[str, str]):
     def __len__(self) -> int:
         return len(self._members())
 
+    def __contains__(self, member: object) -> bool:
+        return member in self._members()
+
     def keys(self) -> KeysView[str]:
         return self._members().keys()
 
@@ -143,15 +209,30 @@ class PublicJwk(Mapping[str, str]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PublicJwk):
-            return self._json == other._json or self._members() == other._members()
+            return bytes(self) == bytes(other) or self._members() == other._members()
         if isinstance(other, Mapping):
             return self._members() == dict(other)
         return NotImplemented
 
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
     __hash__ = None  # type: ignore[assignment]  # equal to a dict, which has none
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PublicJwk, (self._members(),))
 
     def __repr__(self) -> str:
         return f"PublicJwk({self._members()!r})"
+
+
+def jwk_shape(index: int) -> tuple[Mapping[str, str], tuple[str, ...]]:
+    """Shape ``index`` of held JWKs (the first byte of a :class:`PublicJwk`'s
+    bytes; the rest is its key material joined by ``.``): its members in
+    order with their fixed values (the material ones empty), and the names
+    of its key material in order. Shape 0 has neither: the rest is JSON."""
+    return _SHAPES[index]
 
 
 def jwk_members(jwk: Any) -> Any:
@@ -160,17 +241,51 @@ def jwk_members(jwk: Any) -> Any:
     return jwk._members() if type(jwk) is PublicJwk else jwk
 
 
+def _held(plain: dict[Any, Any]) -> PublicJwk | None:
+    """``plain`` as a :class:`PublicJwk`; None unless it is an object of
+    strings that JSON can hold (not a lone surrogate)."""
+    # Written for speed (400,000 per load at 100,000 rings): the member names
+    # pick two C-level getters, which pick the shape.
+    names = tuple(plain)
+    by = _BY_NAMES.get(names)
+    if by is None and len(_BY_NAMES) < 256 and all(type(n) is str for n in names):
+        by = _BY_NAMES[names] = (
+            _getter([n for n in names if n not in _MATERIAL]),
+            _getter([n for n in names if n in _MATERIAL]),
+            {},
+        )
+    if by is not None:
+        fixed = by[0](plain)
+        try:
+            index = by[2].get(fixed)  # a fixed value that is not a str matches no shape
+        except TypeError:  # nor can one that is not hashable (a list)
+            return None
+        if index is None:
+            index = _shape_index(names, fixed)
+        if index is not None:
+            material = by[1](plain)
+            try:
+                text = ".".join(material)
+            except TypeError:  # a value that is not a str
+                return None
+            if text.isascii() and text.count(".") == len(material) - 1:
+                return _JwkBytes.__new__(PublicJwk, (chr(index) + text).encode("latin-1"))
+    for k, v in plain.items():
+        if type(k) is not str or type(v) is not str:
+            return None
+    try:
+        return _JwkBytes.__new__(PublicJwk, b"\0" + orjson.dumps(plain))
+    except orjson.JSONEncodeError:
+        return None
+
+
 def _public_jwk(jwk: Any) -> Any:
     """A stored public JWK as a :class:`PublicJwk` when it is an object of
     strings; anything else as it is, for keymgr.validate to name."""
     if type(jwk) is dict:
-        for k, v in jwk.items():
-            if type(k) is not str or type(v) is not str:
-                return jwk
-        try:
-            return PublicJwk(jwk)
-        except orjson.JSONEncodeError:
-            return jwk
+        held = _held(jwk)
+        if held is not None:
+            return held
     return jwk
 
 

@@ -13,8 +13,13 @@ that against the backend before a key is published (``Reconciler._check_keys``).
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
+
+import orjson
 
 from keymgr import jose
 from keymgr.errors import StateError
@@ -27,10 +32,12 @@ from keymgr.model import (
     RETIRED,
     REVOKED,
     Key,
+    PublicJwk,
     Ring,
     State,
     Tombstone,
     jwk_members,
+    jwk_shape,
 )
 
 #: Times each state needs recorded (besides created_at), per docs/design.md#states.
@@ -124,14 +131,25 @@ def key_problem(key: Key) -> str | None:
     for f in _REQUIRED[key.state]:
         if getattr(key, f) is None:
             return f"{f}: required for a {key.state} key"
-    last: tuple[str, datetime] | None = None
-    for f in _ORDER:
-        t = getattr(key, f)
-        if t is None:
-            continue
-        if last is not None and t < last[1]:
-            return f"{f} is before {last[0]}"
-        last = (f, t)
+    recorded = [
+        t
+        for t in (key.created_at, key.published_at, key.activated_at, key.retired_at,
+                  key.expired_at)
+        if t is not None
+    ]
+    if recorded != sorted(recorded):  # the common case in C; the loop names the field
+        last: tuple[str, datetime] | None = None
+        for f in _ORDER:
+            t = getattr(key, f)
+            if t is None:
+                continue
+            if last is not None and t < last[1]:
+                return f"{f} is before {last[0]}"
+            last = (f, t)
+    if type(key.public_jwk) is PublicJwk:
+        kid = _held_kid(key.public_jwk, key.alg)
+        if kid is not None:  # sound: only the kid is left to compare
+            return None if kid == key.kid else "kid is not the RFC 7638 thumbprint of public_jwk"
     jwk = jwk_members(key.public_jwk)
     problem = _jwk_problem(jwk, key.alg)
     if problem is not None:
@@ -170,6 +188,60 @@ _COORD_RE = {
     48: re.compile(r"[A-Za-z0-9_-]{64}"),
     66: re.compile(r"[A-Za-z0-9_-]{88}"),
 }
+
+
+#: The canonical-base64url check of one coordinate of N bytes, on bytes (what
+#: _COORD_RE checks on text), for :func:`_held_kid`.
+_COORD_BYTES_RE = {n: re.compile(p.pattern.encode()) for n, p in _COORD_RE.items()}
+_UNSET: Any = object()
+_HeldPlan = tuple[tuple[Callable[[bytes], Any], ...], bytes, tuple[int, ...] | None]
+#: Per (shape byte, alg): how to check a held EC or OKP JWK of that shape in
+#: one pass (coordinate checks, thumbprint input and the order of its
+#: material), or None when it takes the long way (RSA, or a shape that
+#: _jwk_problem refuses for that alg, whose message it words). Bounded: 256
+#: shapes times the supported algorithms.
+_HELD: dict[tuple[int, str], _HeldPlan | None] = {}
+
+
+def _held_plan(index: int, alg: str) -> _HeldPlan | None:
+    template, material = jwk_shape(index)
+    kty = template.get("kty")
+    if kty not in ("EC", "OKP") or template.keys() != jose.KEY_MEMBERS[kty]:
+        return None
+    if jose.alg_family(alg) != kty:
+        return None
+    crv = template["crv"]
+    if crv != ("Ed25519" if kty == "OKP" else jose.curve_for(alg)):
+        return None
+    check = _COORD_BYTES_RE[_CURVE_BYTES[crv]].fullmatch
+    # RFC 7638: the required members, sorted, no whitespace; the material as
+    # %s (the fixed values are the known kty and crv: no % in them).
+    members = {k: "%s" if k in material else v for k, v in template.items()}
+    canonical = orjson.dumps(members, option=orjson.OPT_SORT_KEYS)
+    order = tuple(material.index(k) for k in sorted(material))
+    # None when the material is already in the thumbprint's order (EC: x, y).
+    return tuple(check for _ in material), canonical, None if order == tuple(
+        range(len(order))
+    ) else order
+
+
+def _held_kid(jwk: PublicJwk, alg: str) -> str | None:
+    """The thumbprint of a held EC or OKP JWK that is sound for ``alg``, from
+    its bytes in one pass; None when it must take the long way."""
+    raw = bytes(jwk)
+    plan = _HELD.get((raw[0], alg), _UNSET)
+    if plan is _UNSET:
+        plan = _HELD[(raw[0], alg)] = _held_plan(raw[0], alg)
+    if plan is None:
+        return None
+    checks, canonical, order = plan
+    parts = raw[1:].split(b".")
+    for check, part in zip(checks, parts, strict=True):
+        if check(part) is None:
+            return None
+    picked = tuple(parts) if order is None else tuple(parts[i] for i in order)
+    digest = hashlib.sha256(canonical % picked).digest()
+    return jose.b64url_bytes(digest).decode("ascii")
 
 
 def _jwk_problem(jwk: object, alg: str) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import random
 import time
 from datetime import UTC, datetime, timedelta
@@ -11,7 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -249,6 +251,69 @@ def test_coordinate_shape_check_accepts_what_the_strict_decoder_decodes_to_its_s
     assert (validate._COORD_RE[size].fullmatch(text) is not None) == decoded
 
 
+_CURVES = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
+_KEYS = {
+    **{crv: ec.generate_private_key(curve) for crv, curve in _CURVES.items()},
+    "Ed25519": ed25519.Ed25519PrivateKey.generate(),
+    "RSA": rsa.generate_private_key(65537, 2048),
+}
+
+
+@st.composite
+def _stored_keys(draw: st.DrawFn) -> Any:
+    """A key record as a state holds it: a real public JWK, often damaged (a
+    coordinate changed or cut, a member added, removed or renamed, crv or kty
+    changed, members reordered), an alg that may not fit, a kid that may not
+    be its thumbprint."""
+    from keymgr.model import Key, _public_jwk
+
+    jwk = dict(jose.public_jwk(_KEYS[draw(st.sampled_from(sorted(_KEYS)))].public_key()))
+    kid = jose.thumbprint(jwk)
+    for _ in range(draw(st.integers(0, 2))):
+        how = draw(st.sampled_from(["char", "cut", "add", "drop", "crv", "kty", "order"]))
+        name = draw(st.sampled_from(sorted(jwk))) if jwk else "x"
+        if how == "char" and name in jwk:
+            text = jwk[name]
+            i = draw(st.integers(0, max(0, len(text) - 1)))
+            jwk[name] = text[:i] + draw(st.sampled_from("ABQgw09_-+/=.%\u00e9")) + text[i + 1 :]
+        elif how == "cut" and name in jwk:
+            jwk[name] = jwk[name][: draw(st.integers(0, len(jwk[name])))]
+        elif how == "add":
+            jwk[draw(st.sampled_from(["d", "alg", "use", "y", "n"]))] = "AQAB"
+        elif how == "drop":
+            jwk.pop(name, None)
+        elif how == "crv":
+            jwk["crv"] = draw(st.sampled_from(["P-256", "P-384", "P-521", "Ed25519", "X25519"]))
+        elif how == "kty":
+            jwk["kty"] = draw(st.sampled_from(["EC", "OKP", "RSA", "oct"]))
+        else:
+            jwk = dict(reversed(list(jwk.items())))
+    if draw(st.booleans()):
+        kid = jose.thumbprint(jwk) if jwk.get("kty") in ("EC", "OKP", "RSA") and all(
+            m in jwk for m in jose.KEY_MEMBERS[jwk["kty"]]) else kid
+    alg = draw(st.sampled_from(sorted(jose.ALGORITHMS)))
+    t = datetime(2031, 1, 1, tzinfo=UTC)
+    return Key(kid, alg, "local", "active", _public_jwk(jwk), t, t, t)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_stored_keys())
+def test_the_held_jwk_check_gives_the_long_ways_verdict(key: Any) -> None:
+    """keymgr.validate checks a held EC or OKP JWK in one pass over its bytes
+    (keymgr.model.PublicJwk); for every key, sound or damaged, it must give
+    exactly what the member-by-member checks and jose.thumbprint give."""
+    from keymgr import validate
+
+    fast = validate.key_problem(key)
+    real = validate._held_kid
+    try:
+        validate._held_kid = lambda jwk, alg: None  # type: ignore[assignment]
+        slow = validate.key_problem(key)
+    finally:
+        validate._held_kid = real
+    assert fast == slow
+
+
 def test_tombstone_and_key_fast_paths_read_what_the_checks_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -353,6 +418,52 @@ def test_a_stored_public_jwk_reads_as_the_dict_it_was_made_from() -> None:
         hash(held)
     assert jose.thumbprint(held) == jose.thumbprint(jwk)
     assert repr(held).startswith("PublicJwk({'kty': 'EC'")
-    # Kept as they are: not an object, a non-string member, a lone surrogate.
-    for odd in ([["kty", "EC"]], {**jwk, "y": 3}, {**jwk, "x": "\ud800"}, "EC"):
+    # Kept as they are: not an object, a non-string member, a lone surrogate,
+    # a list where a string goes (unhashable), a non-string member name.
+    for odd in ([["kty", "EC"]], {**jwk, "y": 3}, {**jwk, "x": "\ud800"}, "EC",
+                {**jwk, "kty": ["EC"]}, {**jwk, "crv": 7}, {**jwk, 1: "a"}):
         assert model._public_jwk(odd) is odd
+    assert pickle.loads(pickle.dumps(held)) == held and copy.deepcopy(held) == held
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ec.generate_private_key(ec.SECP256R1()),
+    lambda: ec.generate_private_key(ec.SECP521R1()),
+    lambda: rsa.generate_private_key(65537, 2048),
+    lambda: ed25519.Ed25519PrivateKey.generate(),
+], ids=["P-256", "P-521", "RSA-2048", "Ed25519"])
+def test_a_stored_public_jwk_keeps_only_its_key_material(make: Any) -> None:
+    """What a shape repeats (member names, kty, crv) is held once per process:
+    a stored JWK is a byte naming its shape plus its key material, smaller
+    than its JSON, and reads back as the same dict in the same order."""
+    from keymgr import model
+
+    jwk = jose.public_jwk(make().public_key())
+    held = model.PublicJwk(jwk)
+    material = [v for k, v in jwk.items() if k in {"n", "e", "x", "y"}]
+    assert bytes(held)[1:] == ".".join(material).encode()
+    assert len(bytes(held)) < len(json.dumps(jwk, separators=(",", ":")))
+    assert list(held.items()) == list(jwk.items())
+    for extra in ({"alg": "ES256", "use": "sig"}, {"use": "sig", "z": "a.b"}):
+        more = model.PublicJwk({**jwk, **extra})
+        assert dict(more) == {**jwk, **extra} and more != held
+
+
+def test_odd_public_jwks_are_held_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key material that is not plain ASCII text without a dot, and any shape
+    past the 255th, fall back to the JSON form: same reading, only larger."""
+    from keymgr import model
+
+    monkeypatch.setattr(model, "_SHAPES", [({}, ())])
+    monkeypatch.setattr(model, "_BY_NAMES", {})
+    base = {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "B" * 43}
+    for odd in ({**base, "x": "a.b"}, {**base, "y": "é"}, {"kty": "EC"}):
+        held = model.PublicJwk(odd)
+        assert bytes(held)[0] == 0 and bytes(held)[1:] == json.dumps(odd, separators=(",", ":"),
+                                                                     ensure_ascii=False).encode()
+        assert dict(held) == odd and list(held) == list(odd)
+    free = 256 - len(model._SHAPES)  # the shapes above took some
+    shaped = [model.PublicJwk({**base, "alg": f"A{i}"}) for i in range(300)]
+    assert len(model._SHAPES) == 256  # 255 shapes and "no shape"
+    assert [bytes(h)[0] == 0 for h in shaped] == [False] * free + [True] * (300 - free)
+    assert [dict(h) for h in shaped] == [{**base, "alg": f"A{i}"} for i in range(300)]
