@@ -290,6 +290,27 @@ def test_wrong_master_key(tmp_path: Path, backend: FileBackend, es_key: Generate
     assert wrong.list_keys(RING) == [es_key.kid]  # listing needs no decryption
 
 
+def test_check_proves_the_master_key_past_rings_without_keys(
+    tmp_path: Path, backend: FileBackend, es_key: GeneratedKey
+) -> None:
+    """The readiness check trial-decrypts the first key it finds, in directory
+    order and without sorting every ring: empty ring directories, stray files
+    and names that are no ring come before it and are passed over."""
+    keys = tmp_path / "keys"
+    for i in range(40):
+        (keys / f"empty-{i:02d}").mkdir()
+    (keys / "zz-not-a-dir").write_text("x")
+    (keys / ".hidden").mkdir()
+    backend.check()
+    other = tmp_path / "other.key"
+    other.write_text(base64.b64encode(os.urandom(32)).decode())
+    other.chmod(0o600)
+    with pytest.raises(KeyIntegrityError):
+        make_backend(tmp_path, master_key_file=str(other)).check()
+    key_file(tmp_path, es_key.kid).unlink()
+    make_backend(tmp_path, master_key_file=str(other)).check()  # no key: nothing to prove
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
