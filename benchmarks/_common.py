@@ -361,11 +361,15 @@ def start_bao(log_dir: Path) -> Any:
 
 
 def daemon_rss(
-    cfg: Path, env: dict[str, str], timeout: float, stop_timeout: float = 60
+    cfg: Path, env: dict[str, str], timeout: float, stop_timeout: float = 60,
+    settle: float = 0.5,
 ) -> dict[str, float]:
     """``keymgr run`` on ``cfg`` (its ``listen`` port), polled on ``/readyz``
-    until its first pass is done; then ``VmRSS`` / ``VmHWM`` from ``/proc``
-    (MB) and how long it took to be ready. The daemon log goes beside ``cfg``."""
+    until its first pass is done; then ``VmRSS`` from ``/proc`` every 0.25 s
+    for ``settle`` seconds, the largest (MB, ``rss_mb``; ``rss_last_mb`` the
+    last), ``VmHWM`` and how long it took to be ready. A ``settle`` past the
+    first heartbeats (every 10 s by default) measures the daemon as it runs,
+    not just after its first pass. The daemon log goes beside ``cfg``."""
     m = re.search(r'listen = "127\.0\.0\.1:(\d+)"', cfg.read_text())
     if m is None:
         raise RuntimeError(f"{cfg}: no listen = \"127.0.0.1:PORT\"")
@@ -389,13 +393,22 @@ def daemon_rss(
         if ready is None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"daemon not ready after {timeout:.0f} s:\n{tail}")
-        time.sleep(0.5)  # let the first pass's garbage settle
-        fields = {}
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
-                fields[k] = int(v.split()[0]) / 1024
-        return {"ready_s": ready, "rss_mb": fields["VmRSS"], "hwm_mb": fields["VmHWM"]}
+        samples: list[dict[str, float]] = []
+        end = time.perf_counter() + settle
+        while not samples or time.perf_counter() < end:
+            time.sleep(0.25)
+            fields = {}
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM"):
+                    fields[k] = int(v.split()[0]) / 1024
+            samples.append(fields)
+        return {
+            "ready_s": ready,
+            "rss_mb": max(f["VmRSS"] for f in samples),
+            "rss_last_mb": samples[-1]["VmRSS"],
+            "hwm_mb": samples[-1]["VmHWM"],
+        }
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

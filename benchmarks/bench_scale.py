@@ -576,7 +576,9 @@ def measure(
                 assert len(doc["rings"]) == n, len(doc["rings"])
         out["status_s"] = min(times)
 
-        out.update(c.daemon_rss(cfg, env, timeout=1800))
+        # Through two heartbeats after the first pass: each reads the state
+        # again and checks the backends (keymgr.daemon.Daemon.heartbeat).
+        out.update(c.daemon_rss(cfg, env, timeout=1800, settle=25))
 
         due = c.at(days=2)
         out["due_s"], res = timed(lambda: km.reconcile(due))
