@@ -223,9 +223,9 @@ class DocumentAdapter(abc.ABC):
 
         Only for garbage collection of ``shards/...`` documents, which are
         never rewritten (content-named), so the version read just before is
-        the one deleted. A read, not :meth:`version`: a least-privilege Vault
-        policy grants no metadata access. An adapter with a cheaper
-        unconditional delete may override it.
+        the one deleted. A read, not :meth:`version`, which may need more
+        rights. An adapter with a cheaper unconditional delete overrides it
+        (Vault KV: metadata and every version).
         """
         blob = self.read(name)
         if blob is not None:
@@ -233,10 +233,18 @@ class DocumentAdapter(abc.ABC):
                 self.delete(name, blob.version)
 
     def names(self, family: str) -> list[tuple[str, float | None]] | None:
-        """Every ``FAMILY/LEAF`` document with its age on the store's clock,
-        or None when the adapter cannot list (then orphans of crashed commits
-        stay until removed by hand: see docs/scale.md)."""
+        """Every ``FAMILY/LEAF`` document with its age on the store's clock
+        (None when the listing does not tell: :meth:`age` is then asked for
+        the documents the sweep would delete), or None when the adapter cannot
+        list (then orphans of crashed commits stay until removed by hand: see
+        docs/scale.md)."""
         return None
+
+    def age(self, name: str) -> float | None:
+        """Seconds since ``name`` was last written, on the store's clock; None
+        when absent or unknown. By default from a read (:class:`Blob`'s age)."""
+        blob = self.read(name)
+        return None if blob is None else blob.age
 
 
 # --------------------------------------------------------------------------- state encoding
@@ -735,13 +743,17 @@ class StateLayout:
                 sure = False
         gone = 0
         for name, age in listed:
-            if name in referenced or age is None or age <= self.grace:
+            if name in referenced:
                 continue
             if not (
                 is_manifest_name(name) or is_outbox_name(name) or (sure and is_shard_name(name))
             ):
                 continue
             try:
+                if age is None:  # a listing without times (Vault KV): ask the orphans only
+                    age = self.adapter.age(name)
+                if age is None or age <= self.grace:
+                    continue
                 self.adapter.discard(name)
                 gone += 1
             except StoreError as e:

@@ -143,7 +143,8 @@ def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
 
 #: The data actions of the custom role, and the container SAS permission of each.
 ROLE = REPO / "deploy" / "azure" / "keymgr-role.json"
-_SAS_LETTER = {"read": "r", "write": "w", "delete": "d", "add/action": "a", "create": "c"}
+#: blobs/read covers Get Blob and List Blobs in Azure RBAC; a SAS has a letter for each.
+_SAS_LETTER = {"read": "rl", "write": "w", "delete": "d", "add/action": "a", "create": "c"}
 
 
 def role_sas_permission() -> str:
@@ -184,8 +185,9 @@ class TestAzureBlobAdapter(SharedStoreTests):
 
 class TestAzureBlobAdapterLeastPrivilege(SharedStoreTests):
     """The same, authenticated by nothing but a container SAS granting exactly the
-    permissions of ``deploy/azure/keymgr-role.json``'s data actions (read, write,
-    delete): Azurite enforces SAS permissions, so a call needing more fails here."""
+    permissions of ``deploy/azure/keymgr-role.json``'s data actions (read and
+    list, write, delete): Azurite enforces SAS permissions, so a call needing
+    more fails here."""
 
     @pytest.fixture
     def harness(self, azurite: AzuriteServer, monkeypatch: pytest.MonkeyPatch) -> DocHarness:
@@ -1189,6 +1191,8 @@ SDK_DATA_ACTIONS: dict[str, str | None] = {
     "get_blob_properties": "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read",
     "upload_blob": "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write",
     "delete_blob": "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete",
+    # List Blobs (the sweep of orphaned state shards): blobs/read in Azure RBAC.
+    "list_blobs": "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read",
     "get_blob_client": None,
 }
 
@@ -1210,4 +1214,4 @@ def test_custom_role_grants_exactly_the_data_actions_the_code_uses() -> None:
     assert calls == set(SDK_DATA_ACTIONS), calls
     needed = {a for a in SDK_DATA_ACTIONS.values() if a is not None}
     assert set(allowed) == needed, (set(allowed) - needed, needed - set(allowed))
-    assert role_sas_permission() == "rwd"
+    assert role_sas_permission() == "rlwd"

@@ -341,3 +341,51 @@ def test_vault_a_lock_deleted_or_destroyed_by_hand_reads_absent(vault_env: Any) 
         assert kv_adapter(path).read(LOCK) is None
         with store.exclusive(timeout=0.1):  # re-created over it at once, still by cas
             assert kv_adapter(path).read(LOCK) is not None
+
+
+def test_vault_collects_shards_for_good_and_sweeps_old_tombstones(
+    vault_env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the shipped policy only: a collected shard leaves no KV metadata
+    behind (LIST no longer shows it, so listings do not grow with garbage),
+    and a tombstone version an earlier keymgr left for a collected shard is
+    swept like any orphan once past the grace; referenced shards stay."""
+    import time
+
+    from keymgr.testing.docstore import bump, sharded_state
+    from tests.test_vault import _policy_token
+
+    bao = vault_env
+    path = unique("keymgr-docstore-")
+    monkeypatch.setenv("VAULT_TOKEN", _policy_token(bao, "keymgr-unused-", path))
+    adapter = kv_adapter(path)
+
+    def listed() -> set[str]:
+        return {n for n, _ in adapter.names("shards") or []}
+
+    a = SharedStore(kv_adapter(path), lock_ttl=TTL)
+    a.set_shards("on")
+    a.layout.grace = 1.5
+    t = a.commit(sharded_state(20), None)
+    first = listed()
+    s, t = a.load()
+    t = a.commit(bump(s, "tenant-003"), t)
+    time.sleep(2.5)  # past the grace: the next commit collects what the last one replaced
+    s, t = a.load()
+    t = a.commit(bump(s, "tenant-004"), t)
+    now = listed()
+    gone = first - now
+    assert gone, (first, now)
+    for name in gone:  # no metadata left (asked with the root token), nothing to read
+        assert bao.api("GET", f"secret/metadata/{path}.{name}")[0] == 404
+        assert adapter.read(name) is None
+    # A leftover of the old collection: a tombstone version over a shard name.
+    leftover = "shards/" + "ab" * 32 + ".json"
+    version = adapter.create(leftover, b"{}")
+    adapter.delete(leftover, version)
+    assert leftover in listed() and adapter.read(leftover) is None
+    assert a.sweep() == 0  # younger than the grace
+    time.sleep(2.5)
+    assert a.sweep() == 1 and leftover not in listed()
+    assert bao.api("GET", f"secret/metadata/{path}.{leftover}")[0] == 404
+    assert SharedStore(kv_adapter(path), lock_ttl=TTL).load()[0] == a.load()[0]

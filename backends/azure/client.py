@@ -387,14 +387,20 @@ class BlobAccess:
 
     def handle(self, name: str) -> Any:
         """The SDK's BlobClient for ``name`` (AzureSetupError when no client can be made)."""
+        container = self.client()
+        with self._lock:
+            blob = self._blobs.get(name)
+            if blob is None:
+                blob = self._blobs[name] = container.get_blob_client(name)
+            return blob
+
+    def client(self) -> Any:
+        """The SDK's ContainerClient (AzureSetupError when none can be made)."""
         with self._lock:
             if self._client is None:
                 self._client = self._make()
                 self._blobs.clear()
-            blob = self._blobs.get(name)
-            if blob is None:
-                blob = self._blobs[name] = self._client.get_blob_client(name)
-            return blob
+            return self._client
 
     def reset(self) -> None:
         """Drop the client: the next call reads the credential again."""

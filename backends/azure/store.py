@@ -226,6 +226,25 @@ class AzureBlobAdapter(DocumentAdapter):
             raise self._error(self._op("GetBlobProperties", name), e, attempts.count) from None
         return str(props.etag)
 
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        """``FAMILY/LEAF`` blobs by List Blobs on ``BLOB.FAMILY/``, with their
+        age on the service's clock (the listing's Date header minus each
+        blob's Last-Modified); for the sweep of orphaned state shards
+        (keymgr.docstore.StateLayout.sweep). Listing is the ``blobs/read``
+        data action, which deploy/azure/keymgr-role.json grants."""
+        prefix = f"{self._name(family)}/"
+        attempts, seen = Attempts(), _ServerDate()
+        try:
+            listed = [
+                (str(b.name), b.last_modified)
+                for b in self.access.client().list_blobs(
+                    name_starts_with=prefix, retry_hook=attempts, raw_response_hook=seen
+                )
+            ]
+        except azure_errors() as e:
+            raise self._error(f"ListBlobs {prefix}", e, attempts.count) from None
+        return [(f"{family}/{n[len(prefix):]}", _age(seen.date, t)) for n, t in listed]
+
     def __repr__(self) -> str:
         return f"AzureBlobAdapter({self.location!r})"
 

@@ -249,6 +249,33 @@ class GCSAdapter(LazyGCS, DocumentAdapter):
             return  # absent already: done
         raise self._conflict(op, failed)
 
+    # -- listing ------------------------------------------------------------------------
+
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        """``FAMILY/LEAF`` objects by objects.list on ``OBJECT.FAMILY/``, with
+        their age on Google's clock (the listing's Date header minus each
+        object's ``updated``), tombstones left out (they read as absent); for
+        the sweep of orphaned state shards (keymgr.docstore.StateLayout.sweep).
+        Needs storage.objects.list, which deploy/gcp/keymgr-role.yaml grants."""
+        prefix = f"{self._name(family)}/"
+        timeout = self.connection.timeout
+
+        def listing() -> tuple[list[Any], str | None]:
+            pages = self.client.list_blobs(
+                self.bucket(self.bucket_name), prefix=prefix, timeout=timeout, retry=None
+            )
+            return list(pages), self.server_date()
+
+        try:
+            objects, date = self.call(listing)
+        except CallFailed as e:
+            raise self._error(f"objects.list {prefix}", e) from None
+        return [
+            (f"{family}/{o.name[len(prefix):]}", _age(date, o.updated))
+            for o in objects
+            if not _is_tombstone(o)
+        ]
+
     def __repr__(self) -> str:
         return f"GCSAdapter({self.location!r})"
 

@@ -269,6 +269,52 @@ class VaultKVAdapter(DocumentAdapter):
         op = _op("delete", name)
         self._write(name, None, self._token(version, op), op)
 
+    # -- immutable documents: listing and garbage collection -----------------------
+
+    def names(self, family: str) -> list[tuple[str, float | None]] | None:
+        """``FAMILY/LEAF`` secrets by LIST on ``PATH.FAMILY/`` (KV metadata), without
+        times: :meth:`age` reads the few the sweep of orphaned shards would delete
+        (keymgr.docstore.StateLayout.sweep). deploy/vault/keymgr-policy.hcl grants
+        ``list`` there."""
+        mount, path = self.mount, self._path(family)
+        try:
+            resp = self.vault.call(
+                lambda c: c.secrets.kv.v2.list_secrets(path=path, mount_point=mount)
+            )
+        except VaultCallError as e:
+            if e.status == 404 and not e.errors:
+                return []  # nothing under it yet
+            raise self._error(f"list {path}/", e) from None
+        keys = resp.get("data", {}).get("keys") if isinstance(resp, dict) else None
+        if not isinstance(keys, list):
+            raise StoreError(f"state {self.location}: list {path}/: unexpected answer")
+        return [(f"{family}/{k}", None) for k in keys if isinstance(k, str) and "/" not in k]
+
+    def age(self, name: str) -> float | None:
+        """Seconds since the latest version of ``name`` was written (Vault's Date
+        header minus its ``created_time``), also when that version is deleted or
+        the tombstone of an earlier garbage collection: such a leftover then goes
+        as any orphan does. None when there is no secret."""
+        got = self._read(name, _op("read", name))
+        return None if got is None else got.age
+
+    def discard(self, name: str) -> None:
+        """Delete an immutable document (a shard, a manifest) for good: its KV
+        metadata and every version, so that no tombstone is left to list and
+        read again. Absent: done. deploy/vault/keymgr-policy.hcl grants
+        ``delete`` on the metadata of ``PATH.shards/`` only."""
+        mount, path = self.mount, self._path(name)
+        try:
+            self.vault.call(
+                lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
+                    path=path, mount_point=mount
+                )
+            )
+        except VaultCallError as e:
+            if e.status == 404 and not e.errors:
+                return
+            raise self._error(f"delete metadata {path}", e) from None
+
     def __repr__(self) -> str:
         return f"VaultKVAdapter({self.location!r})"
 

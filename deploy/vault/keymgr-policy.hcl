@@ -75,3 +75,10 @@ path "secret/data/keymgr/state.audit/*" {
 path "secret/data/keymgr/state.shards/*" {
   capabilities = ["create", "read", "update"]
 }
+
+# Garbage collection of those shards: list them (the sweep of shards a commit
+# that crashed before its head left behind), and delete an unreferenced one
+# for good (its metadata and every version) once its grace has passed.
+path "secret/metadata/keymgr/state.shards/*" {
+  capabilities = ["list", "delete"]
+}
