@@ -454,8 +454,11 @@ def test_odd_public_jwks_are_held_as_json(monkeypatch: pytest.MonkeyPatch) -> No
     past the 255th, fall back to the JSON form: same reading, only larger."""
     from keymgr import model
 
+    from keymgr import validate
+
     monkeypatch.setattr(model, "_SHAPES", [({}, ())])
     monkeypatch.setattr(model, "_BY_NAMES", {})
+    monkeypatch.setattr(validate, "_HELD", {})  # its plans are per shape index
     base = {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "B" * 43}
     for odd in ({**base, "x": "a.b"}, {**base, "y": "é"}, {"kty": "EC"}):
         held = model.PublicJwk(odd)
