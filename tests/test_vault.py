@@ -610,6 +610,24 @@ def test_check_and_connection_errors_are_one_line(vault_env):
     bad = backend(bao, mount="no-such-mount")
     with pytest.raises(BackendError, match=r"generate .*HTTP 404: no handler for route"):
         bad.generate("default", "ES256")
+    with pytest.raises(BackendError, match=r"check: HTTP 404: no handler for route"):
+        bad.check()
+
+
+def test_check_is_one_small_request_whatever_the_mount_holds(vault_env, monkeypatch):
+    """The daemon checks each backend on every heartbeat: one read of a name no
+    key of keymgr's has, not a LIST of the mount (every key name), and it
+    passes with nothing but the shipped least-privilege policy."""
+    bao = vault_env
+    b = backend(bao)
+    for i in range(12):
+        b.generate(f"ring{i}", "ES256")
+    counter = RequestCounter(b.vault.session)
+    b.check()
+    assert len(counter.urls) == 1 and counter.urls[0].startswith("GET "), counter.urls
+    assert counter.urls[0].endswith(f"/transit/keys/{b.key_prefix}readiness-check")
+    monkeypatch.setenv("VAULT_TOKEN", _policy_token(bao, b.key_prefix, unique("kv/state-")))
+    backend(bao, b.key_prefix).check()
 
 
 # --------------------------------------------------------------------------- orphans

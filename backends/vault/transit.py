@@ -411,8 +411,18 @@ class VaultTransitBackend(Backend):
         return sorted(kids)
 
     def check(self) -> None:
-        """One authenticated LIST of the mount: proves address, TLS, auth and policy."""
-        self._list_names("check")
+        """One authenticated read under keymgr's prefix, of a name no key of
+        keymgr's has (no ``.ID`` suffix): proves address, TLS, auth, the mount
+        and the policy with one small answer (404, no such key). Not a LIST of
+        the mount, which the daemon's heartbeat would repeat every few seconds:
+        at 100,000 rings that answer holds some 200,000 names."""
+        mount, name = self.mount, f"{self.key_prefix}readiness-check"
+        try:
+            self.vault.call(lambda c: c.secrets.transit.read_key(name, mount_point=mount))
+        except VaultCallError as e:
+            if e.status == 404 and not e.errors:
+                return  # the key is absent, as expected (a missing mount says why)
+            raise self._error("check", e) from None
 
 
 class _Unusable(Exception):
