@@ -515,8 +515,10 @@ def timed(f: Callable[[], Any]) -> tuple[float, Any]:
 
 def measure(
     n: int, store: str, layout: str | None, home: Path, tmp: Path, servers: Servers,
-    repeat: int, state: Any, single: int,
+    repeat: int, state: Any, single: int, settle: float = 25,
 ) -> dict[str, Any]:
+    """The figures of one size, store and layout; ``settle``: how long the
+    daemon's RSS is sampled after its first pass (25 s: two heartbeats)."""
     from keymgr.errors import KeymgrError
     from keymgr.manager import KeyManager
     from keymgr.stores import open_store
@@ -578,7 +580,7 @@ def measure(
 
         # Through two heartbeats after the first pass: each reads the state
         # again and checks the backends (keymgr.daemon.Daemon.heartbeat).
-        out.update(c.daemon_rss(cfg, env, timeout=1800, settle=25))
+        out.update(c.daemon_rss(cfg, env, timeout=1800, settle=settle))
 
         due = c.at(days=2)
         out["due_s"], res = timed(lambda: km.reconcile(due))
@@ -723,7 +725,8 @@ def main() -> int:
             for store in stores:
                 for layout in layouts:
                     t0 = time.perf_counter()
-                    r = measure(n, store, layout, home, tmp, servers, repeat, state, single)
+                    r = measure(n, store, layout, home, tmp, servers, repeat, state, single,
+                                settle=0.5 if args.smoke else 25)
                     print(f"# {n:,} rings, {store}, {r['layout']}: "
                           f"{time.perf_counter() - t0:.0f} s", flush=True)
                     results.append(r)
