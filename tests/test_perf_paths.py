@@ -452,9 +452,7 @@ def test_a_stored_public_jwk_keeps_only_its_key_material(make: Any) -> None:
 def test_odd_public_jwks_are_held_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
     """Key material that is not plain ASCII text without a dot, and any shape
     past the 255th, fall back to the JSON form: same reading, only larger."""
-    from keymgr import model
-
-    from keymgr import validate
+    from keymgr import model, validate
 
     monkeypatch.setattr(model, "_SHAPES", [({}, ())])
     monkeypatch.setattr(model, "_BY_NAMES", {})
