@@ -314,6 +314,46 @@ def adapter(bucket: str, **options: Any) -> GCSAdapter:
     return GCSAdapter(bucket, STATE_OBJECT, connection(**options))
 
 
+def test_collected_shards_go_for_good_and_old_tombstones_are_swept(
+    gcs: GCSServer, bucket: str
+) -> None:
+    """A shard the store collects is deleted (objects.delete with
+    ifGenerationMatch), not left as a tombstone object that every later listing
+    would carry; a tombstone an earlier keymgr left in a shard's place is swept
+    as an orphan once past the grace; what the head references stays."""
+    import time
+
+    from keymgr.testing.docstore import bump, sharded_state
+
+    a = SharedStore(adapter(bucket), lock_ttl=TTL)
+    a.set_shards("on")
+    a.layout.grace = 1.5
+    client = sdk(gcs)
+
+    def objects() -> set[str]:
+        prefix = f"{STATE_OBJECT}.shards/"
+        return {b.name[len(prefix):] for b in client.list_blobs(bucket, prefix=prefix)}
+
+    t = a.commit(sharded_state(20), None)
+    first = objects()
+    s, t = a.load()
+    t = a.commit(bump(s, "tenant-003"), t)
+    time.sleep(2.5)  # past the grace: the next commit collects what the last one replaced
+    s, t = a.load()
+    a.commit(bump(s, "tenant-004"), t)
+    gone = first - objects()
+    assert gone, first  # no object left at all, not even a tombstone
+    # A leftover of the old collection: a tombstone object over a shard name.
+    leftover = "shards/" + "ab" * 32 + ".json"
+    docs = adapter(bucket)
+    docs.delete(leftover, docs.create(leftover, b"{}"))
+    assert leftover.removeprefix("shards/") in objects() and docs.read(leftover) is None
+    assert a.sweep() == 0  # younger than the grace
+    time.sleep(2.5)
+    assert a.sweep() == 1 and leftover.removeprefix("shards/") not in objects()
+    assert SharedStore(adapter(bucket), lock_ttl=TTL).load()[0] == a.load()[0]
+
+
 def test_gcs_objects_and_messages(gcs: GCSServer, bucket: str) -> None:
     store = SharedStore(adapter(bucket), lock_ttl=TTL)
     t1 = store.commit(sample_state(1), None)
@@ -1063,10 +1103,11 @@ GCS_CALL_PERMISSIONS = {
     "download_as_bytes": {"storage.objects.get"},
     "upload_from_string": {"storage.objects.create", "storage.objects.delete"},
     "list_blobs": {"storage.objects.list"},  # objects.list: the sweep of orphaned shards
+    "delete": {"storage.objects.delete"},  # objects.delete: collected shards, for good
 }
 #: Calls of the library that would need more (the test fails if the code makes one).
 _OTHER_CALLS = re.compile(
-    r"\.(delete|get_blob|exists|patch|update|rewrite|compose|get_bucket|lookup_bucket"
+    r"\.(get_blob|exists|patch|update|rewrite|compose|get_bucket|lookup_bucket"
     r"|create_bucket|make_public|get_iam_policy|set_iam_policy|download_to_\w+|upload_from_"
     r"(?:file|filename)|open)\("
 )
@@ -1091,7 +1132,9 @@ def test_role_grants_exactly_what_the_code_calls() -> None:
         (REPO / "backends" / "gcp" / name).read_text()
         for name in ("client.py", "publisher.py", "store.py")
     )
-    calls = set(re.findall(r"\.(reload|download_as_bytes|upload_from_string|list_blobs)\(", source))
+    calls = set(
+        re.findall(r"\.(reload|download_as_bytes|upload_from_string|list_blobs|delete)\(", source)
+    )
     assert calls == set(GCS_CALL_PERMISSIONS), calls
     assert not _OTHER_CALLS.findall(source), _OTHER_CALLS.findall(source)
     needed = set().union(*GCS_CALL_PERMISSIONS.values())
@@ -1111,6 +1154,9 @@ def _permissions(method: str, path: str, query: dict[str, list[str]]) -> set[str
         if query.get("ifGenerationMatch") == ["0"]:
             return {"storage.objects.create"}  # creates only: never replaces
         return {"storage.objects.create", "storage.objects.delete"}  # may replace
+    if method == "DELETE" and re.fullmatch(r"/storage/v1/b/[^/]+/o/.+", path):
+        assert "ifGenerationMatch" in query and ".shards/" in path, (path, query)
+        return {"storage.objects.delete"}  # a collected shard, for good
     if method == "GET" and re.fullmatch(r"/storage/v1/b/[^/]+/o", path):
         assert query.get("prefix", [""])[0].endswith(".shards/"), query  # keymgr's own only
         return {"storage.objects.list"}

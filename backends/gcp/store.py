@@ -249,14 +249,36 @@ class GCSAdapter(LazyGCS, DocumentAdapter):
             return  # absent already: done
         raise self._conflict(op, failed)
 
+    def discard(self, name: str) -> None:
+        """Delete an immutable document (a shard, a manifest) for good, or a
+        tombstone an earlier keymgr left in its place: objects.delete with
+        ``ifGenerationMatch`` of the generation just read, so that listings do
+        not grow with the garbage of past commits. A document written again
+        meanwhile (HTTP 412) is left; absent: done."""
+        op = self._op("objects.delete", name)
+        meta, _ = self._meta(name)
+        if meta is None:
+            return
+        blob = self.bucket(self.bucket_name).blob(self._name(name))
+        generation, timeout = int(meta.generation), self.connection.timeout
+        try:
+            self.call(
+                lambda: blob.delete(if_generation_match=generation, timeout=timeout, retry=None)
+            )
+        except CallFailed as e:
+            if e.status in (404, 412):
+                return
+            raise self._error(op, e) from None
+
     # -- listing ------------------------------------------------------------------------
 
     def names(self, family: str) -> list[tuple[str, float | None]] | None:
         """``FAMILY/LEAF`` objects by objects.list on ``OBJECT.FAMILY/``, with
         their age on Google's clock (the listing's Date header minus each
-        object's ``updated``), tombstones left out (they read as absent); for
-        the sweep of orphaned state shards (keymgr.docstore.StateLayout.sweep).
-        Needs storage.objects.list, which deploy/gcp/keymgr-role.yaml grants."""
+        object's ``updated``); for the sweep of orphaned state shards
+        (keymgr.docstore.StateLayout.sweep), which also takes the tombstones
+        an earlier keymgr left. Needs storage.objects.list, which
+        deploy/gcp/keymgr-role.yaml grants."""
         prefix = f"{self._name(family)}/"
         timeout = self.connection.timeout
 
@@ -270,11 +292,7 @@ class GCSAdapter(LazyGCS, DocumentAdapter):
             objects, date = self.call(listing)
         except CallFailed as e:
             raise self._error(f"objects.list {prefix}", e) from None
-        return [
-            (f"{family}/{o.name[len(prefix):]}", _age(date, o.updated))
-            for o in objects
-            if not _is_tombstone(o)
-        ]
+        return [(f"{family}/{o.name[len(prefix):]}", _age(date, o.updated)) for o in objects]
 
     def __repr__(self) -> str:
         return f"GCSAdapter({self.location!r})"
