@@ -326,7 +326,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
     names = {n: n for n in [*backends, *publishers]}
     # The rings of a multi-tenant deployment share a few sets of settings:
     # each distinct table is checked once, and each ring of it gets the same
-    # settings under its own name (100,000 rings: 1.0 -> 0.4 s).
+    # settings under its own name (100,000 rings of 100 tables: 1.75 -> 1.45 s).
     checked: dict[tuple[Any, ...], Policy] = {}
     for name, tbl in rings.items():
         if name == AUDIT_RING:
@@ -340,17 +340,7 @@ def parse_config(doc: Mapping[str, Any], path: Path) -> Config:
                 checked[key] = policies[name]
         else:
             ctx.name(name, f"keyrings.{name}")
-            policies[name] = Policy(
-                ring=name,
-                backend=same.backend,
-                algorithm=same.algorithm,
-                rotation_period=same.rotation_period,
-                publish_ahead=same.publish_ahead,
-                retire_grace=same.retire_grace,
-                destroy_after=same.destroy_after,
-                publishers=same.publishers,
-                history=same.history,
-            )
+            policies[name] = dataclasses.replace(same, ring=name)
     # After the rings: both derive from the rings each publisher serves. The
     # auto Cache-Control first, so a discovery document's publisher copies it.
     auto = _auto_cache_control(publishers, cache_control, policies)

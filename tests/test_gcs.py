@@ -314,46 +314,6 @@ def adapter(bucket: str, **options: Any) -> GCSAdapter:
     return GCSAdapter(bucket, STATE_OBJECT, connection(**options))
 
 
-def test_collected_shards_go_for_good_and_old_tombstones_are_swept(
-    gcs: GCSServer, bucket: str
-) -> None:
-    """A shard the store collects is deleted (objects.delete with
-    ifGenerationMatch), not left as a tombstone object that every later listing
-    would carry; a tombstone an earlier keymgr left in a shard's place is swept
-    as an orphan once past the grace; what the head references stays."""
-    import time
-
-    from keymgr.testing.docstore import bump, sharded_state
-
-    a = SharedStore(adapter(bucket), lock_ttl=TTL)
-    a.set_shards("on")
-    a.layout.grace = 1.5
-    client = sdk(gcs)
-
-    def objects() -> set[str]:
-        prefix = f"{STATE_OBJECT}.shards/"
-        return {b.name[len(prefix):] for b in client.list_blobs(bucket, prefix=prefix)}
-
-    t = a.commit(sharded_state(20), None)
-    first = objects()
-    s, t = a.load()
-    t = a.commit(bump(s, "tenant-003"), t)
-    time.sleep(2.5)  # past the grace: the next commit collects what the last one replaced
-    s, t = a.load()
-    a.commit(bump(s, "tenant-004"), t)
-    gone = first - objects()
-    assert gone, first  # no object left at all, not even a tombstone
-    # A leftover of the old collection: a tombstone object over a shard name.
-    leftover = "shards/" + "ab" * 32 + ".json"
-    docs = adapter(bucket)
-    docs.delete(leftover, docs.create(leftover, b"{}"))
-    assert leftover.removeprefix("shards/") in objects() and docs.read(leftover) is None
-    assert a.sweep() == 0  # younger than the grace
-    time.sleep(2.5)
-    assert a.sweep() == 1 and leftover.removeprefix("shards/") not in objects()
-    assert SharedStore(adapter(bucket), lock_ttl=TTL).load()[0] == a.load()[0]
-
-
 def test_gcs_objects_and_messages(gcs: GCSServer, bucket: str) -> None:
     store = SharedStore(adapter(bucket), lock_ttl=TTL)
     t1 = store.commit(sample_state(1), None)

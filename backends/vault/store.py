@@ -29,6 +29,7 @@ have reached the server, so a lost answer surfaces as a StoreError.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -174,16 +175,24 @@ class VaultKVAdapter(DocumentAdapter):
         raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
         return Blob(raw, got.version, got.age)
 
-    def _metadata(self, name: str, op: str) -> dict[str, Any] | None:
-        mount, path = self.mount, self._path(name)
+    def _kv(self, op: str, call: Callable[[Any], Any]) -> Any | None:
+        """``call(client)``, a KV v2 request; None when Vault answers a plain 404
+        (no such secret or folder; a 404 with errors, such as a missing mount,
+        is an error)."""
         try:
-            resp = self.vault.call(
-                lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
-            )
+            return self.vault.call(call)
         except VaultCallError as e:
             if e.status == 404 and not e.errors:
                 return None
             raise self._error(op, e) from None
+
+    def _metadata(self, name: str, op: str) -> dict[str, Any] | None:
+        mount, path = self.mount, self._path(name)
+        resp = self._kv(
+            op, lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount)
+        )
+        if resp is None:
+            return None
         data = resp.get("data") if isinstance(resp, dict) else None
         return data if isinstance(data, dict) else {}
 
@@ -277,14 +286,12 @@ class VaultKVAdapter(DocumentAdapter):
         (keymgr.docstore.StateLayout.sweep). deploy/vault/keymgr-policy.hcl grants
         ``list`` there."""
         mount, path = self.mount, self._path(family)
-        try:
-            resp = self.vault.call(
-                lambda c: c.secrets.kv.v2.list_secrets(path=path, mount_point=mount)
-            )
-        except VaultCallError as e:
-            if e.status == 404 and not e.errors:
-                return []  # nothing under it yet
-            raise self._error(f"list {path}/", e) from None
+        resp = self._kv(
+            f"list {path}/",
+            lambda c: c.secrets.kv.v2.list_secrets(path=path, mount_point=mount),
+        )
+        if resp is None:
+            return []  # nothing under it yet
         keys = resp.get("data", {}).get("keys") if isinstance(resp, dict) else None
         if not isinstance(keys, list):
             raise StoreError(f"state {self.location}: list {path}/: unexpected answer")
@@ -304,16 +311,12 @@ class VaultKVAdapter(DocumentAdapter):
         read again. Absent: done. deploy/vault/keymgr-policy.hcl grants
         ``delete`` on the metadata of ``PATH.shards/`` only."""
         mount, path = self.mount, self._path(name)
-        try:
-            self.vault.call(
-                lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
-                    path=path, mount_point=mount
-                )
-            )
-        except VaultCallError as e:
-            if e.status == 404 and not e.errors:
-                return
-            raise self._error(f"delete metadata {path}", e) from None
+        self._kv(
+            f"delete metadata {path}",
+            lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
+                path=path, mount_point=mount
+            ),
+        )  # absent (None): done
 
     def __repr__(self) -> str:
         return f"VaultKVAdapter({self.location!r})"
