@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import operator
+import threading
 from collections.abc import ItemsView, Iterator, KeysView, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -115,16 +116,28 @@ _SHAPES: list[tuple[dict[str, str], tuple[str, ...]]] = [({}, ())]
 _BY_NAMES: dict[tuple[str, ...], tuple[Any, Any, dict[tuple[str, ...], int]]] = {}
 
 
-def _shape_index(names: tuple[str, ...], fixed: tuple[str, ...]) -> int | None:
-    """The index of a new shape (member ``names``, ``fixed`` values), or None
-    once 255 are taken or when a fixed value is not ASCII text."""
-    if len(_SHAPES) >= 256 or not all(type(v) is str and v.isascii() for v in fixed):
+#: Held while a shape is added: the shards of a network store are decoded by
+#: several threads at once (keymgr.docstore.DocumentAdapter.concurrency), and
+#: an index must name the shape it was taken for.
+_SHAPES_LOCK = threading.Lock()
+
+
+def _shape_index(
+    names: tuple[str, ...], fixed: tuple[str, ...], indexes: dict[tuple[str, ...], int]
+) -> int | None:
+    """The index of shape (member ``names``, ``fixed`` values), added to
+    ``indexes`` (those of its member names) if new; None once 255 are taken or
+    when a fixed value is not ASCII text."""
+    if not all(type(v) is str and v.isascii() for v in fixed):
         return None
-    values = iter(fixed)
-    template = {n: "" if n in _MATERIAL else next(values) for n in names}
-    _SHAPES.append((template, tuple(n for n in names if n in _MATERIAL)))
-    _BY_NAMES[names][2][fixed] = len(_SHAPES) - 1
-    return len(_SHAPES) - 1
+    with _SHAPES_LOCK:
+        index = indexes.get(fixed)  # added by another thread meanwhile
+        if index is None and len(_SHAPES) < 256:
+            values = iter(fixed)
+            template = {n: "" if n in _MATERIAL else next(values) for n in names}
+            _SHAPES.append((template, tuple(n for n in names if n in _MATERIAL)))
+            index = indexes[fixed] = len(_SHAPES) - 1
+        return index
 
 
 def _getter(names: list[str]) -> Any:
@@ -249,11 +262,12 @@ def _held(plain: dict[Any, Any]) -> PublicJwk | None:
     names = tuple(plain)
     by = _BY_NAMES.get(names)
     if by is None and len(_BY_NAMES) < 256 and all(type(n) is str for n in names):
-        by = _BY_NAMES[names] = (
+        # setdefault: every thread then uses the one entry that was stored.
+        by = _BY_NAMES.setdefault(names, (
             _getter([n for n in names if n not in _MATERIAL]),
             _getter([n for n in names if n in _MATERIAL]),
             {},
-        )
+        ))  # fmt: skip
     if by is not None:
         fixed = by[0](plain)
         try:
@@ -261,7 +275,7 @@ def _held(plain: dict[Any, Any]) -> PublicJwk | None:
         except TypeError:  # nor can one that is not hashable (a list)
             return None
         if index is None:
-            index = _shape_index(names, fixed)
+            index = _shape_index(names, fixed, by[2])
         if index is not None:
             material = by[1](plain)
             try:

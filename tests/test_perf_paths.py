@@ -468,3 +468,50 @@ def test_odd_public_jwks_are_held_as_json(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(model._SHAPES) == 256  # 255 shapes and "no shape"
     assert [bytes(h)[0] == 0 for h in shaped] == [False] * free + [True] * (300 - free)
     assert [dict(h) for h in shaped] == [{**base, "alg": f"A{i}"} for i in range(300)]
+
+
+def test_shapes_added_by_many_threads_at_once_read_back_right(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A network store decodes shards in several threads: each new shape's
+    index must name that shape, whichever thread adds another meanwhile."""
+    import sys
+    import threading
+
+    from keymgr import model, validate
+
+    class SlowList(list):  # type: ignore[type-arg]
+        """Lets another thread run right after each append: where an index
+        taken apart from its append would name another thread's shape."""
+
+        def append(self, item: Any) -> None:
+            super().append(item)
+            time.sleep(0.001)
+
+    monkeypatch.setattr(model, "_SHAPES", SlowList([({}, ())]))
+    monkeypatch.setattr(model, "_BY_NAMES", {})
+    monkeypatch.setattr(validate, "_HELD", {})
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        base = {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "B" * 43}
+        wrong: list[tuple[dict[str, str], dict[str, str]]] = []
+        start = threading.Barrier(8)
+
+        def work(t: int) -> None:
+            start.wait()
+            for i in range(30):
+                jwk = {**base, "alg": f"T{t}-{i}", "x": f"{t:02d}{i:02d}" + "A" * 39}
+                got = dict(model.PublicJwk(jwk))
+                if got != jwk:
+                    wrong.append((jwk, got))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, wrong[:3]
+    assert len(model._SHAPES) == 241  # 240 shapes, each added once
