@@ -109,11 +109,11 @@ class Reconciler:
         #: once per process before a key is published (see _check_keys).
         self._backend_jwks: dict[tuple[str, str, str], dict[str, str]] = {}
         #: Rings of the last state found sound (keymgr.validate.check_state).
-        self._checked_rings: dict[int, Ring] = {}
+        self._checked_rings: dict[str, Ring] = {}
         #: Steady rings' plans, reused while nothing they depend on changed.
         self._plan_memo = PlanMemo()
         #: The config and the rings :meth:`check_rings` last found configured.
-        self._rings_ok: tuple[object, dict[int, Ring]] = (None, {})
+        self._rings_ok: tuple[object, dict[str, Ring]] = (None, {})
         #: Called after each edge probe (publisher, result, record before,
         #: state after): the daemon's metrics.
         self.on_probe: Callable[[str, ProbeResult, EdgeRecord | None, State], None] | None = None
@@ -145,13 +145,11 @@ class Reconciler:
         config, passed = self._rings_ok
         if config is not self.config:
             passed = {}
-        now_ok: dict[int, Ring] = {}
+        now_ok: dict[str, Ring] = {}
         for name, ring in state.rings.items():
-            if passed.get(id(ring)) is ring:
-                now_ok[id(ring)] = ring
-                continue
-            self._check_ring(name, ring)
-            now_ok[id(ring)] = ring
+            if passed.get(name) is not ring:
+                self._check_ring(name, ring)
+            now_ok[name] = ring
         self._rings_ok = (self.config, now_ok)
 
     def _check_ring(self, name: str, ring: Ring) -> None:
