@@ -59,6 +59,7 @@ __all__ = [
     "public_jwk",
     "signing_input",
     "thumbprint",
+    "thumbprint_of",
 ]
 
 #: JWS algorithms keymgr signs with. ``none`` and HMAC are deliberately absent:
@@ -311,6 +312,12 @@ def thumbprint(jwk: Mapping[str, str]) -> str:
         canonical = orjson.dumps(required, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:  # a lone surrogate: not UTF-8 text
         raise ValueError("JWK members are not valid Unicode text") from None
+    return thumbprint_of(canonical)
+
+
+def thumbprint_of(canonical: bytes) -> str:
+    """The thumbprint of a JWK's RFC 7638 canonical JSON (its required members,
+    sorted, no whitespace, UTF-8): SHA-256, base64url without padding."""
     return b64url_bytes(hashlib.sha256(canonical).digest()).decode("ascii")
 
 

@@ -13,7 +13,6 @@ that against the backend before a key is published (``Reconciler._check_keys``).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -207,15 +206,15 @@ _HELD: dict[tuple[int, str], _HeldPlan | None] = {}
 
 def _held_plan(index: int, alg: str) -> _HeldPlan | None:
     template, material = jwk_shape(index)
-    kty = template.get("kty")
-    if kty not in ("EC", "OKP") or template.keys() != jose.KEY_MEMBERS[kty]:
+    size = _CURVE_BYTES.get(template.get("crv", ""))
+    if template.get("kty") not in ("EC", "OKP") or size is None:
+        return None  # RSA (its modulus is checked by size in bits), or no curve
+    # Everything but the key material is the shape's: _jwk_problem's verdict on
+    # the shape with sound stand-in coordinates holds for every key of it.
+    sample = {**template, **{m: jose.b64url(bytes(size)) for m in material}}
+    if _jwk_problem(sample, alg) is not None:
         return None
-    if jose.alg_family(alg) != kty:
-        return None
-    crv = template["crv"]
-    if crv != ("Ed25519" if kty == "OKP" else jose.curve_for(alg)):
-        return None
-    check = _COORD_BYTES_RE[_CURVE_BYTES[crv]].fullmatch
+    check = _COORD_BYTES_RE[size].fullmatch
     # RFC 7638: the required members, sorted, no whitespace; the material as
     # %s (the fixed values are the known kty and crv: no % in them).
     members = {k: "%s" if k in material else v for k, v in template.items()}
@@ -242,8 +241,7 @@ def _held_kid(jwk: PublicJwk, alg: str) -> str | None:
         if check(part) is None:
             return None
     picked = tuple(parts) if order is None else tuple(parts[i] for i in order)
-    digest = hashlib.sha256(canonical % picked).digest()
-    return jose.b64url_bytes(digest).decode("ascii")
+    return jose.thumbprint_of(canonical % picked)
 
 
 def _jwk_problem(jwk: object, alg: str) -> str | None:
