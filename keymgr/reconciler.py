@@ -534,10 +534,17 @@ class Reconciler:
             # deleted): unpublishing it could reject live tokens. Refuse. A
             # destroyed key's tombstone is known: a copy of an old document
             # brought it back, and it leaves the document like any destroyed key.
+            # A target that cannot be read may still serve what its record last
+            # confirmed or asked for: those kids count as served here (a write
+            # may succeed where the read failed).
+            maybe_served = set(served)
+            rec = seen.publishers.get(action.publisher)
+            if current is None and rec is not None:
+                maybe_served |= rec.kids | rec.asked
             wanted = {k.kid for k in keys}
             forgotten = sorted(
                 k
-                for k in served
+                for k in maybe_served
                 if k not in wanted and seen.find(k) is None and seen.find_forgotten(k) is None
             )
             if forgotten:

@@ -295,6 +295,46 @@ def test_injected_key_is_never_published(home: Home, state: str) -> None:
     assert (home.dir / "state.json").read_bytes() == raw, "refused, yet committed"
 
 
+def test_deleted_retired_entry_is_refused_while_the_jwks_cannot_be_read(rotating: Home) -> None:
+    """A state without the entry of a retired key, while the JWKS target cannot
+    be read: the publisher's record still says it serves that kid, so the
+    publish is refused as when the kid is seen served, before anything is
+    written (found by the model test with a publisher down; the CLI refuses
+    such an edit earlier, through the audit outbox, while it is still there)."""
+    from dataclasses import replace
+
+    from keymgr.errors import StateError
+    from keymgr.manager import KeyManager
+    from keymgr.planner import Publish
+
+    home = rotating
+    out = reconcile(home, T0 + P + SEC)
+    assert "key.promoted" in out, out
+    retired = keys(home, "retired")[0]["kid"]
+    m = KeyManager.from_config(home.config)
+    state = m.state()
+    ring = state.rings[RING]
+    edited = replace(
+        state,
+        rings={**state.rings, RING: replace(ring, keys=tuple(k for k in ring.keys
+                                                            if k.kid != retired))},
+    )
+    (publisher,) = m.config.policies[RING].publishers
+    assert retired in edited.publishers[publisher].kids
+    served = home.jwks_path.read_bytes()
+    home.jwks_path.unlink()
+    home.jwks_path.mkdir()  # a target that cannot be read
+    with pytest.raises(StateError) as info:
+        m.reconciler.vet(edited, [Publish(publisher)])
+    assert retired in str(info.value) and "does not record" in str(info.value)
+    home.jwks_path.rmdir()
+    home.jwks_path.write_bytes(served)
+    with pytest.raises(StateError) as info:  # readable: the kid is seen served
+        m.reconciler.vet(edited, [Publish(publisher)])
+    assert retired in str(info.value)
+    m.close()
+
+
 def test_key_entry_with_a_foreign_public_key_under_our_kid_is_refused(home: Home) -> None:
     """The kid is checked against public_jwk (schema) before anything else."""
     reconcile(home, T0)
