@@ -535,6 +535,43 @@ class AuditLog:
         continues it: a truncated, replaced or rewritten log is left as
         evidence.
         """
+        missing = self._missing(state, writing=True)
+        if missing is None:
+            return  # a newer state anchors what the log holds
+        self._repair_torn_tail()
+        if not missing:
+            return
+        crashpoint("audit.before_flush")
+        self._append(missing)
+        if self.mirror is not None:
+            self.mirror(missing)  # best effort, never raises: the record is written
+        if self.on_append is not None:
+            try:
+                self.on_append(missing)
+            except Exception as e:  # the events are in the log: that is what counts
+                get_logger("keymgr.audit").error("notify.failed", error=f"{type(e).__name__}: {e}")
+
+    def check_agrees(self, state: State) -> None:
+        """Raise AuditError when the log contradicts ``state``, writing nothing.
+
+        The refusals a pass would give before its first write (:meth:`flush`),
+        for the read-only views (``status``, ``plan``): a state put back from
+        an older copy, whose anchor the log has gone past, is refused instead
+        of shown as the truth. A log that merely lacks the outbox's events (a
+        crash between the state commit and the append) agrees; a log still
+        to be imported into the store is left to the next pass, and so is the
+        checkpoint on such an outbox (it needs the audit key's backend, which
+        a view does not).
+        """
+        self._missing(state, writing=False)
+
+    def _missing(self, state: State, *, writing: bool) -> list[dict[str, Any]] | None:
+        """The outbox events the log lacks ([] if none), once every check a
+        write needs has passed; None when a newer state anchors the log's
+        head (another replica committed since ``state`` was read).
+        ``writing``: a file log kept before the store was the record is
+        imported first, and a checkpoint on the outbox is verified; without
+        it, nothing is written and such a state is not judged."""
         anchor = state.audit
         outbox = list(anchor.outbox)
         if outbox:
@@ -546,6 +583,8 @@ class AuditLog:
 
             # A file log kept before the store was the record: imported once.
             if import_needed(self, anchor, last):
+                if not writing:
+                    return []
                 n = import_file(self, state)
                 self.imported.append({
                     "ts": utcnow(), "event": "audit.imported",
@@ -562,9 +601,8 @@ class AuditLog:
                 try:
                     self._check_head(anchor, last, signed=False)
                 except ConflictError:
-                    return  # a newer state anchors these events (and the ones after)
-            self._repair_torn_tail()
-            return
+                    return None  # a newer state anchors these events (and the ones after)
+            return []
         if not outbox or outbox[0]["seq"] > t.seq + 1:
             raise self._mismatch(t, anchor)
         missing = [ev for ev in outbox if ev["seq"] > t.seq]
@@ -576,18 +614,9 @@ class AuditLog:
                 f"recorded hash: edited; {_FIX}"
             )
         cp = self.checkpoints
-        if cp is not None and anchor.key_kid is not None:
+        if writing and cp is not None and anchor.key_kid is not None:
             cp.check_signed(outbox[-1], anchor, f"{self.where}: the state's outbox")
-        self._repair_torn_tail()
-        crashpoint("audit.before_flush")
-        self._append(missing)
-        if self.mirror is not None:
-            self.mirror(missing)  # best effort, never raises: the record is written
-        if self.on_append is not None:
-            try:
-                self.on_append(missing)
-            except Exception as e:  # the events are in the log: that is what counts
-                get_logger("keymgr.audit").error("notify.failed", error=f"{type(e).__name__}: {e}")
+        return missing
 
     def _check_outbox(self, state: State) -> None:
         """The outbox must be sealed events that chain, end at the anchor, and

@@ -602,7 +602,7 @@ def _plan_path(m: Any, at: Any, as_json: bool) -> int:
     from keymgr.projection import ASSUMPTION, migration_warning, migrations, project
     from keymgr.timefmt import format_time
 
-    state = m.state()
+    state = m.shown_state()
     now = m._clock(None, state)
     until = m._clock(at, state)  # refuses a T before the newest time in state
     start = min(now, until)

@@ -96,6 +96,17 @@ class KeyManager:
         self.reconciler.validate(state)
         return state
 
+    def shown_state(self) -> State:
+        """The state as ``status`` and ``plan`` show it: :meth:`state`, refused
+        (AuditError, one line) when the audit log contradicts it, as the next
+        pass would refuse it. A state put back from an older copy reads as a
+        sound one, keys active that were retired since; the log, which went on
+        past its anchor, is what tells (keymgr.audit.AuditLog.check_agrees).
+        Nothing is written."""
+        state = self.state()
+        self.audit.check_agrees(state)
+        return state
+
     # -- reconcile -----------------------------------------------------------
 
     def reconcile(self, now: datetime | None = None) -> PassResult:
@@ -112,7 +123,7 @@ class KeyManager:
             self._sign_fresh_until = 0
 
     def plan(self, now: datetime | None = None) -> dict[str, Any]:
-        state = self.state()
+        state = self.shown_state()
         at = self._clock(now, state)
         state = self.reconciler.observe(state)
         p = self.reconciler.plan(state, at)
@@ -412,8 +423,11 @@ class KeyManager:
         (keymgr.render.write_sections), so with 100,000 rings the output is
         never held whole in memory; only the plan (one pass over the state)
         is computed up front. Consume each section before the next.
+
+        The state is read, checked and planned here, when called, not at the
+        first section: a refused state raises before anything is written.
         """
-        state = self.state()
+        state = self.shown_state()
         at = self._clock(None, state)
         p = self.reconciler.plan(self.reconciler.observe(state), at)
         due_by_ring: dict[str, Any] = {}
@@ -439,20 +453,23 @@ class KeyManager:
                     doc["forgotten"] = [t.to_dict() for t in ring.forgotten]
                 yield name, doc
 
-        yield "rings", rings()
-        if self.config.edges:
-            # What each edge showed at its last recorded probe (a change is
-            # committed by the pass that saw it; never probed: null).
-            yield "edges", (
-                (
-                    pub,
-                    {
-                        url: (e.to_dict() if (e := state.edge(pub, url)) is not None else None)
-                        for url in settings.urls
-                    },
+        def sections() -> Iterator[tuple[str, Iterator[tuple[str, Any]]]]:
+            yield "rings", rings()
+            if self.config.edges:
+                # What each edge showed at its last recorded probe (a change is
+                # committed by the pass that saw it; never probed: null).
+                yield "edges", (
+                    (
+                        pub,
+                        {
+                            url: (e.to_dict() if (e := state.edge(pub, url)) is not None else None)
+                            for url in settings.urls
+                        },
+                    )
+                    for pub, settings in sorted(self.config.edges.items())
                 )
-                for pub, settings in sorted(self.config.edges.items())
-            )
+
+        return sections()
 
     def timeline_svg(
         self, rings: Collection[str] | None = None, max_rings: int | None = None
@@ -486,7 +503,7 @@ class KeyManager:
     def _timeline_inputs(self) -> tuple[State, Plan, datetime]:
         """What ``status`` plans from: the state (publishers observed) and the
         plan now (the wall clock clamped to the state's newest time)."""
-        state = self.state()
+        state = self.shown_state()
         at = self._clock(None, state)
         state = self.reconciler.observe(state)
         return state, self.reconciler.plan(state, at), at

@@ -179,6 +179,65 @@ def test_lost_state_is_refused_and_nothing_is_destroyed(home: Home, how: str) ->
     assert not (home.dir / "stat.json").exists()
 
 
+_VIEWS = (("status",), ("status", "--json"), ("status", "--timeline", "-"), ("plan",),
+          ("plan", "--at", at(T0 + 3 * P)))
+
+
+def test_a_state_put_back_from_an_older_copy_is_refused_by_every_view(home: Home) -> None:
+    """An older state document put back (a restored backup) reads as a sound
+    state, its old key still active; ``reconcile`` refuses it because the
+    audit log went on past its anchor, and so do ``status`` and ``plan``,
+    in the same one line, instead of showing the old keys as the truth.
+    They write nothing: the state, the log and the JWKS are left as evidence."""
+    reconcile(home, T0)
+    reconcile(home, T0 + P - A)
+    older = (home.dir / "state.json").read_bytes()
+    for view in _VIEWS:
+        assert home.run(*view, inproc=True).returncode == 0, view
+    out = reconcile(home, T0 + P)
+    assert "key.promoted" in out, out
+    (home.dir / "state.json").write_bytes(older)
+    log = home.dir / "audit.jsonl"
+    kept = (older, log.read_bytes(), home.jwks_path.read_bytes(), key_files(home))
+
+    for view in _VIEWS:
+        proc = home.run(*view, inproc=True)
+        assert proc.returncode == 1, (view, proc.stdout)
+        line = one_error_line(proc.stderr)
+        assert str(log) in line and "state anchors seq" in line, line
+        assert proc.stdout == "", (view, "printed the rolled-back state")
+    line = one_error_line(reconcile(home, T0 + P + SEC, ok=False))
+    assert "state anchors seq" in line, line
+    now = ((home.dir / "state.json").read_bytes(), log.read_bytes(),
+           home.jwks_path.read_bytes(), key_files(home))  # fmt: skip
+    assert now == kept, "a view or the refused pass wrote something"
+
+
+def test_views_show_a_state_whose_events_the_log_does_not_hold_yet(home: Home) -> None:
+    """The other side: a crash between the state commit and the log append
+    leaves the log behind the anchor, with the missing events in the state's
+    outbox. That is no contradiction: the views show the state and append
+    nothing (the next pass does)."""
+    reconcile(home, T0)
+    out = reconcile(home, T0 + P - A)
+    assert "key.published" in out, out
+    log = home.dir / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    outbox = home.state()["audit"]["outbox"]
+    assert outbox and len(lines) > len(outbox)
+    cut = b"".join(lines[: len(lines) - len(outbox)])
+    log.write_bytes(cut)
+
+    for view in _VIEWS:
+        proc = home.run(*view, inproc=True)
+        assert proc.returncode == 0, (view, proc.stderr)
+        assert log.read_bytes() == cut, (view, "a view appended to the log")
+    assert home.run("audit", "verify", inproc=True).returncode != 0
+    reconcile(home, T0 + P - A + SEC)
+    assert log.read_bytes().startswith(b"".join(lines))
+    assert home.run("audit", "verify", inproc=True).returncode == 0
+
+
 def test_lost_state_with_no_audit_log_names_ring_count_and_adopt(home: Home) -> None:
     """With the old log moved aside too (a fresh start), the backend check is
     what refuses: it names the ring, the count of unknown keys and the fix;
