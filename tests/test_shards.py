@@ -600,6 +600,43 @@ print(old_first, old_changed, gc.get_freeze_count(), gc.isenabled())
 """
 
 
+_FAILED_READ_PROBE = r"""
+import gc
+from keymgr import docstore
+from keymgr.docstore import SharedStore
+from keymgr.errors import StoreError
+from keymgr.testing.docstore import MemoryAdapter, sharded_state
+docstore.SETTLE_BUCKETS = 1
+adapter = MemoryAdapter()
+state = sharded_state(300)
+SharedStore(adapter, shards="on").commit(state, None)
+shards = sorted(n for n, _ in adapter.names("shards") or [] if "/m-" not in n)
+adapter.fail(f"read:{shards[len(shards) // 2]}", times=1)
+reader = SharedStore(adapter, shards="on")
+try:
+    reader.load()
+except StoreError as e:
+    print("refused" if "injected failure" in str(e) else e)
+print(gc.isenabled(), gc.get_freeze_count())
+got, _ = reader.load()
+assert got == state
+ring = got.rings["tenant-002"]
+print(any(o is ring for o in gc.get_objects(generation=2)), gc.isenabled(), gc.get_freeze_count())
+"""
+
+
+def test_an_outage_in_the_middle_of_a_whole_read_leaves_the_collector_as_it_was() -> None:
+    """A whole read that fails half-way (one shard read refused: an outage)
+    raises the store's one line; the collector is back on and nothing is
+    frozen, so what the failed read decoded is ordinary garbage. The next
+    read, the outage over, reads the whole state and settles it as usual."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAILED_READ_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["refused", "True", "0", "True", "True", "0"]
+
+
 @pytest.mark.parametrize(
     ("settle_from", "collector", "settled"),
     [("1", "on", True), ("1000000000", "on", False), ("1", "off", False)],

@@ -878,6 +878,12 @@ def test_sealed_throttled_and_denied_are_one_line_errors(home, bao, monkeypatch)
         )
         with pytest.raises(StoreError, match=r"^state vault://secret/\S+: read: HTTP 503: Vault"):
             store.load()
+        # The daemon's readiness check (one read of a name no key has, whose
+        # 404 is the good answer) tells a sealed server from an absent key.
+        with pytest.raises(BackendError) as err:
+            b.check()
+        assert str(err.value) == "backend vault (vault-transit): check: HTTP 503: Vault is sealed"
+    b.check()
     assert vh.states() == {k1: "active"} and home.jwks_path.read_bytes() == jwks_before
 
     # Throttled: a rate-limit quota on this key's sign path.
