@@ -32,7 +32,7 @@ from keymgr.model import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Policy:
     """The timing rules of one key ring (docs/design.md#timing)."""
 
