@@ -33,6 +33,7 @@ pinned by the operator.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import os
@@ -561,9 +562,13 @@ class AuditLog:
         crash between the state commit and the append) agrees; a log still
         to be imported into the store is left to the next pass, and so is the
         checkpoint on such an outbox (it needs the audit key's backend, which
-        a view does not).
+        a view does not). A state that anchors nothing (new, or lost) while
+        the log holds events is refused, as the pass's first commit would.
         """
-        self._missing(state, writing=False)
+        if self._missing(state, writing=False) == [] and not state.audit.seq:
+            # ConflictError: another replica's first commit, since the state was read.
+            with contextlib.suppress(ConflictError):
+                self._check_head(state.audit, self._last(drop_torn=True), signed=False)
 
     def _missing(self, state: State, *, writing: bool) -> list[dict[str, Any]] | None:
         """The outbox events the log lacks ([] if none), once every check a

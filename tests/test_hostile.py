@@ -147,6 +147,11 @@ def test_unchanged_world_promotes_on_schedule(rotating: Home) -> None:
 # --------------------------------------------------------------------------- 2. state loss
 
 
+#: The read-only views of the state: each refuses a state the audit log contradicts.
+_VIEWS = (("status",), ("status", "--json"), ("status", "--timeline", "-"), ("plan",),
+          ("plan", "--at", at(T0 + 3 * P)))
+
+
 def _rotated_twice(home: Home) -> None:
     reconcile(home, T0)
     for n in (1, 2):
@@ -172,15 +177,16 @@ def test_lost_state_is_refused_and_nothing_is_destroyed(home: Home, how: str) ->
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)
     assert "state" in line
+    for view in _VIEWS:  # no ring shown as keyless: the log holds their events
+        proc = home.run(*view, inproc=True)
+        assert proc.returncode == 1 and proc.stdout == "", (view, proc.stdout)
+        line = one_error_line(proc.stderr)
+        assert "state anchors none (a new or replaced state)" in line, (view, line)
     assert key_files(home) == files, "a key was destroyed or added"
     assert home.jwks_path.read_bytes() == jwks_before, "the JWKS lost the signer"
     assert signer in served_kids(home.jwks_path)
     assert not (home.dir / "state.json").exists() or how == "mistyped"
     assert not (home.dir / "stat.json").exists()
-
-
-_VIEWS = (("status",), ("status", "--json"), ("status", "--timeline", "-"), ("plan",),
-          ("plan", "--at", at(T0 + 3 * P)))
 
 
 def test_a_state_put_back_from_an_older_copy_is_refused_by_every_view(home: Home) -> None:
