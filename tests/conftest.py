@@ -87,13 +87,7 @@ class Home:
     def state(self) -> dict[str, Any]:
         """The state document; a sharded one (docs/scale.md) as the whole state
         it stands for, so tests read either layout the same way."""
-        doc = json.loads((self.dir / "state.json").read_text())
-        if "sharding" not in doc:
-            return doc
-        from keymgr.backends.local.store import FileStore
-
-        state, version = FileStore(self.dir / "state.json").load()
-        return {"version": version, **state.to_dict()}
+        return read_state(self.dir / "state.json")
 
     def jwks(self) -> dict[str, Any]:
         return json.loads(self.jwks_path.read_text())
@@ -156,6 +150,19 @@ def home(tmp_path: Path) -> Home:
 #: fixture, the soak) keep their state as ``file:state.json?shards=MODE``
 #: (docs/scale.md), to run the same end-to-end tests on sharded state.
 TEST_SHARDS = os.environ.get("KEYMGR_TEST_SHARDS")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The file store's state document at ``path``; a sharded head
+    (docs/scale.md) as the whole state it stands for, so tests read either
+    layout the same way (``KEYMGR_TEST_SHARDS``)."""
+    doc: dict[str, Any] = json.loads(path.read_text())
+    if "sharding" not in doc:
+        return doc
+    from keymgr.backends.local.store import FileStore
+
+    state, version = FileStore(path).load()
+    return {"version": version, **state.to_dict()}
 
 
 def shard_state(config: Path) -> None:

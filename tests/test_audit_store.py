@@ -35,7 +35,7 @@ from keymgr.manager import KeyManager
 from keymgr.model import AuditAnchor
 from keymgr.reconciler import Reconciler
 from keymgr.testing.docstore import MemoryAdapter
-from tests.conftest import SHORT_POLICY, T0, A, D, G, Home, P
+from tests.conftest import SHORT_POLICY, T0, A, D, G, Home, P, read_state, with_state_url
 
 TIMES = (T0, T0 + P - A, T0 + P, T0 + P + G, T0 + P + G + D)
 
@@ -355,7 +355,7 @@ def file_home_to_store(home: Home) -> tuple[MemoryAdapter, KeyManager]:
     for t in TIMES[:3]:
         home.run("reconcile", "--at", t.strftime("%Y-%m-%dT%H:%M:%SZ"), check=True,
                  inproc=True)
-    doc = json.loads((home.dir / "state.json").read_text())
+    doc = read_state(home.dir / "state.json")
     version = doc.pop("version")
     from keymgr.model import State
 
@@ -706,8 +706,10 @@ def test_cli_imports_a_file_log_into_s3(home: Home, moto: Any) -> None:
     s3 = s3_client(moto.url)
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key=KEY, Body=(home.dir / "state.json").read_bytes())
-    text = home.config.read_text().replace(
-        'state = "file:state.json"', f'state = "{s3_state_url(moto.url, BUCKET, KEY)}"')
+    shards = home.dir / "state.json.shards"  # a sharded state (KEYMGR_TEST_SHARDS): the same names
+    for doc in sorted(shards.iterdir()) if shards.is_dir() else []:
+        s3.put_object(Bucket=BUCKET, Key=f"{KEY}.shards/{doc.name}", Body=doc.read_bytes())
+    text = with_state_url(home.config.read_text(), s3_state_url(moto.url, BUCKET, KEY))
     home.config.write_text(text)
     proc = home.run("audit", "verify", inproc=True)
     assert proc.returncode == 1 and "run 'keymgr audit import'" in proc.stderr, proc.stderr
@@ -761,8 +763,7 @@ def test_s3_object_lock_keeps_every_audit_event(home: Home, moto: Any) -> None:
     ("audit_retention=400d&audit_lock=legal", "daemon.state?audit_lock: expected one of"),
 ])
 def test_object_lock_parameters_are_checked(home: Home, query: str, message: str) -> None:
-    text = home.config.read_text().replace(
-        'state = "file:state.json"', f'state = "s3://bucket/state.json?{query}"')
+    text = with_state_url(home.config.read_text(), f"s3://bucket/state.json?{query}")
     home.config.write_text(text)
     proc = home.run("config", "check", inproc=True)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -172,7 +172,7 @@ def test_three_openbao_replicas_sigkilled_keep_one_chain_in_kv(
 ) -> None:
     """The same on a ``vault://`` KV v2 store (OpenBao dev server), keys in
     transit: each event a KV secret written with cas=0."""
-    from tests.test_vault import setup_home, unique
+    from tests.test_vault import kv_state, setup_home, unique
 
     kv = unique("stateless")
     vh = setup_home(home, bao, "ES256", state_url=f"vault://secret/{kv}?lock_ttl=5")
@@ -216,9 +216,7 @@ def test_three_openbao_replicas_sigkilled_keep_one_chain_in_kv(
     for p in procs:
         rc, _ = p.stop()
         assert rc == 0, p.err.read_text()
-    status, doc = bao.api("GET", f"secret/data/{kv}")
-    assert status == 200, doc
-    state = json.loads(doc["data"]["data"]["state"])
+    state = kv_state(bao, kv)
     proc = vh.run("audit", "verify")
     assert proc.returncode == 0 and f"({len(chain_from_store(read))} events" in proc.stdout, (
         proc.stdout + proc.stderr)

@@ -39,7 +39,8 @@ from jwcrypto import jws as jwc_jws
 from prometheus_client.parser import text_string_to_metric_families
 
 from keymgr import KeyManager
-from tests.conftest import Home
+from keymgr.errors import KeymgrError
+from tests.conftest import Home, read_state
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
 #: Audit events of key transitions: each must appear at most once per kid.
@@ -565,8 +566,8 @@ def test_three_replicas_one_holder_and_failover(home: Home, launcher: Launcher) 
         nonlocal max_active
         while not stop_watch.is_set():
             try:
-                st = json.loads((home.dir / "state.json").read_text())
-            except (OSError, ValueError):
+                st = read_state(home.dir / "state.json")
+            except (OSError, ValueError, KeymgrError):
                 continue
             for ring in st["rings"].values():
                 max_active = max(max_active, sum(k["state"] == "active" for k in ring["keys"]))

@@ -38,7 +38,7 @@ from keymgr import plugins
 from keymgr.backend import Backend
 from keymgr.errors import BackendError, ConfigError, KeyNotFoundError
 from keymgr.testing.conformance import BackendTests
-from tests.conftest import SHORT_POLICY, T0, A, P
+from tests.conftest import SHORT_POLICY, T0, A, P, read_state
 from tests.servers_softhsm import ENTRY_POINT, SPARE, SoftHSM, softhsm_session
 
 ALGS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"]
@@ -229,7 +229,7 @@ class HsmHome:
 
     def state(self) -> dict[str, Any]:
         path = self.home.dir / "state.json"
-        return json.loads(path.read_text()) if path.exists() else {"rings": {}}
+        return read_state(path) if path.exists() else {"rings": {}}
 
     def states(self, ring: str = "default") -> dict[str, str]:
         r = self.state()["rings"].get(ring)

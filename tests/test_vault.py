@@ -38,7 +38,7 @@ from keymgr.backends.vault.transit import VaultTransitBackend, key_type_for
 
 from keymgr.errors import BackendError, ConfigError, StoreError
 from keymgr.model import State
-from tests.conftest import SHORT_POLICY, T0, A, D, G, P, with_state_url
+from tests.conftest import SHORT_POLICY, T0, A, D, G, P, read_state, with_state_url
 
 ALGS = ["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"]
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
@@ -120,7 +120,24 @@ def kv_state(bao: Any, path: str, mount: str = "secret") -> dict[str, Any]:
     if status == 404:
         return {"rings": {}}
     assert status == 200, (status, doc)
-    return dict(json.loads(doc["data"]["data"]["state"]))
+    state = dict(json.loads(doc["data"]["data"]["state"]))
+    if "sharding" not in state:
+        return state
+    # A sharded head (KEYMGR_TEST_SHARDS): the whole state it stands for,
+    # read through the store, which checks every shard it names.
+    from keymgr.stores import open_store
+
+    saved = {k: os.environ.get(k) for k in ("VAULT_ADDR", "VAULT_TOKEN")}
+    os.environ.update(VAULT_ADDR=bao.addr, VAULT_TOKEN=bao.token)
+    try:
+        whole, version = open_store(f"vault://{mount}/{path}").load()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"version": version, **whole.to_dict()}
 
 
 # --------------------------------------------------------------------------- CLI home
@@ -176,7 +193,7 @@ class VaultHome:
         """The stored state, read from its file or KV secret directly."""
         if self.state_url is None:
             path = self.home.dir / "state.json"
-            return json.loads(path.read_text()) if path.exists() else {"rings": {}}
+            return read_state(path) if path.exists() else {"rings": {}}
         return kv_state(self.bao, self.state_url.split("/", 3)[3].split("?")[0])
 
     def ring_keys(self, ring: str = "default") -> list[dict[str, Any]]:
@@ -1387,11 +1404,11 @@ def test_config_check_is_offline_and_names_file_and_field(home):
     # The vault:// state URL is checked offline too, with the file and the field.
     text = home.config.read_text().replace('token = "s.literal"\n', "")
     good = "vault://secret/keymgr/state?url=https://vault.invalid:8200&lock_ttl=30"
-    home.config.write_text(text.replace('state = "file:state.json"', f'state = "{good}"'))
+    home.config.write_text(with_state_url(text, good))
     proc = home.run("config", "check")
     assert proc.returncode == 0, proc.stderr
     bad = "vault://secret/keymgr/state?url=https://vault.invalid:8200&colour=blue"
-    home.config.write_text(text.replace('state = "file:state.json"', f'state = "{bad}"'))
+    home.config.write_text(with_state_url(text, bad))
     proc = home.run("config", "check")
     assert proc.returncode == 2
     assert proc.stderr.startswith(
