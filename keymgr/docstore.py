@@ -160,6 +160,29 @@ class Blob:
     age: float | None = None
 
 
+#: Connections a network adapter's HTTP client keeps open for reuse: the
+#: documents read at once (:attr:`DocumentAdapter.concurrency`, 16) plus the
+#: lock renewal, the lease and a signing or publishing thread. The SDKs'
+#: default of 10 made each wave of 16 reads open 6 new connections (a TCP and
+#: TLS handshake each on a real endpoint) and drop them again.
+HTTP_POOL = 32
+
+
+def widen_pools(session: Any) -> None:
+    """Make every adapter of a ``requests.Session`` keep :data:`HTTP_POOL`
+    connections, keeping its other settings (TLS, retries, block size).
+
+    For SDKs that make their own session (google-cloud-storage, azure-core);
+    duck-typed, so the core imports no HTTP library. Call it before the
+    session sends anything: the adapters' pools are made anew.
+    """
+    for adapter in session.adapters.values():
+        if hasattr(adapter, "init_poolmanager") and hasattr(adapter, "_pool_block"):
+            # requests.HTTPAdapter keeps these for pickling; set them like __init__ does.
+            adapter._pool_connections = adapter._pool_maxsize = HTTP_POOL
+            adapter.init_poolmanager(HTTP_POOL, HTTP_POOL, block=adapter._pool_block)
+
+
 class DocumentAdapter(abc.ABC):
     """Five primitives over one object store; names are ``state``, ``lock``,
     ``lease`` and the immutable ``FAMILY/LEAF`` documents (:func:`is_document_name`).
@@ -215,7 +238,9 @@ class DocumentAdapter(abc.ABC):
     #: parsing; a network store sets more, as each document is a round trip:
     #: 16,000 documents one after the other on S3 (~20 ms each) would be five
     #: minutes of a replica's start at 100,000 rings. The adapter's client must
-    #: then be safe to call from several threads.
+    #: then be safe to call from several threads, and keep at least
+    #: :data:`HTTP_POOL` connections open (the SDKs keep 10 by default: the
+    #: other reads opened, and closed, a connection each).
     concurrency: ClassVar[int] = 1
 
     def discard(self, name: str) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from keymgr.docstore import HTTP_POOL
 from keymgr.errors import ConfigError
 from keymgr.options import Options
 
@@ -86,6 +87,7 @@ class AWSConnection:
             # "max_attempts" key would count retries only (one more request than asked).
             retries={"mode": "standard", "total_max_attempts": self.max_attempts},
             user_agent_extra="keymgr",
+            max_pool_connections=HTTP_POOL,  # a store reads 16 documents at once
         )
         # botocore reads only AWS_DEFAULT_REGION; the aws CLI v2 and the other
         # SDKs let AWS_REGION win over it, and many runtimes set only that one.

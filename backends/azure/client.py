@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from keymgr.docstore import widen_pools
 from keymgr.errors import ConfigError
 from keymgr.options import Options
 
@@ -417,6 +418,7 @@ class BlobAccess:
 
     def _make(self) -> Any:
         blob_sdk = sdk()
+        from azure.core.pipeline.transport import RequestsTransport  # azure-storage-blob's
         _redact_transport_logs()
         c = self.connection
         credential: Any
@@ -453,6 +455,13 @@ class BlobAccess:
         # by default): a pass would stall for a minute on one lost packet.
         # Capped exponential with jitter, as botocore's standard mode does.
         retry.get_backoff_time = _backoff
+        # azure-core's transport, opened here so that its session keeps as many
+        # connections as a store reads documents at once (its default: 10).
+        transport = RequestsTransport(
+            connection_timeout=c.connect_timeout, read_timeout=c.read_timeout
+        )
+        transport.open()
+        widen_pools(transport.session)
         try:
             return blob_sdk.ContainerClient(
                 endpoint,
@@ -462,6 +471,7 @@ class BlobAccess:
                 connection_timeout=c.connect_timeout,
                 read_timeout=c.read_timeout,
                 user_agent="keymgr",
+                transport=transport,
             )
         except ValueError as e:
             reason = self.scrub(str(e))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from keymgr.docstore import widen_pools
 from keymgr.errors import ConfigError
 from keymgr.options import Options
 
@@ -99,6 +100,9 @@ class GCSConnection:
             project=None, client_options=options, client_info=make_info(user_agent="keymgr")
         )
         client._bucket_metadata_cache = None
+        # The library's AuthorizedSession, made now with its defaults (10
+        # connections): a store reads 16 documents at once.
+        widen_pools(client._http)
         return client
 
 

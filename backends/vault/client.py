@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from keymgr.docstore import HTTP_POOL
 from keymgr.logs import get_logger
 from keymgr.options import Options
 
@@ -481,7 +482,8 @@ def _make_session(s: VaultSettings) -> requests.Session:
             category=InsecureRequestWarning,
         )
         log.warning("vault.tls_verify_disabled", url=s.url)
-    adapter = HTTPAdapter(max_retries=retry)
+    # A store reads 16 documents at once: keep their connections (keymgr.docstore.HTTP_POOL).
+    adapter = HTTPAdapter(max_retries=retry, pool_maxsize=HTTP_POOL)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

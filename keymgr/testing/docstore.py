@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -981,6 +982,41 @@ class SharedStoreTests(StoreTests):
         assert sorted(swept) == [0, 1], swept
         assert listed() == before
         assert harness.store().load()[0] == s
+
+    def test_a_whole_read_keeps_its_connections(self, harness: DocHarness) -> None:
+        """A cold load of a sharded state reads ``concurrency`` documents at a
+        time, and its HTTP client keeps as many connections: none is dropped
+        and the load opens no more than that. With an SDK's default pool of
+        10, the connections of 6 of the 16 reads were dropped as they came
+        back, to be opened again (a TCP and TLS handshake each on a real
+        endpoint). Read from urllib3's log, which every SDK keymgr uses goes
+        through; an adapter without HTTP opens none."""
+        a = harness.store()
+        a.set_shards("on")
+        state = sharded_state(300)  # 64 buckets: 64 shards, 16 read at a time
+        a.commit(state, None)
+        opened: list[str] = []
+        dropped: list[str] = []
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if str(record.msg).startswith("Starting new HTTP"):
+                    opened.append(record.getMessage())
+                elif str(record.msg).startswith("Connection pool is full"):
+                    dropped.append(record.getMessage())
+
+        logger = logging.getLogger("urllib3.connectionpool")
+        handler, level = Watch(), logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        try:
+            reader = harness.store()
+            assert reader.load()[0] == state
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        assert dropped == [], dropped
+        assert len(opened) <= reader.adapter.concurrency + 2, opened  # + head, manifest
 
     def test_what_a_deleted_shard_leaves_is_swept(self, harness: DocHarness) -> None:
         """Whatever a store keeps of a deleted document (a KV tombstone version,
