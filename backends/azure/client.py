@@ -419,6 +419,7 @@ class BlobAccess:
     def _make(self) -> Any:
         blob_sdk = sdk()
         from azure.core.pipeline.transport import RequestsTransport  # azure-storage-blob's
+        from azure.storage.blob._shared.constants import DATA_BLOCK_SIZE
         _redact_transport_logs()
         c = self.connection
         credential: Any
@@ -455,10 +456,14 @@ class BlobAccess:
         # by default): a pass would stall for a minute on one lost packet.
         # Capped exponential with jitter, as botocore's standard mode does.
         retry.get_backoff_time = _backoff
-        # azure-core's transport, opened here so that its session keeps as many
-        # connections as a store reads documents at once (its default: 10).
+        # The transport the SDK would make (its timeouts and block size are
+        # the transport's, not the client's), made and opened here so that its
+        # session keeps as many connections as a store reads documents at once
+        # (its default: 10).
         transport = RequestsTransport(
-            connection_timeout=c.connect_timeout, read_timeout=c.read_timeout
+            connection_timeout=c.connect_timeout,
+            read_timeout=c.read_timeout,
+            connection_data_block_size=DATA_BLOCK_SIZE,
         )
         transport.open()
         widen_pools(transport.session)
@@ -468,8 +473,6 @@ class BlobAccess:
                 self.container,
                 credential=credential,
                 retry_policy=retry,
-                connection_timeout=c.connect_timeout,
-                read_timeout=c.read_timeout,
                 user_agent="keymgr",
                 transport=transport,
             )
