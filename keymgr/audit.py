@@ -33,7 +33,6 @@ pinned by the operator.
 from __future__ import annotations
 
 import abc
-import contextlib
 import hashlib
 import json
 import os
@@ -565,10 +564,7 @@ class AuditLog:
         a view does not). A state that anchors nothing (new, or lost) while
         the log holds events is refused, as the pass's first commit would.
         """
-        if self._missing(state, writing=False) == [] and not state.audit.seq:
-            # ConflictError: another replica's first commit, since the state was read.
-            with contextlib.suppress(ConflictError):
-                self._check_head(state.audit, self._last(drop_torn=True), signed=False)
+        self._missing(state, writing=False)
 
     def _missing(self, state: State, *, writing: bool) -> list[dict[str, Any]] | None:
         """The outbox events the log lacks ([] if none), once every check a
@@ -576,7 +572,9 @@ class AuditLog:
         head (another replica committed since ``state`` was read).
         ``writing``: a file log kept before the store was the record is
         imported first, and a checkpoint on the outbox is verified; without
-        it, nothing is written and such a state is not judged."""
+        it, nothing is written and such a state is not judged, and a state
+        that anchors nothing is checked against the log here (a writer's is
+        refused by :meth:`prepare`)."""
         anchor = state.audit
         outbox = list(anchor.outbox)
         if outbox:
@@ -601,8 +599,9 @@ class AuditLog:
             # Nothing to append. No signature check here: a pass that commits
             # nothing does not need the audit key's backend. A state without
             # an anchor (new, or lost) is refused by prepare, before its first
-            # commit, so that the store's own refusals of a lost state come first.
-            if anchor.seq:
+            # commit, so that the store's own refusals of a lost state come
+            # first; a view has none of those, and refuses it here.
+            if anchor.seq or not writing:
                 try:
                     self._check_head(anchor, last, signed=False)
                 except ConflictError:
