@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import jwt
 import pytest
@@ -127,16 +128,9 @@ def kv_state(bao: Any, path: str, mount: str = "secret") -> dict[str, Any]:
     # read through the store, which checks every shard it names.
     from keymgr.stores import open_store
 
-    saved = {k: os.environ.get(k) for k in ("VAULT_ADDR", "VAULT_TOKEN")}
-    os.environ.update(VAULT_ADDR=bao.addr, VAULT_TOKEN=bao.token)
-    try:
+    # The server's address and token in the environment for the call, restored after.
+    with patch.dict(os.environ, VAULT_ADDR=bao.addr, VAULT_TOKEN=bao.token):
         whole, version = open_store(f"vault://{mount}/{path}").load()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return {"version": version, **whole.to_dict()}
 
 
