@@ -917,17 +917,9 @@ class SharedStoreTests(StoreTests):
         """Shards of a commit that died before its head, listed by ``names``:
         kept while younger than the grace (a commit may be in flight), then
         deleted; nothing a head references is touched."""
-        can_list = harness.factory().names("shards") is not None
         a = harness.store()
-        a.set_shards("on")
-        a.commit(sharded_state(20), None)
-        s, t = a.load()
-        assert t is not None
-        crashed = harness.store()
-        crashed.set_shards("on")
-        crashed.load()
-        crashed.layout.write(bump(s, "tenant-003"), t.number + 1, lambda: None)
-        if not can_list:
+        s, orphans = _orphans_of_a_crashed_commit(harness, a)
+        if orphans is None:
             # An adapter that cannot list never sweeps: the orphans stay
             # (docs/scale.md), and nothing the head references is touched.
             a.layout.grace = 0.0
@@ -944,7 +936,6 @@ class SharedStoreTests(StoreTests):
         assert a.sweep() == 2
         assert harness.store().load()[0] == s
 
-
     def test_a_sweep_goes_on_past_an_orphan_it_cannot_delete(self, harness: DocHarness) -> None:
         """An outage on one orphan (its age or its delete refused) is logged
         and the sweep goes on to the next; the orphan is deleted by a later
@@ -953,23 +944,17 @@ class SharedStoreTests(StoreTests):
             return  # cannot list: nothing is swept (test_sharded_orphans_are_swept_by_listing)
         faulty = harness.faulty()
         a = harness.store(faulty)
-        a.set_shards("on")
-        a.commit(sharded_state(20), None)
-        s, t = a.load()
-        assert t is not None
+        s, left = _orphans_of_a_crashed_commit(harness, a)
+        assert left is not None
+        orphans = sorted(left)
+        assert len(orphans) == 2, orphans
 
         def listed() -> set[str]:
             got = harness.factory().names("shards")
             assert got is not None
             return {n for n, _ in got}
 
-        before = listed()
-        crashed = harness.store()
-        crashed.set_shards("on")
-        crashed.load()
-        crashed.layout.write(bump(s, "tenant-003"), t.number + 1, lambda: None)
-        orphans = sorted(listed() - before)
-        assert len(orphans) == 2, orphans
+        before = listed() - left
         # Whichever the store asks: its age (a listing without times), its delete.
         faulty.fail(f"age:{orphans[0]}", times=1)
         faulty.fail(f"discard:{orphans[0]}", times=1)
@@ -1039,6 +1024,27 @@ class SharedStoreTests(StoreTests):
         listed = harness.factory().names("shards")
         assert listed is not None and name not in {n for n, _ in listed}, listed
         assert harness.store().load()[0] == s
+
+
+def _orphans_of_a_crashed_commit(
+    harness: DocHarness, store: SharedStore
+) -> tuple[State, set[str] | None]:
+    """A sharded state committed through ``store``, then a commit from another
+    process that wrote its documents and died before its head: the state, and
+    the names of what that commit left (None when the adapter cannot list)."""
+    store.set_shards("on")
+    store.commit(sharded_state(20), None)
+    s, t = store.load()
+    assert t is not None
+    before = harness.factory().names("shards")
+    crashed = harness.store()
+    crashed.set_shards("on")
+    crashed.load()
+    crashed.layout.write(bump(s, "tenant-003"), t.number + 1, lambda: None)
+    after = harness.factory().names("shards")
+    if before is None or after is None:
+        return s, None
+    return s, {n for n, _ in after} - {n for n, _ in before}
 
 
 def sharded_state(rings: int) -> State:
