@@ -178,7 +178,10 @@ class Daemon:
         out: dict[str, str] = {}
         state: State | None = None
         try:
-            state = mgr.state()  # read and validated: a refused state is not ready
+            # Read, validated and checked against the audit log: a state the
+            # next pass would refuse (malformed, or put back from an older
+            # copy) is not ready, and is not shown on /metrics.
+            state = mgr.shown_state()
             out["store"] = "ok"
         except KeymgrError as e:
             out["store"] = str(e)

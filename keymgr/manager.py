@@ -302,7 +302,11 @@ class KeyManager:
     def _signing_key(self, ring: str) -> _SignCache:
         if ring not in self.config.policies:
             raise UsageError(f"unknown ring {ring!r}")
-        state = self.state()
+        # shown_state: a state put back from an older copy names as active a
+        # key that was retired since, and may already be out of the JWKS;
+        # its tokens would be rejected. The audit log, read once per cache
+        # rebuild (not per signature), tells.
+        state = self.shown_state()
         key = state.ring(ring).active
         if key is None or key.state != ACTIVE:
             raise KeymgrError(f"ring {ring!r} has no active key; run 'keymgr reconcile'")
@@ -331,6 +335,10 @@ class KeyManager:
         ``issuer``: add ``iss``, the ring's issuer (:meth:`issuer`), when the
         claims have none; claims whose ``iss`` differs from it are refused
         (verifiers reading the issuer's discovery document reject them).
+
+        A state the audit log contradicts (put back from an older copy) is
+        refused, AuditError, when the signer is looked up again: it may name
+        as active a key that was retired since (:meth:`shown_state`).
         """
         if issuer:
             claims = self._with_iss(ring, claims)

@@ -147,9 +147,10 @@ def test_unchanged_world_promotes_on_schedule(rotating: Home) -> None:
 # --------------------------------------------------------------------------- 2. state loss
 
 
-#: The read-only views of the state: each refuses a state the audit log contradicts.
+#: The read-only views of the state, and ``sign``, which reads the active key
+#: from it: each refuses a state the audit log contradicts.
 _VIEWS = (("status",), ("status", "--json"), ("status", "--timeline", "-"), ("plan",),
-          ("plan", "--at", at(T0 + 3 * P)))
+          ("plan", "--at", at(T0 + 3 * P)), ("sign", RING, "--claims", "{}"))
 
 
 def _rotated_twice(home: Home) -> None:

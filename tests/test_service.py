@@ -41,6 +41,7 @@ from tests.test_daemon import (
     Proc,
     audit_events,
     fast_home,
+    get,
     metric,
     scrape,
     wait_for,
@@ -450,6 +451,57 @@ def test_errors_not_ready_and_the_socket_in_use(
     assert metric(m, "keymgr_service_refusals_total", ring="other", code="forbidden") == 1
     rc, _ = d.stop()
     assert rc == 0 and not sock.exists()
+
+
+def test_a_state_put_back_from_an_older_copy_signs_nothing(
+    home: Home, launcher: Launcher, tmp_path: Path
+) -> None:
+    """A state put back from an older copy names as active a key that was
+    retired since: its tokens would be rejected once that key leaves the JWKS.
+    The audit log, which went on past that copy's anchor, tells: sign and the
+    ring's info answer 503 ``not_ready`` with the log's line, /readyz stops
+    answering 200, and the newer state put back ends it. No token is signed
+    by the old key meanwhile."""
+    fast_home(home, rotation_period="1h", publish_ahead="10m")
+    sock = tmp_path / "s.sock"
+    add_service(home, {"default": {"uids": [os.getuid()]}}, socket=str(sock))
+    d = launcher.start(home)
+    d.ready()
+    service_started(d)
+    ok = {"claims": {"sub": "a"}, "ttl": "2s"}
+    status, doc = call(sock, "POST", "/v1/rings/default/sign", ok)
+    assert status == 200, doc
+    old_kid = jwt.get_unverified_header(doc["token"])["kid"]
+    state_file = home.dir / "state.json"
+    older = state_file.read_bytes()
+    rotated = home.run("rotate", "default", "--emergency")
+    assert rotated.returncode == 0, rotated.stderr
+    status, doc = call(sock, "POST", "/v1/rings/default/sign", ok)
+    new_kid = jwt.get_unverified_header(doc["token"])["kid"]
+    assert status == 200 and new_kid != old_kid, doc
+    newer = state_file.read_bytes()
+
+    def put(data: bytes) -> None:
+        tmp = home.dir / "state.put"
+        tmp.write_bytes(data)
+        os.replace(tmp, state_file)
+
+    put(older)
+    try:
+        status, doc = call(sock, "POST", "/v1/rings/default/sign", ok)
+        assert (status, doc["error"]["code"]) == (503, "not_ready"), doc
+        assert "state anchors seq" in doc["error"]["message"], doc
+        status, doc = call(sock, "GET", "/v1/rings/default")
+        assert (status, doc["error"]["code"]) == (503, "not_ready"), doc
+        wait_for(lambda: get(d.port, "/readyz")[0] == 503, 10, "/readyz to refuse")
+        assert "state anchors seq" in get(d.port, "/readyz")[1]
+        assert state_file.read_bytes() == older, "the daemon wrote over the put-back state"
+    finally:
+        put(newer)
+    status, doc = call(sock, "POST", "/v1/rings/default/sign", ok)
+    assert status == 200 and jwt.get_unverified_header(doc["token"])["kid"] == new_kid, doc
+    d.ready()
+    assert state_file.read_bytes() == newer
 
 
 # --------------------------------------------------------------------------- 4. config
