@@ -598,7 +598,7 @@ def test_a_sharded_state_rolled_back_to_an_earlier_head_is_refused(
     """An earlier head of a sharded state put back (its shards are still there,
     so it reads as a sound, older state: before the promotion) is refused in
     one line, because the audit log holds events it does not anchor, by the
-    pass and by ``status`` and ``plan`` alike; no key is destroyed or added,
+    pass, by ``status`` and ``plan``, and by ``sign``; no key is destroyed or added,
     the JWKS are unchanged and the head is left as it was."""
     w = s3_world(request, home) if store == "s3" else vault_world(request, home, monkeypatch)
     text = home.config.read_text()
@@ -625,7 +625,8 @@ def test_a_sharded_state_rolled_back_to_an_earlier_head_is_refused(
     assert w.raw_state() == restored, "the rolled-back head was written over"
     line = w.refused("rotate", RING)
     assert "audit" in line and "anchor" in line, line
-    for view in (("status", "--json"), ("plan",)):  # shown as the truth: refused too
+    # Shown as the truth, or signed with the old active key: refused too.
+    for view in (("status", "--json"), ("plan",), ("sign", RING, "--claims", "{}")):
         line = w.refused(*view)
         assert "state anchors seq" in line, (view, line)
     assert w.raw_state() == restored and w.backend_keys() == backend
