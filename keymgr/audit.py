@@ -441,35 +441,13 @@ class AuditLog:
         key fails here, whatever they did to the state.
         """
         where = self.where
+        if last is not None and (last["seq"] > anchor.seq or not anchor.seq):
+            self._check_past(anchor, last)
         if anchor.seq == 0:
-            if last is not None:
-                now = self.medium.anchored_now()
-                if now is not None and now >= last["seq"]:
-                    # The state was read empty just before another replica's
-                    # first commit (a shared store): not a replaced state.
-                    raise ConflictError(
-                        f"{where}: holds events up to seq {last['seq']}, committed after the "
-                        "state was read (with none): another replica committed; read it again"
-                    )
-                raise AuditError(
-                    f"{where}: holds events up to seq {last['seq']} but the state anchors none "
-                    f"(a new or replaced state); {_FIX}"
-                )
             return
         if last is None or last["seq"] < anchor.seq:
             raise self._mismatch(Tail(0 if last is None else last["seq"], ""), anchor)
         seq = anchor.seq
-        if last["seq"] > seq:
-            now = self.medium.anchored_now()
-            if now is not None and now >= last["seq"]:
-                raise ConflictError(
-                    f"{where}: holds events up to seq {last['seq']}, committed after the state "
-                    f"was read (at seq {seq}): another replica committed; read it again"
-                )
-            raise AuditError(
-                f"{where}: ends at seq {last['seq']} but the state anchors seq {seq}: the lines "
-                f"after it were not committed by keymgr; {_FIX}"
-            )
         if last["hash"] != anchor.hash:
             raise AuditError(
                 f"{where}: the line at seq {seq} has hash {str(last['hash'])[:16]}... but the "
@@ -565,6 +543,32 @@ class AuditLog:
         the log holds events is refused, as the pass's first commit would.
         """
         self._missing(state, writing=False)
+
+    def check_current(self, state: State) -> None:
+        """Raise AuditError when the log holds events past ``state``'s anchor
+        that the store does not anchor now: the state is older than the log
+        (put back from an older copy, or replaced), so the key it names as
+        active may have been retired since. Only that: a log that is missing,
+        behind the state, damaged or rewritten at the anchor is no sign that
+        the state is stale, and is left to the next pass (which refuses to
+        commit on it) and to ``keymgr audit verify``.
+
+        For ``sign`` and the daemon's readiness, where refusing on a damaged
+        log would stop token issuance while the state is right. Reads the
+        log's last line (on a store medium, from the anchor on), and the
+        store's anchor only when the log is ahead; writes nothing.
+        """
+        anchor = state.audit
+        try:
+            last = self.medium.last(anchor.seq, True)
+        except AuditError:  # unreadable or damaged: not evidence of a stale state
+            return
+        if last is None or type(last.get("seq")) is not int or last["seq"] <= anchor.seq:
+            return
+        try:
+            self._check_past(anchor, last)
+        except ConflictError:
+            return  # another replica committed since: the state was current when read
 
     def _missing(self, state: State, *, writing: bool) -> list[dict[str, Any]] | None:
         """The outbox events the log lacks ([] if none), once every check a
@@ -692,6 +696,29 @@ class AuditLog:
             if f in ev and ev[f] != getattr(held, f):
                 return f"{f} {ev[f]!r} differs from the state's {getattr(held, f)!r} for key {kid}"
         return None
+
+    def _check_past(self, anchor: AuditAnchor, last: dict[str, Any]) -> None:
+        """``last``, the log's last line, is past the anchor: ConflictError when
+        the store anchors it now (another replica committed since the state was
+        read: read it again), else AuditError (the state is older than the log:
+        put back from an older copy, replaced, or lines were added)."""
+        where, seq = self.where, anchor.seq
+        now = self.medium.anchored_now()
+        if now is not None and now >= last["seq"]:
+            read = f"at seq {seq}" if seq else "with none"
+            raise ConflictError(
+                f"{where}: holds events up to seq {last['seq']}, committed after the state "
+                f"was read ({read}): another replica committed; read it again"
+            )
+        if not seq:
+            raise AuditError(
+                f"{where}: holds events up to seq {last['seq']} but the state anchors none "
+                f"(a new or replaced state); {_FIX}"
+            )
+        raise AuditError(
+            f"{where}: ends at seq {last['seq']} but the state anchors seq {seq}: the lines "
+            f"after it were not committed by keymgr; {_FIX}"
+        )
 
     def _mismatch(self, t: Tail, anchor: AuditAnchor) -> AuditError:
         return AuditError(

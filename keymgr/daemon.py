@@ -178,10 +178,11 @@ class Daemon:
         out: dict[str, str] = {}
         state: State | None = None
         try:
-            # Read, validated and checked against the audit log: a state the
-            # next pass would refuse (malformed, or put back from an older
-            # copy) is not ready, and is not shown on /metrics.
-            state = mgr.shown_state()
+            # Read, validated and checked against the audit log's end: a
+            # malformed state, or one older than the log (put back from an
+            # older copy), is not ready and is not shown on /metrics. A
+            # damaged log alone is left to the pass (which then fails).
+            state = mgr.current_state()
             out["store"] = "ok"
         except KeymgrError as e:
             out["store"] = str(e)

@@ -107,6 +107,19 @@ class KeyManager:
         self.audit.check_agrees(state)
         return state
 
+    def current_state(self) -> State:
+        """The state as ``sign`` and the daemon's readiness use it: :meth:`state`,
+        refused (AuditError, one line) when the audit log holds events past its
+        anchor that the store does not anchor: a state older than the log (put
+        back from an older copy) names as active a key that may have been
+        retired since, and verifiers may already reject its tokens. A log that
+        is missing, behind or damaged is not such a sign: the state is right,
+        tokens go on, and the next pass refuses to commit on that log
+        (keymgr.audit.AuditLog.check_current). Nothing is written."""
+        state = self.state()
+        self.audit.check_current(state)
+        return state
+
     # -- reconcile -----------------------------------------------------------
 
     def reconcile(self, now: datetime | None = None) -> PassResult:
@@ -302,11 +315,11 @@ class KeyManager:
     def _signing_key(self, ring: str) -> _SignCache:
         if ring not in self.config.policies:
             raise UsageError(f"unknown ring {ring!r}")
-        # shown_state: a state put back from an older copy names as active a
-        # key that was retired since, and may already be out of the JWKS;
-        # its tokens would be rejected. The audit log, read once per cache
-        # rebuild (not per signature), tells.
-        state = self.shown_state()
+        # current_state: a state put back from an older copy names as active
+        # a key that was retired since, and may already be out of the JWKS;
+        # its tokens would be rejected. The audit log's last line, read once
+        # per cache rebuild (not per signature), tells.
+        state = self.current_state()
         key = state.ring(ring).active
         if key is None or key.state != ACTIVE:
             raise KeymgrError(f"ring {ring!r} has no active key; run 'keymgr reconcile'")
@@ -336,9 +349,9 @@ class KeyManager:
         claims have none; claims whose ``iss`` differs from it are refused
         (verifiers reading the issuer's discovery document reject them).
 
-        A state the audit log contradicts (put back from an older copy) is
+        A state older than the audit log (put back from an older copy) is
         refused, AuditError, when the signer is looked up again: it may name
-        as active a key that was retired since (:meth:`shown_state`).
+        as active a key that was retired since (:meth:`current_state`).
         """
         if issuer:
             claims = self._with_iss(ring, claims)

@@ -661,7 +661,7 @@ class SigningService:
         manager = host.manager
         loop = asyncio.get_running_loop()
         try:
-            state = await loop.run_in_executor(self._pool, manager.shown_state)
+            state = await loop.run_in_executor(self._pool, manager.current_state)
         except KeymgrError as e:
             raise _Refused("not_ready", f"ring {ring!r} is not ready: {e}") from None
         key = state.ring(ring).active

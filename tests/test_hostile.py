@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from jwcrypto import jwk as jw_jwk
+from jwcrypto import jwt as jw_jwt
 
 from tests.conftest import T0, Home
 
@@ -243,6 +244,43 @@ def test_views_show_a_state_whose_events_the_log_does_not_hold_yet(home: Home) -
     reconcile(home, T0 + P - A + SEC)
     assert log.read_bytes().startswith(b"".join(lines))
     assert home.run("audit", "verify", inproc=True).returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "edited", "garbage"])
+def test_sign_goes_on_when_only_the_log_is_lost_or_damaged(home: Home, damage: str) -> None:
+    """The other side of sign's check: a log that is missing, cut short or
+    damaged is no sign that the state is stale (events past its anchor are).
+    The state is right, so tokens go on, signed by the active key (checked by
+    jwcrypto against the JWKS), while the pass and ``status`` refuse to go on
+    with that log; nothing is written."""
+    _rotated_twice(home)
+    active = keys(home, "active")[0]["kid"]
+    log = home.dir / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    if damage == "deleted":
+        log.unlink()
+    elif damage == "truncated":  # more than the state's outbox holds (that is repaired)
+        log.write_bytes(b"".join(lines[: -len(home.state()["audit"]["outbox"]) - 2]))
+    elif damage == "edited":
+        last = json.loads(lines[-1])
+        last["ts"] = "2001-01-01T00:00:00Z"
+        log.write_bytes(b"".join(lines[:-1]) + json.dumps(last).encode() + b"\n")
+    else:
+        log.write_bytes(b"".join(lines) + b"not an event\n")
+    files = sorted(p for p in home.dir.rglob("*") if p.is_file())
+    kept = {p: p.read_bytes() for p in files}
+
+    proc = home.run("sign", RING, "--claims", '{"sub": "a"}', inproc=True)
+    assert proc.returncode == 0, proc.stderr
+    token = jw_jwt.JWT(jwt=proc.stdout.strip(), key=jw_jwk.JWKSet.from_json(
+        home.jwks_path.read_text()), algs=["ES256"])  # fmt: skip
+    assert json.loads(token.header)["kid"] == active
+    assert json.loads(token.claims) == {"sub": "a"}
+    line = one_error_line(reconcile(home, T0 + 2 * P + SEC, ok=False))
+    assert str(log) in line, line
+    assert home.run("status", inproc=True).returncode == 1
+    assert sorted(p for p in home.dir.rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == data for p, data in kept.items()), "something was written"
 
 
 def test_lost_state_with_no_audit_log_names_ring_count_and_adopt(home: Home) -> None:
