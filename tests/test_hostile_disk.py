@@ -1,0 +1,125 @@
+"""A full disk, on a real filesystem: a tmpfs of 1 MiB holding the whole
+embedded default (state, key files, audit log, JWKS), filled up to a few
+pages from the top while rings rotate.
+
+Every write keymgr makes then fails wherever the disk runs out: a pass must
+stop in one line (exit 1, no traceback), lose no key and leave no temp file,
+``sign`` must go on with the active key (it writes nothing), and once space
+is freed the passes must repair what the full disk interrupted (a key
+generated but not recorded is adopted by its intent) and rotate on, with the
+audit chain intact. tmpfs counts space in pages, so each free-page count
+makes the disk run out at other writes.
+
+Mounting needs root (CAP_SYS_ADMIN); CI runs as root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from jwcrypto import jwk as jw_jwk
+from jwcrypto import jwt as jw_jwt
+
+from tests.conftest import T0, Home, shard_state
+from tests.test_hostile import at, one_error_line
+
+PAGE = 4096
+#: Passes every 12 hours: the disk is full for the first FULL_PASSES (past the
+#: first rotation's publish and promote), then freed for the rest (two more).
+STEP, FULL_PASSES, PASSES = timedelta(hours=12), 64, 180
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted at tmp_path/disk, unmounted afterwards."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(where)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(disk: Path, leave_pages: int) -> Path:
+    """Fill ``disk`` up, then give back ``leave_pages`` pages."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(PAGE))
+    except OSError as e:
+        assert e.errno == 28, e  # ENOSPC
+    finally:
+        os.close(fd)
+    os.truncate(filler, max(0, filler.stat().st_size - leave_pages * PAGE))
+    return filler
+
+
+def verify(home: Home, token: str) -> str:
+    """The kid of ``token`` once jwcrypto verifies it against the JWKS file."""
+    keys = jw_jwk.JWKSet.from_json(home.jwks_path.read_text())
+    checked = jw_jwt.JWT(jwt=token, key=keys, algs=["ES256"])
+    return str(json.loads(checked.header)["kid"])
+
+
+@pytest.mark.parametrize("free_pages", [0, 1, 2])
+def test_a_full_disk_stops_passes_in_one_line_and_loses_nothing(
+    small_disk: Path, free_pages: int
+) -> None:
+    home = Home(small_disk / "keymgr")
+    init = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(home.dir)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    shard_state(home.config)
+    assert home.run("reconcile", "--at", at(T0), inproc=True).returncode == 0
+    filler = fill(small_disk, free_pages)
+
+    refused, signers = 0, set()
+    for i in range(1, PASSES + 1):
+        if i == FULL_PASSES:
+            filler.unlink()
+        proc = home.run("reconcile", "--at", at(T0 + i * STEP), inproc=True)
+        if proc.returncode != 0:
+            assert i < FULL_PASSES, f"pass {i}, with space again: {proc.stderr}"
+            line = one_error_line(proc.stderr)
+            assert proc.returncode == 1 and "No space left on device" in line, line
+            refused += 1
+        signed = home.run("sign", "default", "--claims", '{"sub": "a"}', inproc=True)
+        assert signed.returncode == 0, f"pass {i}: {signed.stderr}"
+        signers.add(verify(home, signed.stdout.strip()))
+    if free_pages < 2:  # 2 pages hold every write of a pass
+        assert refused > 0, "the disk never ran out: the test proved nothing"
+
+    assert home.run("audit", "verify", inproc=True).returncode == 0
+    assert home.run("status", inproc=True).returncode == 0
+    leftovers = [p for p in home.dir.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, leftovers
+    ring = home.state()["rings"]["default"]
+    destroyed = [k["kid"] for k in ring["keys"] if k["state"] == "destroyed"]
+    live = [k["kid"] for k in ring["keys"] if k["state"] != "destroyed"]
+    assert len(signers) >= 3 and len(destroyed) >= 2, ring["keys"]  # rotations went on
+    key_files = {p.stem for p in (home.dir / "keys").rglob("*.key")}
+    assert set(live) <= key_files, "a key of the state lost its file"
+    assert not key_files & set(destroyed), "a destroyed key kept its file"
+    events = [json.loads(ln)["event"] for ln in (home.dir / "audit.jsonl").read_text().splitlines()]
+    if free_pages == 1:
+        # The successor's key file took the last page; recording it did not
+        # fit. Once space was freed, the pass adopted it by its intent.
+        assert "key.adopted" in events, events
+    served = {k["kid"] for k in home.jwks()["keys"]}
+    assert ring["keys"][-1]["kid"] in served
