@@ -47,6 +47,7 @@ from keymgr import checkpoint
 from keymgr.checkpoint import CKPT_FIELDS, KEY_EVENT, AuditKey, Checkpointer
 from keymgr.errors import AuditError, ConflictError, StateError
 from keymgr.faults import crashpoint
+from keymgr.fsutil import write_all
 from keymgr.jose import b64url_decode
 from keymgr.logs import get_logger
 from keymgr.model import (
@@ -318,9 +319,9 @@ class FileMedium(Medium):
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 half = len(data) // 2
-                os.write(fd, data[:half])
+                write_all(fd, data[:half])
                 crashpoint("audit.mid_append")
-                os.write(fd, data[half:])
+                write_all(fd, data[half:])
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -66,6 +66,17 @@ def _create_temp(dir_fd: int, name: str, mode: int) -> tuple[str, int]:
     raise FileExistsError(f"no free temp file name for {name} after {_TMP_ATTEMPTS} attempts")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``. ``os.write`` may write less than it is
+    given and say so only by its count: on a disk that fills up, the first
+    call writes what fits and the next raises ENOSPC. Ignoring the count
+    would leave a short file (or a torn audit line) behind a call that
+    returned as if it had written everything."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, exclusive: bool = False) -> None:
     """Replace ``path`` with ``data``; with ``exclusive``, never replace an existing file."""
     dir_fd = os.open(path.parent, _DIR_FLAGS)
@@ -74,10 +85,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, exclusive: bool 
         try:
             try:
                 os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask masked off
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 from pathlib import Path
 
 from keymgr.errors import ConfigError, KeymgrError
+from keymgr.fsutil import write_all
 
 CONFIG_TEMPLATE = """\
 # keymgr configuration: see docs/configuration/index.md.
@@ -47,21 +49,31 @@ def init(directory: str) -> list[str]:
             raise ConfigError(f"{p}: already exists; refusing to overwrite it")
     # O_EXCL|O_NOFOLLOW: never through a file or symlink planted at either name.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    made: list[Path] = []
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd = os.open(key, flags, 0o600)
+        made.append(key)
         try:
             os.fchmod(fd, 0o600)  # exactly 0600: the backend refuses a key others can read
-            os.write(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+            write_all(fd, base64.b64encode(secrets.token_bytes(32)) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
         fd = os.open(cfg, flags, 0o644)
+        made.append(cfg)
         try:
-            os.write(fd, CONFIG_TEMPLATE.encode())
+            write_all(fd, CONFIG_TEMPLATE.encode())
+            os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
+        # What this call created goes (a short master key or config, from a
+        # full disk): the next init, once the cause is fixed, finds nothing
+        # in its way. Nothing else is touched.
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.unlink()
         raise KeymgrError(f"{directory}: cannot write: {e.strerror}") from None
     return [
         f"wrote {cfg}",

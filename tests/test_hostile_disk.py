@@ -1,6 +1,7 @@
 """A full disk, on a real filesystem: a tmpfs of 1 MiB holding the whole
-embedded default (state, key files, audit log, JWKS), filled up to a few
-pages from the top while rings rotate.
+embedded default (state, key files, audit log, JWKS), or only the audit log
+(as ``/var/log`` on a partition of its own), filled up to a few pages from
+the top while rings rotate; and ``keymgr init`` on a full disk.
 
 Every write keymgr makes then fails wherever the disk runs out: a pass must
 stop in one line (exit 1, no traceback), lose no key and leave no temp file,
@@ -123,3 +124,81 @@ def test_a_full_disk_stops_passes_in_one_line_and_loses_nothing(
         assert "key.adopted" in events, events
     served = {k["kid"] for k in home.jwks()["keys"]}
     assert ring["keys"][-1]["kid"] in served
+
+
+def test_a_full_audit_log_disk_stops_transitions_until_every_event_is_written(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """Only the audit log's filesystem is full. An append that does not fit
+    used to write what fit and return as if it had written everything (a
+    torn line, exit 0, nobody told). Now the pass that cannot append fails
+    in one line; its events stay in the state's outbox, and no pass makes
+    a transition it cannot record until space is freed; then the next pass
+    writes them, and the chain holds exactly one line per event."""
+    home = Home(tmp_path / "keymgr")
+    init = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(home.dir)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    shard_state(home.config)
+    log = small_disk / "audit.jsonl"
+    text = home.config.read_text()
+    assert 'audit_log = "audit.jsonl"' in text
+    home.config.write_text(text.replace('audit_log = "audit.jsonl"', f'audit_log = "{log}"'))
+    assert home.run("reconcile", "--at", at(T0), inproc=True).returncode == 0
+    filler = fill(small_disk, 0)
+
+    # The log's first page has room for the first rotation's events but not
+    # for the destruction of the first key (day 38): full for 60 days.
+    refused, state_then, full_until = 0, None, 120
+    for i in range(1, PASSES + 1):
+        if i == full_until:
+            filler.unlink()
+        proc = home.run("reconcile", "--at", at(T0 + i * STEP), inproc=True)
+        if proc.returncode != 0:
+            assert i < full_until, f"pass {i}, with space again: {proc.stderr}"
+            line = one_error_line(proc.stderr)
+            assert f"audit log {log}: cannot append: No space left on device" in line, line
+            refused += 1
+            if state_then is None:  # the commit whose events did not fit
+                state_then = home.state()
+            else:
+                assert home.state() == state_then, f"pass {i} made a transition it cannot record"
+        signed = home.run("sign", "default", "--claims", "{}", inproc=True)
+        assert signed.returncode == 0, f"pass {i}: {signed.stderr}"
+        verify(home, signed.stdout.strip())
+    assert refused > 1, "the log's disk never ran out: the test proved nothing"
+
+    assert home.run("audit", "verify", inproc=True).returncode == 0
+    data = log.read_bytes()
+    assert data.endswith(b"\n")
+    seqs = [json.loads(ln)["seq"] for ln in data.splitlines()]
+    assert seqs == list(range(1, home.state()["audit"]["seq"] + 1))
+    ring = home.state()["rings"]["default"]
+    assert len([k for k in ring["keys"] if k["state"] == "destroyed"]) >= 2
+
+
+def test_init_on_a_full_disk_leaves_nothing_behind(small_disk: Path) -> None:
+    """``keymgr init`` that cannot write its master key or config says so in
+    one line, exit 1, and removes what it created (a short master key, which
+    the next init would refuse to overwrite); once space is freed it works."""
+    target = small_disk / "keymgr"
+    target.mkdir()
+    filler = fill(small_disk, 0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(target)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc
+    line = one_error_line(proc.stderr)
+    assert line == f"keymgr: error: {target}: cannot write: No space left on device", line
+    assert list(target.iterdir()) == []
+    filler.unlink()
+    home = Home(target)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(target)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert home.run("reconcile", "--at", at(T0), inproc=True).returncode == 0
