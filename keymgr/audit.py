@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from keymgr import checkpoint
 from keymgr.checkpoint import CKPT_FIELDS, KEY_EVENT, AuditKey, Checkpointer
-from keymgr.errors import AuditError, ConflictError, StateError
+from keymgr.errors import AuditError, AuditIOError, ConflictError, StateError
 from keymgr.faults import crashpoint
 from keymgr.fsutil import write_all
 from keymgr.jose import b64url_decode
@@ -287,7 +287,7 @@ class FileMedium(Medium):
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise AuditError(f"{self.where}: cannot read: {e.strerror}") from None
+            raise AuditIOError(f"{self.where}: cannot read: {e.strerror}") from None
         if not data.endswith(b"\n") and drop_torn:
             lines = lines[:-1]
             if not lines:
@@ -310,7 +310,7 @@ class FileMedium(Medium):
         except FileNotFoundError:
             return
         except OSError as e:
-            raise AuditError(f"{self.where}: cannot read: {e.strerror}") from None
+            raise AuditIOError(f"{self.where}: cannot read: {e.strerror}") from None
 
     def append(self, events: list[dict[str, Any]]) -> None:
         data = b"".join(encode_line(ev) for ev in events)
@@ -326,7 +326,7 @@ class FileMedium(Medium):
             finally:
                 os.close(fd)
         except OSError as e:
-            raise AuditError(f"{self.where}: cannot append: {e.strerror}") from None
+            raise AuditIOError(f"{self.where}: cannot append: {e.strerror}") from None
 
     def repair(self) -> None:
         """Cut a final line without newline: only our own interrupted append makes one."""

@@ -37,7 +37,7 @@ from typing import Any
 
 from keymgr import malloc, sdnotify
 from keymgr.config import Config, load_config
-from keymgr.errors import AuditError, KeymgrError
+from keymgr.errors import AuditError, AuditIOError, KeymgrError
 from keymgr.lease import Lease, supports_lease
 from keymgr.logs import get_logger
 from keymgr.manager import KeyManager
@@ -244,7 +244,7 @@ class Daemon:
             except KeymgrError as e:
                 self.last_error = str(e)
                 self.metrics.reconciles.labels("failed").inc()
-                if isinstance(e, AuditError):
+                if _failed_audit_check(e):
                     self.metrics.audit_verify_failures.inc()
                 log.error("reconcile.failed", error=str(e))
                 return
@@ -399,7 +399,7 @@ class Daemon:
             with mgr.store.exclusive():
                 mgr.reconciler.record([{"ts": utcnow(), **event}])
         except KeymgrError as e:
-            if isinstance(e, AuditError):
+            if _failed_audit_check(e):
                 self.metrics.audit_verify_failures.inc()
             log.error("audit.failed", audit_event=event.get("event"), error=str(e))
 
@@ -610,3 +610,11 @@ def run(cfg: Config) -> int:
     # One ``*_created`` series per counter child doubles the scrape for no use here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     return Daemon(cfg).run()
+
+
+def _failed_audit_check(e: KeymgrError) -> bool:
+    """An audit error that counts as a failed check (the log does not match
+    the state, a checkpoint does not verify): possible tampering, alerted as
+    KeymgrAuditVerifyFailing. A log that cannot be read or written (a full
+    disk) fails the pass too, and is alerted as such, not as tampering."""
+    return isinstance(e, AuditError) and not isinstance(e, AuditIOError)

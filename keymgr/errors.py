@@ -55,5 +55,12 @@ class AuditError(KeymgrError):
     """The audit log is damaged or does not match the anchor in state."""
 
 
+class AuditIOError(AuditError):
+    """The audit log could not be read or appended to (a full disk, a
+    permission, an I/O error): no transition is made without its record, but
+    it is not evidence that the log was tampered with, and is not counted as
+    a failed audit check (``keymgr_audit_verify_failures_total``)."""
+
+
 class KeyIntegrityError(BackendError):
     """A stored key failed authentication (tampered file or wrong master key)."""

@@ -205,7 +205,8 @@ class Metrics:
         self.audit_verify_failures = Counter(
             "keymgr_audit_verify_failures",
             "Audit checks that failed: the log's tail does not match the head anchored "
-            "in state, the outbox does not chain, or a signed checkpoint does not verify",
+            "in state, the outbox does not chain, or a signed checkpoint does not verify "
+            "(not a log that cannot be read or written: those fail the pass)",
             registry=r,
         )
         self.edge_up = Gauge(

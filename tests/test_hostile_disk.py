@@ -29,6 +29,7 @@ from jwcrypto import jwk as jw_jwk
 from jwcrypto import jwt as jw_jwt
 
 from tests.conftest import T0, Home, shard_state
+from tests.test_daemon import Launcher, fast_home, metric, scrape, set_daemon, wait_for
 from tests.test_hostile import at, one_error_line
 
 PAGE = 4096
@@ -202,3 +203,42 @@ def test_init_on_a_full_disk_leaves_nothing_behind(small_disk: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert home.run("reconcile", "--at", at(T0), inproc=True).returncode == 0
+
+
+def test_a_daemon_whose_audit_log_fills_up_keeps_running_and_catches_up(
+    home: Home, launcher: Launcher, small_disk: Path
+) -> None:
+    """``keymgr run`` rotating every 6 s while the audit log's filesystem
+    fills up: every pass that cannot append fails in one log line, no
+    transition happens without its record, and this is not counted as a
+    failed audit check (no tampering alert: the pass failures alert). Once
+    space is freed the daemon catches up by itself and the chain verifies."""
+    fast_home(home)
+    log = small_disk / "audit.jsonl"
+    set_daemon(home, audit_log=str(log))
+    d = launcher.start(home)
+    d.ready()
+    wait_for(lambda: log.exists() and log.stat().st_size > 0, 10, "the first events")
+    filler = fill(small_disk, 0)
+
+    def append_failures() -> list[dict[str, object]]:
+        return [ln for ln in d.events("reconcile.failed")
+                if "cannot append: No space left on device" in str(ln.get("error"))]  # fmt: skip
+
+    wait_for(lambda: d.alive_or_fail() and len(append_failures()) >= 3, 60,
+             "passes refused for the full log")  # fmt: skip
+    seq = home.state()["audit"]["seq"]
+    wait_for(lambda: len(append_failures()) >= 6, 30, "more refused passes")
+    assert home.state()["audit"]["seq"] == seq, "a transition was made without its record"
+    m = scrape(d.port)
+    assert ("keymgr_audit_verify_failures_total", ()) in m
+    assert metric(m, "keymgr_audit_verify_failures_total") == 0
+    assert metric(m, "keymgr_reconciles_total", result="failed") >= 6
+
+    filler.unlink()
+    wait_for(lambda: d.alive_or_fail() and home.state()["audit"]["seq"] > seq + 2, 30,
+             "transitions again")  # fmt: skip
+    rc, _ = d.stop()
+    assert rc == 0
+    assert home.run("audit", "verify", inproc=True).returncode == 0
+    assert log.read_bytes().endswith(b"\n")
