@@ -36,6 +36,13 @@ class PublishError(KeymgrError):
     """A publisher could not write or confirm a JWKS document."""
 
 
+class NotADocument(PublishError):
+    """The target holds something keymgr never writes there: a symlink, a
+    FIFO, a device or a directory at a file's name, or more than
+    ``keymgr.publishers.MAX_DOCUMENT`` bytes. It is not read; a publish
+    writes the document over it."""
+
+
 class StoreError(KeymgrError):
     """The state store could not be read or written."""
 

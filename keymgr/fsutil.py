@@ -15,9 +15,11 @@ symlink replaces the link, never the file it points to.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 from keymgr.faults import crashpoint
@@ -64,6 +66,52 @@ def _create_temp(dir_fd: int, name: str, mode: int) -> tuple[str, int]:
         except FileExistsError:
             continue  # something sits at that name (planted?): never reuse it, draw again
     raise FileExistsError(f"no free temp file name for {name} after {_TMP_ATTEMPTS} attempts")
+
+
+#: Opening a file to read what keymgr wrote there: never through a symlink
+#: planted at its name, and never blocking on a FIFO planted there.
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+class NotAFile(ValueError):
+    """What sits at a path keymgr reads back is not a regular file it could
+    have written (a symlink, a FIFO, a device, a directory), or is larger
+    than anything it writes there. The message says which."""
+
+
+def read_regular(path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file at ``path`` (None when there is none).
+
+    For files keymgr wrote and reads back, in a directory others may write
+    to (a JWKS directory): a symlink there is not followed (keymgr replaces
+    its files, it never writes through a link), a FIFO is not waited on
+    (reading one would hang the pass for good), and a file over ``limit``
+    bytes is not read into memory. Each raises :class:`NotAFile`; other
+    failures are the OSError they are.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotAFile("is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"is not a regular file (mode {stat.filemode(st.st_mode)})")
+        if st.st_size > limit:
+            raise NotAFile(f"holds {st.st_size} bytes, more than the {limit} keymgr writes at most")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew since the stat
+        raise NotAFile(f"holds more than the {limit} bytes keymgr writes at most")
+    return data
 
 
 def write_all(fd: int, data: bytes) -> None:

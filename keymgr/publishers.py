@@ -24,8 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
-from keymgr.errors import PublishError
+from keymgr.errors import NotADocument, PublishError
 from keymgr.faults import crashpoint
+from keymgr.fsutil import NotAFile, read_regular
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,40 @@ class Served:
 
 #: The ``cache_control`` value that asks keymgr to derive the header (AutoCacheControl).
 AUTO = "auto"
+
+#: The largest document keymgr writes to a target, and so the most it reads
+#: back from one: a target holding more (planted there, or a runaway object)
+#: is refused unread, not loaded into memory every pass. 256 MiB is far over
+#: any JWKS (100,000 rings of three RSA-3072 keys on one publisher: ~180 MB);
+#: a document over it is refused before it is written.
+MAX_DOCUMENT = 256 << 20
+
+
+def check_size(where: str, size: int | None) -> None:
+    """NotADocument (a PublishError) when a target holds more than
+    :data:`MAX_DOCUMENT` bytes (``size`` as the target reports it, before
+    its body is read)."""
+    if size is not None and size > MAX_DOCUMENT:
+        raise NotADocument(
+            f"{where}: the target holds {size} bytes, more than the {MAX_DOCUMENT} keymgr "
+            "writes at most: not read (replaced by the next publish)"
+        )
+
+
+def read_file(where: str, path: Path) -> bytes | None:
+    """A file publisher's :meth:`Publisher.read` of ``path``: its bytes, None
+    when missing; PublishError, one line, when it cannot be read, and
+    NotADocument when it is not a regular file of at most
+    :data:`MAX_DOCUMENT` bytes (keymgr.fsutil.read_regular).
+    Such a target counts as unreadable: continuity restarts, and the next
+    publish replaces it (atomically: a planted symlink or FIFO is replaced,
+    never written through)."""
+    try:
+        return read_regular(path, MAX_DOCUMENT)
+    except NotAFile as e:
+        raise NotADocument(f"{where}: {path} {e}") from None
+    except OSError as e:
+        raise PublishError(f"{where}: cannot read {path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -182,9 +217,22 @@ class Publisher(abc.ABC):
         An unchanged target is not written again, unless ``force`` (an
         earlier write was never confirmed and may still land after this one).
         """
+        if len(data) > MAX_DOCUMENT:
+            raise PublishError(
+                f"{self.where}: the document would be {len(data)} bytes, more than the "
+                f"{MAX_DOCUMENT} keymgr writes at most: spread the rings over more publishers"
+            )
         want = Served(data, self.headers_for(data))
-        if not force and self.fetch() == want:
-            return False
+        if not force:
+            try:
+                served = self.fetch()
+            except NotADocument:
+                # Not a document keymgr wrote (a planted FIFO or symlink, an
+                # oversized object): written over, then read back. Any other
+                # failure to read is raised as it is.
+                served = None
+            if served == want:
+                return False
         self.write(data)
         crashpoint("publish.after_write")
         got = self.fetch()

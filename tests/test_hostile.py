@@ -13,7 +13,9 @@ tests/test_hostile_stores.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,40 @@ def test_deleted_jwks_also_restarts_the_wait(rotating: Home) -> None:
     out = reconcile(home, T0 + P + SEC)
     assert "jwks.published" in out and "key.promoted" not in out
     assert "key.promoted" in reconcile(home, T0 + P + SEC + A)
+
+
+@pytest.mark.parametrize("plant", ["fifo", "symlink", "device"])
+def test_a_fifo_or_link_planted_at_the_jwks_is_replaced_never_read(
+    rotating: Home, plant: str, tmp_path: Path
+) -> None:
+    """Whoever can write to the JWKS directory plants a FIFO at the JWKS
+    name (reading it would hang the pass, and every pass after it), a
+    symlink to a file elsewhere, or one to a device that never ends
+    (/dev/zero). The pass reads none of them: the target counts as
+    unreadable, the document is written over it (a regular file again) and
+    the successor waits A from that confirmation, as after a revert."""
+    home = rotating
+    successor = keys(home, "published")[0]["kid"]
+    home.jwks_path.unlink()
+    if plant == "fifo":
+        os.mkfifo(home.jwks_path)
+    elif plant == "symlink":
+        elsewhere = tmp_path / "elsewhere.json"
+        elsewhere.write_bytes(home.before)  # type: ignore[attr-defined]
+        home.jwks_path.symlink_to(elsewhere)
+    else:
+        home.jwks_path.symlink_to("/dev/zero")
+
+    # A real process with a deadline: a pass that blocks fails the test.
+    proc = home.run("reconcile", "--at", at(T0 + P + SEC), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "jwks.published" in proc.stdout and "key.promoted" not in proc.stdout, proc.stdout
+    assert stat.S_ISREG(home.jwks_path.lstat().st_mode)
+    assert successor in served_kids(home.jwks_path)
+    if plant == "symlink":
+        assert elsewhere.read_bytes() == home.before, "written through the link"  # type: ignore[attr-defined]
+    assert "key.promoted" not in reconcile(home, T0 + P + A)
+    assert f"key.promoted ring={RING} kid={successor}" in reconcile(home, T0 + P + SEC + A)
 
 
 def test_publisher_added_mid_rotation_waits_A_from_its_first_confirmation(

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from keymgr.errors import PublishError
 from keymgr.options import Options
-from keymgr.publishers import Publisher, Served
+from keymgr.publishers import Publisher, Served, check_size
 
 from .client import (
     AWS_CONNECTION_OPTIONS,
@@ -104,6 +104,11 @@ class S3Publisher(LazyS3, Publisher):
         client = self.client
         try:
             resp = client.get_object(Bucket=self.bucket, Key=self.key)
+            try:
+                check_size(self.where, resp.get("ContentLength"))
+            except PublishError:
+                resp["Body"].close()
+                raise
             data: bytes = resp["Body"].read()
         except aws_errors() as e:
             if aws_error_code(e) in MISSING_CODES:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from keymgr.errors import PublishError
 from keymgr.options import Options
-from keymgr.publishers import Publisher, Served
+from keymgr.publishers import Publisher, Served, check_size
 
 from .client import (
     CONNECTION_OPTIONS,
@@ -88,6 +88,7 @@ class AzureBlobPublisher(Publisher):
         attempts = Attempts()
         try:
             download = self.access.handle(self.blob).download_blob(retry_hook=attempts)
+            check_size(self.where, download.properties.size)
             data: bytes = download.readall()
         except azure_errors() as e:
             if error_code(e) == "BlobNotFound":

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from keymgr.errors import PublishError
 from keymgr.options import Options
-from keymgr.publishers import Publisher, Served
+from keymgr.publishers import Publisher, Served, check_size
 
 from .client import (
     GCS_CONNECTION_OPTIONS,
@@ -91,6 +91,7 @@ class GCSPublisher(LazyGCS, Publisher):
                 raise self._error("objects.get", e) from None
             if meta is None:
                 return None
+            check_size(self.where, meta.size)
             pinned = bucket.blob(self.object_name, generation=meta.generation)
             try:
                 data: bytes = self.call(

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from keymgr.errors import PublishError
 from keymgr.fsutil import atomic_write
 from keymgr.options import Options
-from keymgr.publishers import Publisher
+from keymgr.publishers import Publisher, read_file
 
 
 class FilePublisher(Publisher):
@@ -84,14 +84,7 @@ class FilePublisher(Publisher):
         return f"publisher {self.name}" + ("" if what is None else f": {what} {self.path}")
 
     def read(self) -> bytes | None:
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise PublishError(
-                f"publisher {self.name}: cannot read {self.path}: {e.strerror}"
-            ) from None
+        return read_file(self.where, self.path)
 
     def write(self, data: bytes) -> None:
         try:

@@ -58,9 +58,16 @@ from typing import Any, ClassVar
 
 import pytest
 
-from keymgr import jose
+from keymgr import jose, publishers
 from keymgr.backend import Backend
-from keymgr.errors import BackendError, ConfigError, ConflictError, KeyNotFoundError, StoreError
+from keymgr.errors import (
+    BackendError,
+    ConfigError,
+    ConflictError,
+    KeyNotFoundError,
+    PublishError,
+    StoreError,
+)
 from keymgr.model import Intent, State
 from keymgr.publishers import Publisher, Served
 from keymgr.stores import StateStore
@@ -520,6 +527,27 @@ class PublisherTests:
         assert got is not None and got.body == other
         assert publisher.publish(meant) is True
         assert publisher.fetch() == Served(meant, publisher.headers())
+
+    def test_a_target_larger_than_any_document_is_refused_unread(
+        self, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A target holding more than keymgr ever writes there (planted, or a
+        runaway object) must not be loaded into memory at every pass: ``read``
+        and ``fetch`` raise PublishError, one line naming the publisher,
+        before reading the body (``keymgr.publishers.check_size`` with the
+        size the target reports, or ``read_file`` for a local file). The next
+        publish writes the document over it. :data:`~keymgr.publishers.MAX_DOCUMENT`
+        is lowered here; read it when called, not at import."""
+        big, small = sample_jwks(9, size=20), sample_jwks(10)
+        publisher.write(big)
+        monkeypatch.setattr(publishers, "MAX_DOCUMENT", len(big) - 1)
+        for call in (publisher.read, publisher.fetch):
+            with pytest.raises(PublishError) as info:
+                call()
+            message = str(info.value)
+            assert message.startswith(publisher.where) and "\n" not in message, message
+        assert publisher.publish(small) is True
+        assert publisher.fetch() == Served(small, publisher.headers_for(small))
 
     def test_where_names_the_publisher(self, publisher: Publisher) -> None:
         """Every publish error starts with ``where``: it must name the config table

@@ -46,7 +46,7 @@ from keymgr.errors import (
 )
 from keymgr.model import State
 from keymgr.options import Options
-from keymgr.publishers import Publisher
+from keymgr.publishers import Publisher, check_size
 from keymgr.stores import StateStore
 
 __all__ = ["MemoryBackend", "MemoryPublisher", "MemoryStore"]
@@ -383,6 +383,8 @@ class MemoryPublisher(Publisher):
                 self._show(waiting.data)
             else:
                 waiting.reads_left -= 1
+        if self._body is not None:
+            check_size(self.where, len(self._body))  # as a store reports its object's size
         return self._body
 
     def write(self, data: bytes) -> None:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from keymgr.errors import PublishError
 from keymgr.fsutil import atomic_write
 from keymgr.options import Options
-from keymgr.publishers import Publisher
+from keymgr.publishers import Publisher, read_file
 
 OPTIONS = ("cache_control", "mode", "path", "type")
 
@@ -57,22 +57,20 @@ class GzipFilePublisher(Publisher):
     def paths(self) -> dict[str, Path]:
         return {"path": self.path, "path.gz": self.gz}
 
-    def _read(self, path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise PublishError(f"{self.where}: cannot read {path}: {e.strerror}") from None
-
     def read(self) -> bytes | None:
-        body, packed = self._read(self.path), self._read(self.gz)
+        # keymgr's reader: a symlink, FIFO or oversized file planted at
+        # either name is a one-line PublishError, never followed or waited on.
+        body, packed = read_file(self.where, self.path), read_file(self.where, self.gz)
         if body is None or packed is None:
             return None
+        # At most one byte more than the body: a .gz that inflates further
+        # (a gzip bomb) is not the body, and is never inflated whole.
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            return body if gzip.decompress(packed) == body else None
-        except (OSError, EOFError, zlib.error):  # not gzip at all
+            plain = inflate.decompress(packed, len(body) + 1)
+        except zlib.error:  # not gzip at all
             return None
+        return body if plain == body and inflate.eof else None
 
     def write(self, data: bytes) -> None:
         try:
