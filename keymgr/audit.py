@@ -66,6 +66,7 @@ from keymgr.timefmt import format_time, parse_time, utcnow
 
 if TYPE_CHECKING:
     from keymgr.config import Config
+    from keymgr.stores import StateStore
 
 GENESIS = "0" * 64
 #: Fields written first, for people reading the JSON lines.
@@ -200,6 +201,9 @@ class Medium(abc.ABC):
 
     #: For messages: ``audit log PATH`` or ``audit store URL.audit``.
     where: str
+    #: Reads the seq the stored state anchors now (``anchored_now``), when
+    #: the log was opened for a state store (AuditLog.for_config).
+    anchored: Callable[[], int] | None = None
 
     def at(self, n: int) -> str:
         """Where event ``n`` is, for messages."""
@@ -223,9 +227,11 @@ class Medium(abc.ABC):
         """The seq the state *now* anchors, read again from where the state is
         (None: not known to the medium). A store shared by replicas that
         commit without waiting for each other (a lost pass lock) can hold
-        events beyond the state read a moment ago: this tells a stale read
-        from events nobody committed."""
-        return None
+        events beyond the state read a moment ago, and so can any log read
+        without the pass lock (``sign``, ``status``, a heartbeat) while a
+        pass commits and appends: this tells a stale read from events nobody
+        committed."""
+        return self.anchored() if self.anchored is not None else None
 
     def repair(self) -> None:
         """Remove what an interrupted append of ours left (a file's torn last line).
@@ -379,7 +385,7 @@ class AuditLog:
         return not isinstance(self.medium, FileMedium)
 
     @classmethod
-    def for_config(cls, config: Config, store: object = None) -> AuditLog:
+    def for_config(cls, config: Config, store: StateStore | None = None) -> AuditLog:
         """The audit log ``config`` describes, signing with its ``[audit]``: the
         shared state store's (``store``) when it is the record
         (keymgr.auditstore.record_in_store), else the ``[daemon] audit_log`` file."""
@@ -393,7 +399,12 @@ class AuditLog:
 
             if record_in_store(config, store):
                 return store_log(config, store, cp)
-        return cls(config.daemon.audit_log, cp)
+        log_ = cls(config.daemon.audit_log, cp)
+        if store is not None:
+            # A log read without the pass lock can be ahead of a state read a
+            # moment before (a pass committed, then appended): the store says.
+            log_.medium.anchored = lambda: int(store.load()[0].audit.seq)
+        return log_
 
     # -- reading ----------------------------------------------------------
 

@@ -117,12 +117,7 @@ class StoreMedium(Medium):
         self.prefetch = max(1, prefetch)
         #: Read no event beyond this one (``bounded``).
         self.stop = stop
-        #: The seq the stored state anchors now (``anchored_now``), when known.
-        self.anchored: Callable[[], int] | None = None
         self.where = f"audit store {adapter.describe('audit')}"
-
-    def anchored_now(self) -> int | None:
-        return self.anchored() if self.anchored is not None else None
 
     def bounded(self, seq: int) -> StoreMedium:
         """This medium read up to event ``seq`` only: a check at an anchor read

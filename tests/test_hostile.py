@@ -257,6 +257,29 @@ def test_a_state_put_back_from_an_older_copy_is_refused_by_every_view(home: Home
     assert now == kept, "a view or the refused pass wrote something"
 
 
+def test_a_state_read_just_before_another_process_commits_is_not_refused(home: Home) -> None:
+    """``sign``, ``status`` and the daemon's heartbeat read the state, then
+    the log's end, without the pass lock: a pass of another process may
+    commit and append in between, leaving the log ahead of the state just
+    read. That is no rollback (the store anchors those events now), and no
+    refusal; a state put back is still refused, as the store anchors less."""
+    from keymgr.errors import AuditError
+    from keymgr.manager import KeyManager
+
+    reconcile(home, T0)
+    older = (home.dir / "state.json").read_bytes()
+    m = KeyManager.from_config(home.config)
+    read_before = m.state()
+    assert "key.published" in reconcile(home, T0 + P - A)  # another process
+    m.audit.check_current(read_before)
+    m.audit.check_agrees(read_before)
+    (home.dir / "state.json").write_bytes(older)
+    with pytest.raises(AuditError, match="state anchors seq"):
+        m.audit.check_current(m.state())
+    with pytest.raises(AuditError, match="state anchors seq"):
+        m.audit.check_agrees(m.state())
+
+
 def test_views_show_a_state_whose_events_the_log_does_not_hold_yet(home: Home) -> None:
     """The other side: a crash between the state commit and the log append
     leaves the log behind the anchor, with the missing events in the state's
