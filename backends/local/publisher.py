@@ -84,7 +84,7 @@ class FilePublisher(Publisher):
         return f"publisher {self.name}" + ("" if what is None else f": {what} {self.path}")
 
     def read(self) -> bytes | None:
-        return read_file(self.where, self.path)
+        return read_file(f"publisher {self.name}", self.path)  # the path follows
 
     def write(self, data: bytes) -> None:
         try:

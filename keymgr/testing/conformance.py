@@ -533,8 +533,8 @@ class PublisherTests:
     ) -> None:
         """A target holding more than keymgr ever writes there (planted, or a
         runaway object) must not be loaded into memory at every pass: ``read``
-        and ``fetch`` raise PublishError, one line naming the publisher,
-        before reading the body (``keymgr.publishers.check_size`` with the
+        and ``fetch`` raise PublishError (NotADocument), one line naming the
+        publisher, before reading the body (``keymgr.publishers.check_size`` with the
         size the target reports, or ``read_file`` for a local file). The next
         publish writes the document over it. :data:`~keymgr.publishers.MAX_DOCUMENT`
         is lowered here; read it when called, not at import."""
@@ -545,7 +545,7 @@ class PublisherTests:
             with pytest.raises(PublishError) as info:
                 call()
             message = str(info.value)
-            assert message.startswith(publisher.where) and "\n" not in message, message
+            assert publisher.name in message and "\n" not in message, message
         assert publisher.publish(small) is True
         assert publisher.fetch() == Served(small, publisher.headers_for(small))
 
