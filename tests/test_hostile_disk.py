@@ -70,6 +70,35 @@ def fill(disk: Path, leave_pages: int) -> Path:
     return filler
 
 
+def init_home(directory: Path) -> Home:
+    """``keymgr init --dir DIRECTORY`` as a new user runs it (its state
+    sharded when ``KEYMGR_TEST_SHARDS`` says so)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(directory)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    home = Home(directory)
+    shard_state(home.config)
+    return home
+
+
+def rotate_through(home: Home, filler: Path, full_until: int) -> Iterator[tuple[int, str | None]]:
+    """A pass every STEP, PASSES of them, the disk full until pass
+    ``full_until`` (then ``filler`` goes): yields each pass's number and its
+    one error line (None when it passed, exit 1 otherwise). No pass may fail
+    once space is freed."""
+    for i in range(1, PASSES + 1):
+        if i == full_until:
+            filler.unlink()
+        proc = home.run("reconcile", "--at", at(T0 + i * STEP), inproc=True)
+        line = None
+        if proc.returncode != 0:
+            assert i < full_until and proc.returncode == 1, f"pass {i}: {proc.stderr}"
+            line = one_error_line(proc.stderr)
+        yield i, line
+
+
 def verify(home: Home, token: str) -> str:
     """The kid of ``token`` once jwcrypto verifies it against the JWKS file."""
     keys = jw_jwk.JWKSet.from_json(home.jwks_path.read_text())
@@ -81,25 +110,14 @@ def verify(home: Home, token: str) -> str:
 def test_a_full_disk_stops_passes_in_one_line_and_loses_nothing(
     small_disk: Path, free_pages: int
 ) -> None:
-    home = Home(small_disk / "keymgr")
-    init = subprocess.run(
-        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(home.dir)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert init.returncode == 0, init.stderr
-    shard_state(home.config)
+    home = init_home(small_disk / "keymgr")
     assert home.run("reconcile", "--at", at(T0), inproc=True).returncode == 0
     filler = fill(small_disk, free_pages)
 
     refused, signers = 0, set()
-    for i in range(1, PASSES + 1):
-        if i == FULL_PASSES:
-            filler.unlink()
-        proc = home.run("reconcile", "--at", at(T0 + i * STEP), inproc=True)
-        if proc.returncode != 0:
-            assert i < FULL_PASSES, f"pass {i}, with space again: {proc.stderr}"
-            line = one_error_line(proc.stderr)
-            assert proc.returncode == 1 and "No space left on device" in line, line
+    for i, line in rotate_through(home, filler, FULL_PASSES):
+        if line is not None:
+            assert "No space left on device" in line, line
             refused += 1
         signed = home.run("sign", "default", "--claims", '{"sub": "a"}', inproc=True)
         assert signed.returncode == 0, f"pass {i}: {signed.stderr}"
@@ -136,13 +154,7 @@ def test_a_full_audit_log_disk_stops_transitions_until_every_event_is_written(
     in one line; its events stay in the state's outbox, and no pass makes
     a transition it cannot record until space is freed; then the next pass
     writes them, and the chain holds exactly one line per event."""
-    home = Home(tmp_path / "keymgr")
-    init = subprocess.run(
-        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(home.dir)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert init.returncode == 0, init.stderr
-    shard_state(home.config)
+    home = init_home(tmp_path / "keymgr")
     log = small_disk / "audit.jsonl"
     text = home.config.read_text()
     assert 'audit_log = "audit.jsonl"' in text
@@ -152,14 +164,9 @@ def test_a_full_audit_log_disk_stops_transitions_until_every_event_is_written(
 
     # The log's first page has room for the first rotation's events but not
     # for the destruction of the first key (day 38): full for 60 days.
-    refused, state_then, full_until = 0, None, 120
-    for i in range(1, PASSES + 1):
-        if i == full_until:
-            filler.unlink()
-        proc = home.run("reconcile", "--at", at(T0 + i * STEP), inproc=True)
-        if proc.returncode != 0:
-            assert i < full_until, f"pass {i}, with space again: {proc.stderr}"
-            line = one_error_line(proc.stderr)
+    refused, state_then = 0, None
+    for i, line in rotate_through(home, filler, 120):
+        if line is not None:
             assert f"audit log {log}: cannot append: No space left on device" in line, line
             refused += 1
             if state_then is None:  # the commit whose events did not fit
@@ -196,12 +203,7 @@ def test_init_on_a_full_disk_leaves_nothing_behind(small_disk: Path) -> None:
     assert line == f"keymgr: error: {target}: cannot write: No space left on device", line
     assert list(target.iterdir()) == []
     filler.unlink()
-    home = Home(target)
-    proc = subprocess.run(
-        [sys.executable, "-m", "keymgr.cli", "init", "--dir", str(target)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    home = init_home(target)
     assert home.run("reconcile", "--at", at(T0), inproc=True).returncode == 0
 
 

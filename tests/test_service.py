@@ -115,6 +115,15 @@ def add_service(home: Home, rings: dict[str, dict[str, Any]], **fields: Any) -> 
     home.config.write_text(text + "\n".join(lines) + "\n")
 
 
+def serve_default(home: Home, launcher: Launcher, sock: Path) -> Proc:
+    """``keymgr run`` serving ring ``default`` to this uid on ``sock``, ready."""
+    add_service(home, {"default": {"uids": [os.getuid()]}}, socket=str(sock))
+    d = launcher.start(home)
+    d.ready()
+    service_started(d)
+    return d
+
+
 def service_started(d: Proc, n: int = 1) -> dict[str, Any]:
     lines = wait_for(lambda: d.alive_or_fail() and len(d.events("service.started")) >= n and
                      d.events("service.started"), 20, f"service.started line #{n}")
@@ -391,10 +400,7 @@ def test_errors_not_ready_and_the_socket_in_use(
                                                              "[keyrings.other]")
     home.config.write_text(text + "\n" + other)
     sock = tmp_path / "s.sock"
-    add_service(home, {"default": {"uids": [os.getuid()]}}, socket=str(sock))
-    d = launcher.start(home)
-    d.ready()
-    service_started(d)
+    d = serve_default(home, launcher, sock)
 
     ok = {"claims": {"sub": "a"}, "ttl": "2s"}
     status, doc = call(sock, "POST", "/v1/rings/default/sign", ok)
@@ -464,10 +470,7 @@ def test_a_state_put_back_from_an_older_copy_signs_nothing(
     by the old key meanwhile."""
     fast_home(home, rotation_period="1h", publish_ahead="10m")
     sock = tmp_path / "s.sock"
-    add_service(home, {"default": {"uids": [os.getuid()]}}, socket=str(sock))
-    d = launcher.start(home)
-    d.ready()
-    service_started(d)
+    d = serve_default(home, launcher, sock)
     ok = {"claims": {"sub": "a"}, "ttl": "2s"}
     status, doc = call(sock, "POST", "/v1/rings/default/sign", ok)
     assert status == 200, doc
