@@ -728,8 +728,9 @@ class AuditLog:
                 f"(a new or replaced state); {_FIX}"
             )
         raise AuditError(
-            f"{where}: ends at seq {last['seq']} but the state anchors seq {seq}: the lines "
-            f"after it were not committed by keymgr; {_FIX}"
+            f"{where}: ends at seq {last['seq']} but the state anchors seq {seq}: the state "
+            "is older than the log (put back from an older copy?), or the lines after it "
+            f"were not committed by keymgr; {_FIX}"
         )
 
     def _mismatch(self, t: Tail, anchor: AuditAnchor) -> AuditError:
