@@ -32,7 +32,9 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +381,38 @@ def test_daemon_start_warns_and_runs(home: Home) -> None:
         proc.terminate()
         rc = proc.wait(timeout=30)
     assert rc == 0
+
+
+def test_the_migration_check_runs_again_while_the_jwks_target_is_blocked(home: Home) -> None:
+    """The soak's ``config check`` after an algorithm switch (for its migration
+    warning), when the switch falls inside the ``block`` fault: the check
+    rightly refuses the JWKS path that is a file, and must run again once the
+    fault is over (it lasts at most 1.2 P) rather than record no warning. A
+    real ``keymgr config check`` on a real home, the directory put back by a
+    timer 1.5 s in."""
+    from benchmarks.soak.migrate import Migrator
+
+    home.run("reconcile", check=True, inproc=True)
+    d = home.jwks_path.parent
+    hidden = d.with_name(d.name + ".hidden")
+    d.rename(hidden)
+    d.write_text("publish target made unwritable\n")
+
+    def restore() -> None:
+        d.unlink()
+        hidden.rename(d)
+
+    m = Migrator.__new__(Migrator)  # only what config_check uses
+    m.home = types.SimpleNamespace(cli=home.run)  # type: ignore[assignment]
+    m.s = types.SimpleNamespace(period=5)  # type: ignore[assignment]
+    m.stop_ev = threading.Event()
+    blocked = home.run("config", "check")
+    assert blocked.returncode == 2 and "is not a directory" in blocked.stderr, blocked.stderr
+    timer = threading.Timer(1.5, restore)
+    timer.start()
+    try:
+        check, tries = m.config_check()
+    finally:
+        timer.join()
+    assert check.returncode == 0, check.stderr
+    assert tries > 1
