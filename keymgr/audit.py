@@ -394,16 +394,16 @@ class AuditLog:
             if config.audit is not None
             else None
         )
-        if store is not None:
-            from keymgr.auditstore import record_in_store, store_log
+        if store is None:
+            return cls(config.daemon.audit_log, cp)
+        from keymgr.auditstore import record_in_store, store_log
 
-            if record_in_store(config, store):
-                return store_log(config, store, cp)
-        log_ = cls(config.daemon.audit_log, cp)
-        if store is not None:
-            # A log read without the pass lock can be ahead of a state read a
-            # moment before (a pass committed, then appended): the store says.
-            log_.medium.anchored = lambda: int(store.load()[0].audit.seq)
+        kept = record_in_store(config, store)
+        log_ = store_log(config, store, cp) if kept else cls(config.daemon.audit_log, cp)
+        # Either medium: a log read without the pass lock (or by a replica)
+        # can be ahead of a state read a moment before; the store says whether
+        # it anchors those events now (Medium.anchored_now).
+        log_.medium.anchored = lambda: int(store.load()[0].audit.seq)
         return log_
 
     # -- reading ----------------------------------------------------------
@@ -575,7 +575,7 @@ class AuditLog:
             last = self.medium.last(anchor.seq, True)
         except AuditError:  # unreadable or damaged: not evidence of a stale state
             return
-        if last is None or type(last.get("seq")) is not int or last["seq"] <= anchor.seq:
+        if last is None or last["seq"] <= anchor.seq:  # an event: its seq is an int
             return
         try:
             self._check_past(anchor, last)

@@ -97,7 +97,6 @@ def store_log(config: Config, store: Any, checkpoints: Checkpointer | None) -> A
     """The audit log of ``config`` kept in ``store`` (a SharedStore), with its
     ``audit_log`` as a mirror when set, and as the file a first start imports."""
     medium = StoreMedium(store.adapter)
-    medium.anchored = lambda: int(store.load()[0].audit.seq)
     log_ = AuditLog(config.daemon.audit_log, checkpoints, medium)
     if config.daemon.audit_log_set:
         log_.mirror = Mirror(config.daemon.audit_log, medium)

@@ -84,7 +84,8 @@ class FilePublisher(Publisher):
         return f"publisher {self.name}" + ("" if what is None else f": {what} {self.path}")
 
     def read(self) -> bytes | None:
-        return read_file(f"publisher {self.name}", self.path)  # the path follows
+        # Not self.where: a sibling's names its path, which read_file's errors add.
+        return read_file(f"publisher {self.name}", self.path)
 
     def write(self, data: bytes) -> None:
         try:
