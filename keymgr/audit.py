@@ -47,7 +47,7 @@ from keymgr import checkpoint
 from keymgr.checkpoint import CKPT_FIELDS, KEY_EVENT, AuditKey, Checkpointer
 from keymgr.errors import AuditError, AuditIOError, ConflictError, StateError
 from keymgr.faults import crashpoint
-from keymgr.fsutil import write_all
+from keymgr.fsutil import NotAFile, open_append, open_regular, write_all
 from keymgr.jose import b64url_decode
 from keymgr.logs import get_logger
 from keymgr.model import (
@@ -271,7 +271,7 @@ class FileMedium(Medium):
         however long the log grows.
         """
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
                 if size == 0:
@@ -292,6 +292,8 @@ class FileMedium(Medium):
                     block *= 2
         except FileNotFoundError:
             return None
+        except NotAFile as e:
+            raise self._not_a_file(e) from None
         except OSError as e:
             raise AuditIOError(f"{self.where}: cannot read: {e.strerror}") from None
         if not data.endswith(b"\n") and drop_torn:
@@ -309,12 +311,14 @@ class FileMedium(Medium):
 
     def lines(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 for n, line in enumerate(f, 1):
                     if n >= start:
                         yield n, line
         except FileNotFoundError:
             return
+        except NotAFile as e:
+            raise self._not_a_file(e) from None
         except OSError as e:
             raise AuditIOError(f"{self.where}: cannot read: {e.strerror}") from None
 
@@ -322,7 +326,7 @@ class FileMedium(Medium):
         data = b"".join(encode_line(ev) for ev in events)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = open_append(self.path, 0o640)
             try:
                 half = len(data) // 2
                 write_all(fd, data[:half])
@@ -331,13 +335,21 @@ class FileMedium(Medium):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        except NotAFile as e:
+            raise self._not_a_file(e) from None
         except OSError as e:
             raise AuditIOError(f"{self.where}: cannot append: {e.strerror}") from None
+
+    def _not_a_file(self, e: NotAFile) -> AuditError:
+        """Something planted at the log's name (a FIFO, a device, a directory):
+        an AuditError, which the daemon counts as possible tampering, not an
+        AuditIOError (a disk that is full or unreadable)."""
+        return AuditError(f"{self.where}: {e}; keymgr only ever appends to a regular file")
 
     def repair(self) -> None:
         """Cut a final line without newline: only our own interrupted append makes one."""
         try:
-            with open(self.path, "rb+") as f:
+            with open_regular(self.path, update=True) as f:
                 data = f.read()
                 if data and not data.endswith(b"\n"):
                     cut = data.rfind(b"\n") + 1
@@ -346,6 +358,8 @@ class FileMedium(Medium):
                     os.fsync(f.fileno())
         except FileNotFoundError:
             return
+        except NotAFile as e:
+            raise self._not_a_file(e) from None
 
 
 class AuditLog:

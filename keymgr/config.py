@@ -22,6 +22,7 @@ from keymgr.backend import Backend
 from keymgr.discovery import ISSUER_OPTIONS, Discovery, IssuerOptions, issuer_options
 from keymgr.discovery import configure as configure_issuers
 from keymgr.errors import ConfigError
+from keymgr.fsutil import NotAFile, read_file
 from keymgr.jose import ALGORITHMS
 from keymgr.model import gc_paused
 from keymgr.planner import Policy
@@ -217,11 +218,13 @@ def parse_toml(text: str) -> dict[str, Any]:
 def load_config(path: Path | str) -> Config:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_file(path)
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: config file not found (run 'keymgr init' to create one)"
         ) from None
+    except NotAFile as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     try:

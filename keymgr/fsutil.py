@@ -21,6 +21,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from keymgr.faults import crashpoint
 
@@ -112,6 +113,61 @@ def read_regular(path: Path, limit: int) -> bytes | None:
     if len(data) > limit:  # grew since the stat
         raise NotAFile(f"holds more than the {limit} bytes keymgr writes at most")
     return data
+
+
+#: Opening a file keymgr keeps (its state, its audit log, a key file, its
+#: config): never blocking on a FIFO planted there. Symlinks are followed.
+_NO_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _regular(fd: int) -> int:
+    """``fd`` once it is known to be a regular file, in blocking mode again
+    (which changes nothing for a regular file); closed and NotAFile if not."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"is not a regular file (mode {stat.filemode(st.st_mode)})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: Path, *, update: bool = False) -> BinaryIO:
+    """``open(path, "rb")`` (``"rb+"`` with ``update``) for a file keymgr
+    keeps, refusing with :class:`NotAFile` what is not a regular file,
+    without waiting on it.
+
+    Nothing read from storage is trusted, what sits at a name included: a
+    FIFO planted at the state, the audit log, a key file or the config would
+    hang every pass for good (``open`` waits for a writer), and a link to
+    ``/dev/zero`` would be read until memory runs out. Symlinks are followed,
+    since a Kubernetes ConfigMap or Secret mounts its files as links; what
+    they lead to must be a regular file too. FileNotFoundError and other
+    failures are the OSError they are.
+    """
+    fd = _regular(os.open(path, (os.O_RDWR if update else os.O_RDONLY) | _NO_WAIT))
+    return os.fdopen(fd, "rb+" if update else "rb")
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of the regular file at ``path`` (:func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def open_append(path: Path, mode: int) -> int:
+    """A descriptor appending to the regular file at ``path``, created with
+    ``mode`` if missing; NotAFile for anything else, without waiting on it
+    (opening a FIFO to write waits for a reader: with O_NONBLOCK it fails)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NO_WAIT, mode)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise NotAFile("is not a regular file (a FIFO)") from None
+        raise
+    return _regular(fd)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -56,6 +56,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from keymgr.errors import ConfigError
+from keymgr.fsutil import NotAFile, read_file
 from keymgr.logs import get_logger
 from keymgr.options import Options
 from keymgr.timefmt import parse_duration
@@ -294,7 +295,9 @@ def _secret(opts: Options) -> bytes:
     if problem is not None:
         raise opts.err("secret_file", f"{path}: {problem}")
     try:
-        value = path.read_bytes().strip()
+        value = read_file(path).strip()
+    except NotAFile as e:
+        raise opts.err("secret_file", f"{path}: {e}") from None
     except OSError as e:
         raise opts.err("secret_file", f"cannot read {path} ({e.strerror or e})") from None
     if not value:

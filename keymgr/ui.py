@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from keymgr import timeline
 from keymgr.audit import AuditLog
 from keymgr.errors import AuditError, KeymgrError
+from keymgr.fsutil import NotAFile, open_regular
 from keymgr.model import DESTROYED, State
 from keymgr.planner import Plan
 from keymgr.timefmt import format_duration, format_time, utcnow
@@ -272,7 +273,7 @@ class _Prefix(AuditLog):
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 left, n = self.size, 0
                 while left > 0:
                     line = f.readline(left)
@@ -285,6 +286,8 @@ class _Prefix(AuditLog):
                     yield n, line
         except FileNotFoundError:
             return
+        except NotAFile as e:
+            raise AuditError(f"audit log {self.path}: {e}") from None
         except OSError as e:
             raise AuditError(f"audit log {self.path}: cannot read: {e.strerror}") from None
 

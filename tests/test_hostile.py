@@ -543,6 +543,144 @@ def test_malformed_state_is_one_line_and_exit_1(home: Home, edit: Any, words: st
     assert (home.dir / "state.json").read_bytes() == raw
 
 
+#: What each command does when something is planted at one of keymgr's own
+#: files: the exit code, and the words of its one line (None: it goes on,
+#: because it does not need that file, or, for sign and the audit log, on
+#: purpose: a damaged log stops the passes, not token issuance).
+_PLANTED: dict[str, dict[str, tuple[int, str | None]]] = {
+    "state": {c: (1, "state.json: cannot read: is not a regular file")
+              for c in ("reconcile", "status", "sign")},
+    "audit log": {
+        "reconcile": (1, "audit.jsonl: is not a regular file"),
+        "status": (1, "audit.jsonl: is not a regular file"),
+        "sign": (0, None),
+    },
+    "key file": {
+        "reconcile": (0, None),
+        "status": (0, None),
+        "sign": (1, "is not a regular file"),
+    },
+    "config": {c: (2, "keymgr.toml: cannot read config: is not a regular file")
+               for c in ("reconcile", "status", "sign")},
+}
+
+
+@pytest.mark.parametrize("plant", ["fifo", "device", "directory"])
+@pytest.mark.parametrize("target", list(_PLANTED))
+def test_what_is_planted_at_keymgrs_own_files_is_refused_never_waited_on(
+    home: Home, target: str, plant: str
+) -> None:
+    """Whoever can write to keymgr's directories replaces its state, its
+    audit log, a key file or its config by a FIFO (opening one to read waits
+    for a writer: every pass, and the daemon with it, would hang for good),
+    a link to a device that never ends (/dev/zero, read until memory runs
+    out) or a directory. Each command that needs the file refuses it in one
+    line, at once, naming it; nothing is written; with the file put back,
+    everything works as before."""
+    reconcile(home, T0)
+    path = {
+        "state": home.dir / "state.json",
+        "audit log": home.dir / "audit.jsonl",
+        "key file": next((home.dir / "keys").rglob("*.key")),
+        "config": home.config,
+    }[target]
+    kept = path.read_bytes()
+    before = home.files()
+    path.unlink()
+    if plant == "fifo":
+        os.mkfifo(path)
+    elif plant == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    commands = {
+        "reconcile": ("reconcile", "--at", at(T0 + SEC)),
+        "status": ("status",),
+        "sign": ("sign", RING, "--claims", "{}"),
+    }
+    for name, (code, words) in _PLANTED[target].items():
+        # A real process with a deadline: one that waits fails the test.
+        proc = home.run(*commands[name], timeout=30)
+        assert proc.returncode == code, (name, proc.stdout, proc.stderr)
+        if words is not None:
+            line = one_error_line(proc.stderr)
+            assert words in line and path.name in line, (name, line)
+    if plant == "directory":
+        path.rmdir()
+    else:
+        path.unlink()
+    path.write_bytes(kept)
+    assert home.files() == before, "something was written while the file was planted"
+    assert home.run("status", inproc=True).returncode == 0
+    token = home.run("sign", RING, "--claims", "{}", inproc=True, check=True).stdout.strip()
+    jw_jwt.JWT(jwt=token, key=jw_jwk.JWKSet.from_json(home.jwks_path.read_text()))
+    assert reconcile(home, T0 + P - A).count("key.published") == 1
+
+
+def test_a_daemon_whose_state_becomes_a_fifo_keeps_running_and_recovers(
+    home: Home, launcher: Any
+) -> None:
+    """``keymgr run`` while a FIFO replaces its state: before, the next pass
+    opened it and waited for a writer, for good (no pass, no heartbeat, no
+    alert but silence). Now each pass fails in one log line naming the
+    state, /readyz says why while /healthz stays up (restarting would not
+    help), and once the state is put back the daemon goes on by itself."""
+    from tests.test_daemon import fast_home, get, wait_for
+
+    fast_home(home)
+    d = launcher.start(home)
+    d.ready()
+    state = home.dir / "state.json"
+    kept = state.read_bytes()
+    state.unlink()
+    os.mkfifo(state)
+
+    words = "state.json: cannot read: is not a regular file"
+
+    def refused() -> list[dict[str, Any]]:
+        return [ln for ln in d.events("reconcile.failed") if words in str(ln.get("error"))]
+
+    wait_for(lambda: d.alive_or_fail() and len(refused()) >= 2, 30, "passes refusing the FIFO")
+    code, body = get(d.port, "/readyz")
+    assert code == 503 and "is not a regular file" in body, body
+    assert get(d.port, "/healthz")[0] == 200
+    state.unlink()
+    state.write_bytes(kept)
+    d.ready(timeout=30)
+    rc, _ = d.stop()
+    assert rc == 0
+    assert home.run("audit", "verify", inproc=True).returncode == 0
+
+
+def test_a_fifo_at_the_lease_or_a_shard_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """The daemon's lease file and the shards of a sharded file state, each
+    replaced by a FIFO: the read fails at once, in one line naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from keymgr.backends.local.store import FileStore
+
+    from keymgr.errors import StoreError
+    from keymgr.model import Ring, State
+
+    path = tmp_path / "state.json"
+    store = FileStore(path, shards="on")
+    os.mkfifo(path.with_name("state.json.lease"))
+    store.commit(State(rings={RING: Ring(RING)}), 0)
+    shard = next(p for p in path.with_name("state.json.shards").iterdir()
+                 if not p.name.startswith("m-"))  # fmt: skip
+    shard.unlink()
+    os.mkfifo(shard)
+    pool = ThreadPoolExecutor(2)  # a call that waits fails the test instead of hanging it
+    try:
+        for call, words in ((store.read_lease, "state.json.lease: unreadable (is not a regular"),
+                            (FileStore(path).load, f"{shard.name}: is not a regular file")):
+            with pytest.raises(StoreError) as err:
+                pool.submit(call).result(timeout=20)
+            assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- 5. backends
 
 

@@ -1076,6 +1076,30 @@ def test_token_file_is_reread_when_the_token_is_refused(vault_env, tmp_path):
     assert msg == "backend vault (vault-transit): check: HTTP 403: permission denied", msg
 
 
+def test_a_token_file_replaced_by_a_fifo_is_refused_not_waited_on(vault_env, tmp_path):
+    """The token file (a Vault Agent sink) replaced by a FIFO: reading it
+    would wait for a writer, and every call of the daemon with it. The call
+    fails at once, in one line naming the file."""
+    tf = tmp_path / "token"
+    os.mkfifo(tf)
+    b = backend(vault_env, token_file=str(tf))
+    done: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            b.check()
+        except BaseException as e:
+            done.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the token file was waited on"
+    assert len(done) == 1 and isinstance(done[0], BackendError), done
+    msg = str(done[0])
+    assert f"cannot read token file {tf} (is not a regular file" in msg and "\n" not in msg, msg
+
+
 class _TokenReviewAPI(BaseHTTPRequestHandler):
     """The one Kubernetes API call OpenBao's kubernetes auth makes: a TokenReview.
 

@@ -35,7 +35,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keymgr import jose
 from keymgr.backend import Backend, GeneratedKey, Signer
 from keymgr.errors import BackendError, ConfigError, KeyIntegrityError, KeyNotFoundError
-from keymgr.fsutil import TMP_SUFFIX, atomic_write, dir_problem, fsync_dir, is_temp_of
+from keymgr.fsutil import (
+    TMP_SUFFIX,
+    NotAFile,
+    atomic_write,
+    dir_problem,
+    fsync_dir,
+    is_temp_of,
+    read_file,
+)
 from keymgr.options import Options
 
 MASTER_KEY_ENV = "KEYMGR_MASTER_KEY"
@@ -280,11 +288,13 @@ class FileBackend(Backend):
                 return cached
             path = self._key_path(ring, kid)
             try:
-                raw = path.read_bytes()
+                raw = read_file(path)
             except FileNotFoundError:
                 raise KeyNotFoundError(
                     f"backends.{self.name}: key {ring}/{kid} not found ({path})"
                 ) from None
+            except NotAFile as e:
+                raise BackendError(f"backends.{self.name}: key file {path}: {e}") from None
             except OSError as e:
                 raise BackendError(
                     f"backends.{self.name}: cannot read key file {path} ({e.strerror or e})"
@@ -373,7 +383,7 @@ class FileBackend(Backend):
         self._check_name("ring name", ring)
         self._check_name("kid", kid)
         try:
-            doc = json.loads(self._key_path(ring, kid).read_bytes())
+            doc = json.loads(read_file(self._key_path(ring, kid)))
         except (OSError, ValueError):
             return None
         intent = doc.get("intent") if isinstance(doc, dict) else None

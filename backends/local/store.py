@@ -30,7 +30,7 @@ from keymgr.docstore import (
 )
 from keymgr.errors import ConflictError, StoreError
 from keymgr.faults import crashpoint
-from keymgr.fsutil import atomic_write, fsync_dir, is_temp_of
+from keymgr.fsutil import NotAFile, atomic_write, fsync_dir, is_temp_of, open_regular, read_file
 from keymgr.model import State
 from keymgr.stores import PassLock, StateStore
 
@@ -64,10 +64,13 @@ class FileDocuments(DocumentAdapter):
     def read(self, name: str) -> Blob | None:
         path = self._file(name)
         try:
-            data = path.read_bytes()
-            st = os.stat(path)
+            with open_regular(path) as f:
+                data = f.read()
+                st = os.fstat(f.fileno())
         except FileNotFoundError:
             return None
+        except NotAFile as e:
+            raise StoreError(f"state {self.path}: read {self.describe(name)}: {e}") from None
         except OSError as e:
             raise self._error("read", name, e) from None
         return Blob(data, (st.st_ino, st.st_mtime_ns), max(0.0, time.time() - st.st_mtime))
@@ -154,9 +157,11 @@ class FileStore(StateStore):
 
     def _raw(self) -> bytes | None:
         try:
-            return self.path.read_bytes()
+            return read_file(self.path)
         except FileNotFoundError:
             return None
+        except NotAFile as e:
+            raise StoreError(f"state {self.path}: cannot read: {e}") from None
         except OSError as e:
             raise StoreError(f"state {self.path}: cannot read: {e.strerror}") from None
 
@@ -251,7 +256,7 @@ class FileStore(StateStore):
 
     def read_lease(self) -> tuple[dict[str, Any] | None, int]:
         try:
-            doc = json.loads(self._lease_path.read_bytes())
+            doc = json.loads(read_file(self._lease_path))
             return doc, int(doc["version"])
         except FileNotFoundError:
             return None, 0

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from keymgr.docstore import HTTP_POOL
+from keymgr.fsutil import NotAFile, read_file
 from keymgr.logs import get_logger
 from keymgr.options import Options
 
@@ -280,9 +281,12 @@ class VaultClient:
 
     def _read_secret_file(self, path: Path, what: str) -> str:
         try:
-            value = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = getattr(e, "strerror", None) or type(e).__name__
+            value = read_file(path).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError, NotAFile) as e:
+            # Never str() of a decode error: it quotes the token's bytes.
+            reason = getattr(e, "strerror", None) or (
+                str(e) if isinstance(e, NotAFile) else type(e).__name__
+            )
             raise VaultCallError(None, f"cannot read {what} file {path} ({reason})") from None
         if not value:
             raise VaultCallError(None, f"{what} file {path} is empty")
