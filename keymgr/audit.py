@@ -75,6 +75,12 @@ _ORDER = ("ts", "seq", "event", "ring", "kid", "backend", "actor", "reason")
 #: signature over it (so the chain verifies without the audit key).
 _UNHASHED = frozenset({"hash", *CKPT_FIELDS})
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
+#: The longest line an audit log may hold. keymgr's events are a few hundred
+#: bytes (an ``audit.key`` event with an RSA-4096 JWK about 1 KB); a longer
+#: "line" is something else, and is refused before it is read whole: a log
+#: whose end is gigabytes without a newline would otherwise be read into
+#: memory by every pass.
+MAX_LINE = 1 << 24
 
 #: The key state each key event records; a key in state must be at or past it.
 KEY_EVENT_STATES = {
@@ -289,6 +295,11 @@ class FileMedium(Medium):
                     # whole line still precede it.
                     if len(lines) > 2 or pos == 0:
                         break
+                    if len(data) > 2 * MAX_LINE + 2:  # one of the last two is longer
+                        raise AuditError(
+                            f"{self.where}: its last lines are longer than {MAX_LINE} bytes: "
+                            "not audit events; run 'keymgr audit verify'"
+                        )
                     block *= 2
         except FileNotFoundError:
             return None
@@ -312,7 +323,13 @@ class FileMedium(Medium):
     def lines(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
         try:
             with open_regular(self.path) as f:
-                for n, line in enumerate(f, 1):
+                n = 0
+                while line := f.readline(MAX_LINE + 1):
+                    n += 1
+                    if len(line) > MAX_LINE:
+                        raise AuditError(
+                            f"{self.at(n)}: longer than {MAX_LINE} bytes: not an audit event"
+                        )
                     if n >= start:
                         yield n, line
         except FileNotFoundError:
@@ -347,13 +364,22 @@ class FileMedium(Medium):
         return AuditError(f"{self.where}: {e}; keymgr only ever appends to a regular file")
 
     def repair(self) -> None:
-        """Cut a final line without newline: only our own interrupted append makes one."""
+        """Cut a final line without newline: only our own interrupted append
+        makes one, at most :data:`MAX_LINE` long; only the file's end is read."""
         try:
             with open_regular(self.path, update=True) as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    cut = data.rfind(b"\n") + 1
-                    f.truncate(cut)
+                end = f.seek(0, os.SEEK_END)
+                start = max(0, end - MAX_LINE - 1)
+                f.seek(start)
+                tail = f.read(end - start)
+                if tail and not tail.endswith(b"\n"):
+                    newline = tail.rfind(b"\n")
+                    if newline < 0 and start > 0:
+                        raise AuditError(
+                            f"{self.where}: its last line is longer than {MAX_LINE} bytes: "
+                            "not an interrupted append of keymgr; run 'keymgr audit verify'"
+                        )
+                    f.truncate(start + newline + 1)
                     f.flush()
                     os.fsync(f.fileno())
         except FileNotFoundError:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keymgr import timeline
-from keymgr.audit import AuditLog
+from keymgr.audit import MAX_LINE, AuditLog
 from keymgr.errors import AuditError, KeymgrError
 from keymgr.fsutil import NotAFile, open_regular
 from keymgr.model import DESTROYED, State
@@ -276,9 +276,14 @@ class _Prefix(AuditLog):
             with open_regular(self.path) as f:
                 left, n = self.size, 0
                 while left > 0:
-                    line = f.readline(left)
+                    line = f.readline(min(left, MAX_LINE + 1))
                     if not line:
                         return
+                    if len(line) > MAX_LINE:
+                        raise AuditError(
+                            f"audit log {self.path}: line {n + 1}: longer than {MAX_LINE} "
+                            "bytes: not an audit event"
+                        )
                     left -= len(line)
                     n += 1
                     if n % 4096 == 0 and self.cancelled():

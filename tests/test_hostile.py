@@ -24,6 +24,8 @@ import pytest
 from jwcrypto import jwk as jw_jwk
 from jwcrypto import jwt as jw_jwt
 
+from keymgr.audit import FileMedium
+from keymgr.errors import AuditError
 from tests.conftest import T0, Home
 
 P, A = timedelta(days=30), timedelta(hours=1)
@@ -679,6 +681,35 @@ def test_a_fifo_at_the_lease_or_a_shard_is_refused_not_waited_on(tmp_path: Path)
             assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_an_audit_log_ending_in_gigabytes_without_a_newline_is_refused_unread(
+    home: Home,
+) -> None:
+    """Whoever can write the audit log appends 4 GiB of zeros (a sparse file:
+    no disk used) with no newline. Every pass reads the log's end: before,
+    it doubled its read until it held a whole line, that is all 4 GiB.
+    Now a pass, ``status`` and ``audit verify`` stop at
+    ``keymgr.audit.MAX_LINE`` and refuse it in one line."""
+    reconcile(home, T0)
+    log = home.dir / "audit.jsonl"
+    size = log.stat().st_size
+    os.truncate(log, size + (4 << 30))
+    for cmd, words in (
+        (("reconcile", "--at", at(T0 + SEC)), "last lines are longer than 16777216 bytes"),
+        (("status",), "last lines are longer than 16777216 bytes"),
+        (("audit", "verify"), "longer than 16777216 bytes: not an audit event"),
+    ):
+        proc = home.run(*cmd, timeout=60)
+        assert proc.returncode == 1, (cmd, proc.stdout, proc.stderr)
+        assert words in one_error_line(proc.stderr), proc.stderr
+    # Nor is it cut as if it were our own torn append (which once read the
+    # whole file to find the last newline).
+    with pytest.raises(AuditError, match="not an interrupted append of keymgr"):
+        FileMedium(log).repair()
+    assert log.stat().st_size == size + (4 << 30)
+    os.truncate(log, size)
+    assert home.run("audit", "verify", inproc=True).returncode == 0
 
 
 # --------------------------------------------------------------------------- 5. backends
