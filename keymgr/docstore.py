@@ -91,6 +91,8 @@ from keymgr.timefmt import format_time, parse_time
 __all__ = [
     "LEASE",
     "LOCK",
+    "MAX_PIECE_READ",
+    "MAX_STATE_READ",
     "STATE",
     "Blob",
     "DocumentAdapter",
@@ -100,6 +102,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "is_document_name",
+    "read_limit",
 ]
 
 log = get_logger("keymgr.docstore")
@@ -126,6 +129,23 @@ def is_document_name(name: str) -> bool:
 
 #: A lock's own ``ttl`` is trusted up to this (a damaged lock cannot block forever).
 MAX_LOCK_TTL = 3600.0
+
+#: The most keymgr reads of one document, never downloaded past: it writes no
+#: larger one, so a larger one is something else (planted, or damaged), and
+#: reading it whole could exhaust memory and crash-loop the daemon. The state
+#: document: one of ``shards=off`` with 100,000 rings and two years of history
+#: is 276 MiB (benchmarks/README.md); keymgr refuses to write one over this. ...
+MAX_STATE_READ = 1 << 30
+#: ... and every other document: a shard or manifest stays far below 256 KiB
+#: by design (keymgr.shards), an outbox piece near 64 KiB, an audit event,
+#: the lock and the lease a few hundred bytes.
+MAX_PIECE_READ = 1 << 24
+
+
+def read_limit(name: str) -> int:
+    """The most keymgr reads of document ``name`` (:data:`MAX_STATE_READ`,
+    :data:`MAX_PIECE_READ`)."""
+    return MAX_STATE_READ if name == STATE else MAX_PIECE_READ
 
 
 # --------------------------------------------------------------------------- adapter
@@ -210,7 +230,21 @@ class DocumentAdapter(abc.ABC):
 
     @abc.abstractmethod
     def read(self, name: str) -> Blob | None:
-        """The document, or None when there is none."""
+        """The document, or None when there is none.
+
+        An adapter that learns the size before the body (a header, object
+        metadata, ``fstat``) calls :meth:`check_size` with it first, so a
+        document larger than keymgr ever writes is refused, not downloaded."""
+
+    def check_size(self, name: str, size: int | None) -> None:
+        """StoreError, one line, when document ``name`` of ``size`` bytes is
+        larger than keymgr ever writes there (:func:`read_limit`)."""
+        limit = read_limit(name)
+        if size is not None and size > limit:
+            raise StoreError(
+                f"state {self.describe(name)}: holds {size} bytes, more than the {limit} "
+                "keymgr writes there at most; not reading it"
+            )
 
     @abc.abstractmethod
     def create(self, name: str, data: bytes) -> object:
@@ -575,6 +609,12 @@ class StateLayout:
                 raise StoreError(
                     f"state {self.where}: the state document would be {len(data)} bytes, more "
                     f"than the {limit} the store accepts; use shards=auto (docs/scale.md)"
+                )
+            if len(data) > MAX_STATE_READ:
+                raise StoreError(
+                    f"state {self.where}: the state document would be {len(data)} bytes, more "
+                    f"than the {MAX_STATE_READ} keymgr reads back; use shards=auto "
+                    "(docs/scale.md)"
                 )
             return PendingCommit(data, _Snapshot(data, state, number))
         return self._write_sharded(state, number, snap)

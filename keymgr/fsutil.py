@@ -103,16 +103,8 @@ def read_regular(path: Path, limit: int) -> bytes | None:
         if e.errno == errno.ELOOP:
             raise NotAFile("is a symbolic link") from None
         raise
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise NotAFile(f"is not a regular file (mode {stat.filemode(st.st_mode)})")
-        if st.st_size > limit:
-            raise NotAFile(f"holds {st.st_size} bytes, more than the {limit} keymgr writes at most")
-        data = f.read(limit + 1)
-    if len(data) > limit:  # grew since the stat
-        raise NotAFile(f"holds more than the {limit} bytes keymgr writes at most")
-    return data
+    with os.fdopen(_regular(fd), "rb") as f:
+        return _read_at_most(f, limit)
 
 
 #: Opening a file keymgr keeps (its state, its audit log, a key file, its
@@ -151,10 +143,21 @@ def open_regular(path: Path, *, update: bool = False) -> BinaryIO:
     return os.fdopen(fd, "rb+" if update else "rb")
 
 
-def read_file(path: Path) -> bytes:
-    """The bytes of the regular file at ``path`` (:func:`open_regular`)."""
+def read_file(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (:func:`open_regular`);
+    NotAFile, unread, when it holds more than ``limit`` bytes."""
     with open_regular(path) as f:
-        return f.read()
+        return f.read() if limit is None else _read_at_most(f, limit)
+
+
+def _read_at_most(f: BinaryIO, limit: int) -> bytes:
+    size = os.fstat(f.fileno()).st_size
+    if size > limit:
+        raise NotAFile(f"holds {size} bytes, more than the {limit} keymgr writes at most")
+    data = f.read(limit + 1)
+    if len(data) > limit:  # grew since the stat
+        raise NotAFile(f"holds more than the {limit} bytes keymgr writes at most")
+    return data
 
 
 def open_append(path: Path, mode: int) -> int:

@@ -16,16 +16,21 @@ import json
 import os
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from jwcrypto import jwk as jw_jwk
 from jwcrypto import jwt as jw_jwt
+from keymgr.backends.local.store import FileStore
 
+from keymgr import docstore
 from keymgr.audit import FileMedium
-from keymgr.errors import AuditError
+from keymgr.errors import AuditError, StoreError
+from keymgr.model import Ring, State
 from tests.conftest import T0, Home
 
 P, A = timedelta(days=30), timedelta(hours=1)
@@ -657,13 +662,6 @@ def test_a_daemon_whose_state_becomes_a_fifo_keeps_running_and_recovers(
 def test_a_fifo_at_the_lease_or_a_shard_is_refused_not_waited_on(tmp_path: Path) -> None:
     """The daemon's lease file and the shards of a sharded file state, each
     replaced by a FIFO: the read fails at once, in one line naming it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from keymgr.backends.local.store import FileStore
-
-    from keymgr.errors import StoreError
-    from keymgr.model import Ring, State
-
     path = tmp_path / "state.json"
     store = FileStore(path, shards="on")
     os.mkfifo(path.with_name("state.json.lease"))
@@ -710,6 +708,54 @@ def test_an_audit_log_ending_in_gigabytes_without_a_newline_is_refused_unread(
     assert log.stat().st_size == size + (4 << 30)
     os.truncate(log, size)
     assert home.run("audit", "verify", inproc=True).returncode == 0
+
+
+def test_a_state_or_shard_larger_than_keymgr_writes_is_refused_unread(tmp_path: Path) -> None:
+    """The file store: a state document or a shard larger than keymgr ever
+    writes there (the limits made small here) is refused in one line before
+    it is read, and keymgr refuses to write a state document it would not
+    read back."""
+    state = State(rings={RING: Ring(RING)})
+    path = tmp_path / "state.json"
+    FileStore(path, shards="off").commit(state, 0)
+    size = path.stat().st_size
+    with patch.object(docstore, "MAX_STATE_READ", size - 1):
+        with pytest.raises(StoreError) as err:
+            FileStore(path).load()
+        assert f"holds {size} bytes, more than the {size - 1}" in str(err.value), err.value
+        fresh = tmp_path / "fresh.json"
+        with pytest.raises(StoreError, match=r"more than the \d+ keymgr reads back"):
+            FileStore(fresh, shards="off").commit(state, 0)
+        assert not fresh.exists()
+    assert FileStore(path).load()[0] == state
+
+    sharded = tmp_path / "sharded.json"
+    FileStore(sharded, shards="on").commit(state, 0)
+    with patch.object(docstore, "MAX_PIECE_READ", 64), pytest.raises(StoreError) as err:
+        FileStore(sharded).load()
+    assert "sharded.json.shards/" in str(err.value), err.value
+    assert "keymgr writes there at most; not reading it" in str(err.value), err.value
+    assert FileStore(sharded).load()[0] == state
+
+
+def test_a_giant_state_or_key_file_is_refused_unread(home: Home) -> None:
+    """The state file and a key file grown to 2 GiB (sparse: no disk used):
+    each is refused in one line before it is read, instead of being read
+    whole into memory by every command."""
+    reconcile(home, T0)
+    giant = 2 << 30
+    for path, cmd, limit in (
+        (home.dir / "state.json", ("status",), docstore.MAX_STATE_READ),
+        (next((home.dir / "keys").rglob("*.key")), ("sign", RING, "--claims", "{}"), 1 << 20),
+    ):
+        size = path.stat().st_size
+        os.truncate(path, giant)
+        proc = home.run(*cmd, timeout=60)
+        assert proc.returncode == 1, (cmd, proc.stdout, proc.stderr)
+        line = one_error_line(proc.stderr)
+        assert path.name in line and f"holds {giant} bytes, more than the {limit}" in line, line
+        os.truncate(path, size)
+    assert home.run("sign", RING, "--claims", "{}", inproc=True).returncode == 0
 
 
 # --------------------------------------------------------------------------- 5. backends

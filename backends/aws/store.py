@@ -106,6 +106,11 @@ class S3Adapter(LazyS3, DocumentAdapter):
     def read(self, name: str) -> Blob | None:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            try:
+                self.check_size(name, resp.get("ContentLength"))
+            except StoreError:
+                resp["Body"].close()  # the body stays unread
+                raise
             data: bytes = resp["Body"].read()
         except aws_errors() as e:
             if aws_error_code(e) in MISSING_CODES:

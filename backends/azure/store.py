@@ -130,6 +130,9 @@ class AzureBlobAdapter(DocumentAdapter):
             download = self.access.handle(self._name(name)).download_blob(
                 retry_hook=attempts, raw_response_hook=seen
             )
+            # The first request brought at most the client's max_single_get_size
+            # (32 MiB); the rest is fetched by readall() only if the size is sane.
+            self.check_size(name, download.properties.size)
             data: bytes = download.readall()
         except azure_errors() as e:
             if error_code(e) in MISSING_CODES:

@@ -140,6 +140,7 @@ class GCSAdapter(LazyGCS, DocumentAdapter):
             meta, date = self._meta(name)
             if meta is None or _is_tombstone(meta):
                 return None
+            self.check_size(name, meta.size)
             pinned = bucket.blob(self._name(name), generation=meta.generation)
             try:
                 data: bytes = self.call(

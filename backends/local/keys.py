@@ -51,6 +51,9 @@ MASTER_KEY_SIZE = 32
 FORMAT_VERSION = 1
 NONCE_SIZE = 12
 KEY_SUFFIX = ".key"
+#: The largest key file read (an RSA-4096 key file is about 5 KB): a larger
+#: "key file" is something else, refused unread.
+MAX_KEY_FILE = 1 << 20
 # Temp files (".KID.key.RANDOM.tmp", see keymgr.fsutil) start with "." so no
 # listing or glob for "*.key" ever sees them, and carry the kid so destroy() can
 # remove a crash leftover of that key too.
@@ -288,7 +291,7 @@ class FileBackend(Backend):
                 return cached
             path = self._key_path(ring, kid)
             try:
-                raw = read_file(path)
+                raw = read_file(path, MAX_KEY_FILE)
             except FileNotFoundError:
                 raise KeyNotFoundError(
                     f"backends.{self.name}: key {ring}/{kid} not found ({path})"
@@ -383,7 +386,7 @@ class FileBackend(Backend):
         self._check_name("ring name", ring)
         self._check_name("kid", kid)
         try:
-            doc = json.loads(read_file(self._key_path(ring, kid)))
+            doc = json.loads(read_file(self._key_path(ring, kid), MAX_KEY_FILE))
         except (OSError, ValueError):
             return None
         intent = doc.get("intent") if isinstance(doc, dict) else None

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from keymgr.docstore import (
+    LEASE,
     STATE,
     Blob,
     DocumentAdapter,
     ShardGone,
     StateLayout,
     is_document_name,
+    read_limit,
 )
 from keymgr.errors import ConflictError, StoreError
 from keymgr.faults import crashpoint
@@ -65,8 +67,9 @@ class FileDocuments(DocumentAdapter):
         path = self._file(name)
         try:
             with open_regular(path) as f:
-                data = f.read()
                 st = os.fstat(f.fileno())
+                self.check_size(name, st.st_size)
+                data = f.read()
         except FileNotFoundError:
             return None
         except NotAFile as e:
@@ -157,7 +160,7 @@ class FileStore(StateStore):
 
     def _raw(self) -> bytes | None:
         try:
-            return read_file(self.path)
+            return read_file(self.path, read_limit(STATE))
         except FileNotFoundError:
             return None
         except NotAFile as e:
@@ -256,7 +259,7 @@ class FileStore(StateStore):
 
     def read_lease(self) -> tuple[dict[str, Any] | None, int]:
         try:
-            doc = json.loads(read_file(self._lease_path))
+            doc = json.loads(read_file(self._lease_path, read_limit(LEASE)))
             return doc, int(doc["version"])
         except FileNotFoundError:
             return None, 0

@@ -173,6 +173,8 @@ class VaultKVAdapter(DocumentAdapter):
         # Another shape (a hand edit) reads as empty bytes: the store reports a
         # corrupt state, and treats a lease or lock it cannot read as such.
         raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else b""
+        # Known only once read: Vault bounds an entry itself (1 MiB on raft).
+        self.check_size(name, len(raw))
         return Blob(raw, got.version, got.age)
 
     def _kv(self, op: str, call: Callable[[Any], Any]) -> Any | None:

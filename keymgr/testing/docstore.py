@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
+from unittest.mock import patch
 
 import pytest
 
@@ -263,6 +264,7 @@ class MemoryAdapter(FaultKnobs, DocumentAdapter):
                 doc = self._docs.get(name)
                 if doc is None:
                     return None
+                self.check_size(name, len(doc.data))
                 age = self.clock() - doc.written if self.ages else None
                 return Blob(doc.data, doc.version, age)
 
@@ -587,6 +589,31 @@ class SharedStoreTests(StoreTests):
             assert not isinstance(info.value, ConflictError)
             assert str(info.value).startswith(where), (raw[:40], str(info.value))
             assert len(str(info.value)) < 400
+
+    def test_a_document_larger_than_keymgr_writes_is_refused(self, harness: DocHarness) -> None:
+        """A state document or a shard larger than keymgr ever writes there
+        (docstore.read_limit; made small here) is refused in one line naming
+        it, before its body is read: the adapter calls ``check_size`` with
+        the size the store reports."""
+        from keymgr import docstore
+
+        writer, store = harness.factory(), harness.store()
+        store.set_shards("on")
+        store.commit(sharded_state(4), None)
+        head = writer.read(STATE)
+        assert head is not None
+        with patch.object(docstore, "MAX_PIECE_READ", 64), _one_line(StoreError) as info:
+            harness.store().load()
+        message = str(info.value)
+        assert "more than the 64 keymgr writes there at most" in message, message
+        assert f"state {store.location}.shards/" in message, message
+        big = head.data + b" " * (4096 - len(head.data))
+        writer.replace(STATE, big, head.version)
+        with patch.object(docstore, "MAX_STATE_READ", 4095), _one_line(StoreError) as info:
+            harness.store().load()
+        message = str(info.value)
+        assert f"state {store.location}: holds 4096 bytes, more than the 4095" in message, message
+        assert harness.store().load()[0] == sharded_state(4)  # the limits as they are
 
     def test_commit_whose_answer_was_lost(self, harness: DocHarness) -> None:
         faulty = harness.faulty()
