@@ -897,6 +897,7 @@ class SharedStore(StateStore):
         self._pass = PassLock()
         self._held: _HeldLock | None = None
         self._holder: int | None = None  # threading.get_ident() of the holding thread
+        self._interrupted = threading.Event()  # interrupt(): wait for no lock
         #: One document or a sharded head (keymgr.shards); keeps the last state
         #: loaded or committed, so equal bytes give the same State object.
         self.layout = StateLayout(adapter, adapter.location, mode=shards)
@@ -1076,6 +1077,9 @@ class SharedStore(StateStore):
         with self._pass.hold(wait, lambda: self._store_lock(wait), busy):
             yield
 
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
     @contextlib.contextmanager
     def _store_lock(self, wait: float) -> Iterator[None]:
         """The lock document, for the outermost :meth:`exclusive` of a thread."""
@@ -1162,6 +1166,11 @@ class SharedStore(StateStore):
                             )
                         return self._start(version)
                 holder = who or "unknown"
+            if self._interrupted.is_set():
+                raise StoreError(
+                    f"state {self.location}: held by another keymgr process ({holder}, lock "
+                    f"{self.adapter.describe(LOCK)}); not waiting for it: keymgr is stopping"
+                )
             if time.monotonic() >= deadline:
                 raise StoreError(
                     f"state {self.location}: held by another keymgr process ({holder}, lock "

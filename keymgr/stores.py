@@ -107,6 +107,15 @@ class StateStore(abc.ABC):
         threads of this process respect (see :class:`PassLock`). None by default."""
         yield
 
+    def interrupt(self) -> None:
+        """Stop waiting for a pass lock another process holds: a pass waiting
+        for one fails at once (StoreError), and later ones try once without
+        waiting. For a daemon that is stopping: a replica killed mid-pass
+        leaves its lock until ``lock_ttl`` passes, and a SIGTERM must not wait
+        that long. Nothing to do for a store whose lock dies with its holder
+        (the file store's ``flock``)."""
+        return None
+
     def fingerprint(self) -> object:
         """Cheap value that changes whenever the document may have changed."""
         return None

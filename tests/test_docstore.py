@@ -126,6 +126,41 @@ def test_exclusive_waits_lock_ttl_plus_grace_at_least() -> None:
     assert 0.45 < time.monotonic() - start < 3
 
 
+def test_an_interrupted_store_stops_waiting_for_another_process_lock() -> None:
+    """A daemon told to stop while its pass waits for the lock of a replica
+    killed mid-pass (a lock not yet lock_ttl old on the store's clock): the
+    waiting pass fails at once, naming the lock, instead of waiting lock_ttl
+    (30 s by default, which a SIGTERM would wait for). A free lock is still
+    taken: the daemon's last event is recorded."""
+    adapter = MemoryAdapter()
+    adapter.clock.freeze()
+    adapter.poke(LOCK, b'{"holder": "dead:1:x", "ttl": 30}')
+    s = SharedStore(adapter, lock_ttl=30.0)
+    got: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with s.exclusive():
+                pass
+        except BaseException as e:
+            got.append(e)
+
+    waiting = threading.Thread(target=wait, daemon=True)
+    waiting.start()
+    time.sleep(0.3)
+    assert waiting.is_alive() and not got  # it waits, as it should, until ...
+    start = time.monotonic()
+    s.interrupt()
+    waiting.join(5)
+    assert not waiting.is_alive() and time.monotonic() - start < 1
+    assert len(got) == 1 and isinstance(got[0], StoreError), got
+    assert "held by another keymgr process (dead:1:x" in str(got[0])
+    assert "not waiting for it: keymgr is stopping" in str(got[0])
+    adapter.poke(LOCK, None)
+    with s.exclusive():  # free: taken at the first try
+        assert json.loads(adapter.peek(LOCK))["holder"] == s.owner
+
+
 # --------------------------------------------------------------------------- the store
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -448,3 +449,49 @@ def test_aws_reason_is_one_line_and_redacted() -> None:
     assert "FwoGZXIvYXdzEJr" not in reason, reason
     timeout = ReadTimeoutError(endpoint_url="http://127.0.0.1:1/")
     assert aws_reason(timeout).endswith("(service unreachable)")
+
+
+def test_sigterm_does_not_wait_for_the_lock_of_another_replica(
+    home: Any, buckets: Any, moto: Any, launcher: Any
+) -> None:
+    """``keymgr run`` on an S3 state whose pass lock another process holds
+    (a replica killed mid-pass leaves it until ``lock_ttl`` has passed on
+    S3's clock; here a live holder keeps renewing it): its pass waits for
+    the lock, as it must, but a SIGTERM does not wait with it. The daemon
+    exits 0 within the stop bound, not after the 30 s lock_ttl, and the
+    other process's lock is left alone."""
+    import threading
+
+    from keymgr.stores import open_store
+    from tests.test_daemon import STOP_BOUND, set_daemon
+
+    url = s3_state_url(moto.url, STATE_BUCKET, STATE_KEY, lock_ttl=30)
+    write_config(
+        home, state=url, backends={"local": {"type": "file", "path": "keys",
+                                             "master_key_file": "master.key"}},
+        publishers={"site": {"type": "file", "path": "public/.well-known/jwks.json"}},
+        rings={"default": {"backend": "local", "algorithm": "ES256"}},
+    )  # fmt: skip
+    set_daemon(home, reconcile_interval="1s", lease_ttl="30s", listen="127.0.0.1:0")
+    other = open_store(url)
+    holding, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with other.exclusive():
+            holding.set()
+            leave.wait(60)
+
+    d = launcher.start(home)
+    d.ready(timeout=30)
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()  # takes the lock between two of the daemon's passes
+    try:
+        assert holding.wait(20)
+        time.sleep(2)  # the daemon's next pass is waiting for the lock by now
+        rc, took = d.stop()
+        assert rc == 0 and took < STOP_BOUND, (rc, took, d.err.read_text())
+        lock = buckets.get_object(Bucket=STATE_BUCKET, Key=f"{STATE_KEY}.lock")["Body"].read()
+        assert json.loads(lock)["holder"] == other.owner  # type: ignore[attr-defined]
+    finally:
+        leave.set()
+        holder.join(10)
