@@ -1124,7 +1124,8 @@ def test_two_daemons_lease_take_over(home: Any, azurite: AzuriteServer, tmp_path
         log = (tmp_path / f"replica{i}.log").open("wb")
         logs.append(log)
         p = subprocess.Popen(keymgr_command("--config", str(home.config), "run"), stdout=log,
-                             stderr=subprocess.STDOUT, cwd=home.dir, env=home.env())
+                             stderr=subprocess.STDOUT, cwd=home.dir,
+                             env=home.env(PYTHONUNBUFFERED="1"))
         procs[p.pid] = p
     try:
         first = wait_for(lambda: (pid := holder_pid()) in procs and pid, 20, "a lease holder")

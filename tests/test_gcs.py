@@ -874,7 +874,7 @@ def test_daemon_replicas_lease_take_over_after_sigkill(
         log = (home.dir / f"replica{i}.log").open("w")
         replicas.append(subprocess.Popen(cli_command(home.config, "run"), stdout=log,
                                          stderr=subprocess.STDOUT, text=True, cwd=home.dir,
-                                         env=home.env()))
+                                         env=home.env(PYTHONUNBUFFERED="1")))
         log.close()
 
     def holder() -> subprocess.Popen[str] | None:
