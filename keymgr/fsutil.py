@@ -10,6 +10,11 @@ directory is opened once and every step (create, rename or link, fsync) goes
 through that descriptor, so swapping a path component mid-write cannot split
 the write across two directories either. Replacing ``path`` when it is itself a
 symlink replaces the link, never the file it points to.
+
+Reads trust nothing at a name either (:func:`open_regular`, :func:`read_file`,
+:func:`read_regular`, :func:`open_append`): what is not a regular file (a FIFO,
+a device, a directory) is refused without being waited on or read, and a
+``limit`` refuses a file larger than keymgr ever writes there, unread.
 """
 
 from __future__ import annotations
