@@ -11,20 +11,31 @@ shows a document without it (:mod:`keymgr.planner`).
 
 A probe is a plain GET, as a verifier's JWKS client sends it: no cache-busting
 query, no ``Cache-Control: no-cache`` request header, redirects followed, the
-process's proxy and CA settings honoured. It has a timeout per attempt, a
+process's proxy and CA settings honoured. It has a deadline per attempt, a
 bounded number of attempts with jittered backoff (on connection errors, 429
 and 5xx; a 4xx other than 429 is an answer, not a hiccup), and a size limit.
 An edge that cannot be probed is never skipped: it holds promotion.
+
+The deadline covers the whole attempt (connect, TLS, headers, body,
+redirects), not each socket operation: an edge that trickles its answer a
+byte at a time, each within the socket timeout, would otherwise hold the
+pass, and every rotation behind it, for hours. When it passes, the attempt's
+connections are shut down (:class:`_Deadline`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import random
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from keymgr.jwks import parse_keys
@@ -96,6 +107,93 @@ def kids_of(body: bytes) -> frozenset[str] | None:
     return None if keys is None else frozenset(keys)
 
 
+class _Deadline:
+    """The connections of one probe attempt, shut down when its time is up.
+
+    Each connection registers a duplicate of its TCP socket as soon as it is
+    connected (before any TLS handshake): shutting the duplicate down ends
+    the connection, so a read blocked in the probe's thread returns at once,
+    and the duplicate is this object's own descriptor, never one the system
+    may have handed to something else since.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+    def add(self, sock: socket.socket) -> None:
+        dup = sock.dup()
+        with self._lock:
+            self._socks.append(dup)
+            if self.expired:
+                _shut(dup)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for s in self._socks:
+                _shut(s)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the peer
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+#: The attempt under way in this thread (probes run one at a time per thread).
+_current = threading.local()
+
+
+class _TCP(http.client.HTTPConnection):
+    """An HTTP connection that registers its socket with the attempt's deadline."""
+
+    def connect(self) -> None:
+        super().connect()  # for _TLS: the TCP connection, before the handshake
+        deadline: _Deadline | None = getattr(_current, "deadline", None)
+        if deadline is not None:
+            deadline.add(self.sock)
+
+
+class _TLS(http.client.HTTPSConnection, _TCP):
+    """HTTPSConnection.connect calls super().connect(): _TCP's, then the handshake."""
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_TCP, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        # The arguments the stdlib's own https_open passes (check_hostname
+        # only up to Python 3.11).
+        args: dict[str, Any] = {"context": getattr(self, "_context", None)}
+        if hasattr(self, "_check_hostname"):
+            args["check_hostname"] = self._check_hostname
+        return self.do_open(_TLS, req, **args)
+
+
+#: urlopen's opener (proxies from the environment, redirects, the default CA
+#: store), with connections that a deadline can cut.
+_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+
+
 def probe(
     url: str,
     settings: EdgeSettings,
@@ -115,18 +213,29 @@ def probe(
         request = urllib.request.Request(  # noqa: S310 - http(s) only, checked at config load
             url, headers={"Accept": "application/json", "User-Agent": _USER_AGENT}
         )
+        deadline = _Deadline(settings.timeout)
         try:
-            with urllib.request.urlopen(request, timeout=settings.timeout) as resp:  # noqa: S310
+            with deadline, _OPENER.open(request, timeout=settings.timeout) as resp:
                 body = resp.read(MAX_BODY + 1)
                 age_header = resp.headers.get("Age")
+            if deadline.expired:  # cut short: what was read is not the document
+                raise TimeoutError
         except urllib.error.HTTPError as e:
             error = f"HTTP {e.code}"
             e.close()
             if e.code != 429 and e.code < 500:
                 break
             continue
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            error = _reason(e)
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            # The socket's own timeout (the same seconds) may fire first.
+            timed_out = isinstance(e, TimeoutError) or isinstance(
+                getattr(e, "reason", None), TimeoutError
+            )
+            error = (
+                f"no complete answer within {settings.timeout:g}s (probe_timeout)"
+                if deadline.expired or timed_out
+                else _reason(e)
+            )
             continue
         if len(body) > MAX_BODY:
             error = f"document larger than {MAX_BODY} bytes"

@@ -11,6 +11,8 @@ is destroyed only once the edge stops showing it.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -265,7 +267,127 @@ def test_probe_does_not_retry_a_4xx_and_refuses_what_is_not_a_jwks(scripted) -> 
 
 def test_probe_times_out(scripted) -> None:
     result, _ = scripted([(0, JWKS)], attempts=1, timeout=0.5)
-    assert result.kids is None and "timed out" in result.error
+    assert result.kids is None and result.error == "no complete answer within 0.5s (probe_timeout)"
+
+
+class _Trickle:
+    """A raw TCP server that answers a byte every 50 ms, forever: each byte
+    well within the probe's socket timeout, the whole answer never. ``head``:
+    trickle from the status line on; else the headers come at once (a body
+    of 100 kB announced) and the body trickles."""
+
+    def __init__(
+        self, head: bool, tls: ssl.SSLContext | None = None, whole: bytes | None = None
+    ) -> None:
+        self.head, self.tls, self.whole = head, tls, whole
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.stop = threading.Event()
+        self.cut: list[float] = []  # when each connection was closed by the client
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}/jwks.json"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                return
+        with conn:
+            conn.recv(65536)
+            if self.whole is not None:
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.whole)}\r\n\r\n"
+                conn.sendall(head.encode() + self.whole)
+                return
+            if not self.head:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{")
+            data = b"HTTP/1.1 200 OK\r\nX-Slow: " if self.head else b""
+            try:
+                for i in range(100_000):
+                    conn.sendall(data[i : i + 1] or b"a")
+                    if self.stop.wait(0.05):
+                        return
+            except OSError:
+                self.cut.append(time.monotonic())
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def _probe_within(url: str, settings: EdgeSettings, seconds: float) -> Any:
+    """``probe(url)`` in a thread of its own: a probe that waits for the whole
+    of a trickled answer fails the test instead of hanging it."""
+    done: list[Any] = []
+    t = threading.Thread(
+        target=lambda: done.append(probe(url, settings, sleep=lambda _s: None)), daemon=True
+    )
+    t.start()
+    t.join(seconds)
+    assert done, "the probe waited for the whole answer"
+    return done[0]
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["headers", "body"])
+def test_an_edge_that_trickles_its_answer_is_given_up_at_the_deadline(head: bool) -> None:
+    """An edge sending a byte every 50 ms never trips a 1 s socket timeout:
+    before, the probe (and the pass, and every rotation behind it) waited
+    for the whole answer, 100,000 bytes at that pace: over an hour. Now each
+    attempt ends at probe_timeout, its connection is shut down, and the edge
+    counts as down (it holds promotion, as an edge that cannot be probed)."""
+    server = _Trickle(head)
+    try:
+        settings = EdgeSettings(urls=(server.url,), timeout=1.0, attempts=2)
+        start = time.monotonic()
+        result = _probe_within(server.url, settings, 30)
+        took = time.monotonic() - start
+        assert result.kids is None, result
+        assert result.error == "no complete answer within 1s (probe_timeout)", result
+        assert 2.0 <= took < 5.0, took  # two attempts of 1 s each
+        deadline = time.monotonic() + 5
+        while len(server.cut) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.cut) == 2, "the connections were left open"
+    finally:
+        server.close()
+
+
+def test_a_probe_over_tls_reads_the_edge_and_cuts_a_trickling_one(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS edges (the CDN's), with the CA from SSL_CERT_FILE as verifiers'
+    clients take it: a whole answer is read; one that trickles after the
+    handshake is cut at probe_timeout like a plain-HTTP one."""
+    from tests.test_deploy import _self_signed
+
+    crt, key = _self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(crt))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key)
+    for whole in (JWKS, None):
+        server = _Trickle(False, tls=ctx, whole=whole)
+        try:
+            settings = EdgeSettings(urls=(server.url,), timeout=1.0, attempts=1)
+            start = time.monotonic()
+            result = _probe_within(server.url, settings, 30)
+            if whole is not None:
+                assert result.kids == frozenset({"a", "b"}) and result.error is None, result
+            else:
+                assert result.error == "no complete answer within 1s (probe_timeout)", result
+                assert time.monotonic() - start < 3
+        finally:
+            server.close()
 
 
 def test_probe_of_a_closed_port_is_an_error_not_an_exception() -> None:
