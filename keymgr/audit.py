@@ -320,11 +320,18 @@ class FileMedium(Medium):
         # (perhaps partial) is not the last of at least two kept lines.
         return parse_event(lines[-1], f"{self.where}: last line")
 
-    def lines(self, start: int = 1) -> Iterator[tuple[int, bytes]]:
+    def lines(self, start: int = 1, size: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """The lines from ``start`` on; with ``size``, only the file's first
+        ``size`` bytes (the lines that existed when it was measured)."""
         try:
             with open_regular(self.path) as f:
                 n = 0
-                while line := f.readline(MAX_LINE + 1):
+                while size is None or size > 0:
+                    line = f.readline(MAX_LINE + 1 if size is None else min(size, MAX_LINE + 1))
+                    if not line:
+                        return
+                    if size is not None:
+                        size -= len(line)
                     n += 1
                     if len(line) > MAX_LINE:
                         raise AuditError(

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keymgr import timeline
-from keymgr.audit import MAX_LINE, AuditLog
-from keymgr.errors import AuditError, KeymgrError
-from keymgr.fsutil import NotAFile, open_regular
+from keymgr.audit import AuditLog, FileMedium
+from keymgr.errors import KeymgrError
 from keymgr.model import DESTROYED, State
 from keymgr.planner import Plan
 from keymgr.timefmt import format_duration, format_time, utcnow
@@ -272,29 +271,10 @@ class _Prefix(AuditLog):
         self.cancelled = cancelled
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
-        try:
-            with open_regular(self.path) as f:
-                left, n = self.size, 0
-                while left > 0:
-                    line = f.readline(min(left, MAX_LINE + 1))
-                    if not line:
-                        return
-                    if len(line) > MAX_LINE:
-                        raise AuditError(
-                            f"audit log {self.path}: line {n + 1}: longer than {MAX_LINE} "
-                            "bytes: not an audit event"
-                        )
-                    left -= len(line)
-                    n += 1
-                    if n % 4096 == 0 and self.cancelled():
-                        raise _Cancelled
-                    yield n, line
-        except FileNotFoundError:
-            return
-        except NotAFile as e:
-            raise AuditError(f"audit log {self.path}: {e}") from None
-        except OSError as e:
-            raise AuditError(f"audit log {self.path}: cannot read: {e.strerror}") from None
+        for n, line in FileMedium(self.path).lines(size=self.size):
+            if n % 4096 == 0 and self.cancelled():
+                raise _Cancelled
+            yield n, line
 
 
 def tail_events(path: Path, n: int, limit: int = TAIL_BYTES) -> list[dict[str, Any]]:
