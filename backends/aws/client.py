@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -125,6 +126,18 @@ def parse_connection(o: Options) -> AWSConnection:
         read_timeout=o.number("read_timeout", 10, 0.1, _MAX_TIMEOUT),
         max_attempts=o.integer("max_attempts", 5, 1, _MAX_ATTEMPTS),
     )
+
+
+def read_body(resp: Any, check: Callable[[int | None], None]) -> bytes:
+    """The body of a GetObject answer once ``check`` (a size check that
+    raises) accepts its ``Content-Length``; closed unread when it does not."""
+    try:
+        check(resp.get("ContentLength"))
+    except BaseException:
+        resp["Body"].close()
+        raise
+    body: bytes = resp["Body"].read()
+    return body
 
 
 def aws_error_code(exc: BaseException) -> str | None:

@@ -11,6 +11,7 @@ the same way, to the same bucket.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ from .client import (
     check_bucket,
     check_key,
     parse_connection,
+    read_body,
 )
 
 _SSE_VALUES = ("AES256", "aws:kms")
@@ -104,12 +106,7 @@ class S3Publisher(LazyS3, Publisher):
         client = self.client
         try:
             resp = client.get_object(Bucket=self.bucket, Key=self.key)
-            try:
-                check_size(self.where, resp.get("ContentLength"))
-            except PublishError:
-                resp["Body"].close()
-                raise
-            data: bytes = resp["Body"].read()
+            data = read_body(resp, functools.partial(check_size, self.where))
         except aws_errors() as e:
             if aws_error_code(e) in MISSING_CODES:
                 return None

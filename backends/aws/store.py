@@ -11,6 +11,7 @@ under :class:`keymgr.docstore.SharedStore`.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ from .client import (
     check_bucket,
     check_key,
     parse_connection,
+    read_body,
 )
 
 __all__ = ["S3Adapter", "open_s3_store"]
@@ -106,12 +108,7 @@ class S3Adapter(LazyS3, DocumentAdapter):
     def read(self, name: str) -> Blob | None:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
-            try:
-                self.check_size(name, resp.get("ContentLength"))
-            except StoreError:
-                resp["Body"].close()  # the body stays unread
-                raise
-            data: bytes = resp["Body"].read()
+            data = read_body(resp, functools.partial(self.check_size, name))
         except aws_errors() as e:
             if aws_error_code(e) in MISSING_CODES:
                 return None
