@@ -362,14 +362,16 @@ def start_bao(log_dir: Path) -> Any:
 
 def daemon_rss(
     cfg: Path, env: dict[str, str], timeout: float, stop_timeout: float = 60,
-    settle: float = 0.5,
+    settle: float = 0.5, during: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """``keymgr run`` on ``cfg`` (its ``listen`` port), polled on ``/readyz``
     until its first pass is done; then ``VmRSS`` from ``/proc`` every 0.25 s
     for ``settle`` seconds, the largest (MB, ``rss_mb``; ``rss_last_mb`` the
     last), ``VmHWM`` and how long it took to be ready. A ``settle`` past the
     first heartbeats (every 10 s by default) measures the daemon as it runs,
-    not just after its first pass. The daemon log goes beside ``cfg``."""
+    not just after its first pass. ``during`` runs once the daemon is ready,
+    before the sampling (its figures are added): what it makes the daemon do
+    shows in ``hwm_mb``. The daemon log goes beside ``cfg``."""
     m = re.search(r'listen = "127\.0\.0\.1:(\d+)"', cfg.read_text())
     if m is None:
         raise RuntimeError(f"{cfg}: no listen = \"127.0.0.1:PORT\"")
@@ -393,6 +395,7 @@ def daemon_rss(
         if ready is None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"daemon not ready after {timeout:.0f} s:\n{tail}")
+        extra = during() if during is not None else {}
         samples: list[dict[str, float]] = []
         end = time.perf_counter() + settle
         while not samples or time.perf_counter() < end:
@@ -404,6 +407,7 @@ def daemon_rss(
                     fields[k] = int(v.split()[0]) / 1024
             samples.append(fields)
         return {
+            **extra,
             "ready_s": ready,
             "rss_mb": max(f["VmRSS"] for f in samples),
             "rss_last_mb": samples[-1]["VmRSS"],

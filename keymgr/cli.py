@@ -8,6 +8,7 @@ exit code 1 for a failed operation and 2 for bad usage or config.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import sys
@@ -201,7 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
         "every ring, every key, and the next transition",
         "keymgr status --json\nkeymgr status --timeline timeline.svg\nkeymgr status --timeline -",
     )
-    s.add_argument("--json", action="store_true", help="one ring per line, JSON")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="one ring per line, JSON; asked of the running daemon when [service] is "
+        "set and it runs this config (docs/signing-service.md#status)",
+    )
+    s.add_argument(
+        "--direct",
+        action="store_true",
+        help="read the store in this process, never the daemon's answer",
+    )
     s.add_argument(
         "--timeline",
         metavar="FILE",
@@ -440,13 +451,40 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _manager(args: argparse.Namespace) -> Any:
-    from keymgr.config import resolve_config_path
+def _manager(args: argparse.Namespace, cfg: Any = None) -> Any:
+    from keymgr.config import load_config, resolve_config_path
     from keymgr.logs import configure
     from keymgr.manager import KeyManager
 
     configure(cli=True)
-    return KeyManager.from_config(resolve_config_path(getattr(args, "config", None)))
+    if cfg is None:
+        cfg = load_config(resolve_config_path(getattr(args, "config", None)))
+    return KeyManager(cfg)
+
+
+def _status_from_daemon(cfg: Any) -> bool:
+    """``status --json`` copied from the daemon of ``cfg`` (keymgr.status_client)."""
+    if cfg.service is None:
+        return False
+    from keymgr.status_client import from_daemon
+
+    out = sys.stdout
+    out.flush()
+    raw = getattr(out, "buffer", None)  # None: a text stream (keymgr.cli.main in-process)
+    if raw is not None:
+        write: Any = raw.write
+    else:
+        text = codecs.getincrementaldecoder("utf-8")()
+
+        def write(chunk: bytes) -> None:
+            out.write(text.decode(chunk))
+
+    return from_daemon(
+        cfg.service.listeners.socket,
+        cfg.identity,
+        write,
+        lambda line: print(f"keymgr: warning: {_one_line(line)}", file=sys.stderr),
+    )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -483,7 +521,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if c == "audit" and args.audit_command == "show":
         return _audit_show(args)  # reads one file: the config, not a KeyManager
-    m = _manager(args)
+    loaded = None
+    if c == "status" and args.json and args.timeline is None and not args.direct:
+        from keymgr.config import load_config, resolve_config_path
+
+        loaded = load_config(resolve_config_path(getattr(args, "config", None)))
+        if _status_from_daemon(loaded):
+            return EXIT_OK
+    m = _manager(args, loaded)
     if c == "reconcile":
         return _print_pass(m.reconcile(args.at))
     if c == "rotate":

@@ -9,6 +9,7 @@ kind of surprise that breaks a rotation months later.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tomllib
@@ -131,6 +132,10 @@ class Config:
     issuers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Per publisher with ``cache_control = "auto"``: the max-age derived for it.
     auto_cache_control: Mapping[str, AutoCacheControl] = dataclasses.field(default_factory=dict)
+    #: What the config was read from: :func:`config_identity` of its path and
+    #: bytes ("" when not read from a file). ``keymgr status`` compares it with
+    #: the daemon's before taking the daemon's answer (keymgr.statusclient).
+    identity: str = ""
 
     def edge_urls(self) -> dict[str, tuple[str, ...]]:
         """The URLs probed for each publisher, for the planner."""
@@ -234,7 +239,16 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: bad TOML: {e}") from None
-    return parse_config(doc, path)
+    return dataclasses.replace(parse_config(doc, path), identity=config_identity(path, raw))
+
+
+def config_identity(path: Path, raw: bytes) -> str:
+    """SHA-256 of the config's absolute path and bytes: two processes with the
+    same identity resolve every relative path and every setting alike."""
+    h = hashlib.sha256(os.fsencode(os.path.abspath(path)))
+    h.update(b"\0")
+    h.update(raw)
+    return h.hexdigest()
 
 
 def _audit_record(ctx: _Ctx, value: Any, state_url: str) -> str | None:

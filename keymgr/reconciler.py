@@ -18,6 +18,7 @@ from __future__ import annotations
 import getpass
 import secrets
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -112,6 +113,11 @@ class Reconciler:
         self._checked_rings: dict[str, Ring] = {}
         #: Steady rings' plans, reused while nothing they depend on changed.
         self._plan_memo = PlanMemo()
+        #: One plan at a time per memo: the daemon plans from its pass, its
+        #: heartbeat and the service's ``GET /v1/status`` threads, and the
+        #: memo's context (:meth:`PlanMemo.enter`) is only right for the plan
+        #: that entered it.
+        self._plan_lock = threading.Lock()
         #: The config and the rings :meth:`check_rings` last found configured.
         self._rings_ok: tuple[object, dict[str, Ring]] = (None, {})
         #: Called after each edge probe (publisher, result, record before,
@@ -246,14 +252,15 @@ class Reconciler:
         return names
 
     def plan(self, state: State, now: datetime) -> Plan:
-        return plan(
-            state,
-            self.config.policies,
-            now,
-            self.config.publishers,
-            self.config.edge_urls(),
-            self._plan_memo,
-        )
+        with self._plan_lock:
+            return plan(
+                state,
+                self.config.policies,
+                now,
+                self.config.publishers,
+                self.config.edge_urls(),
+                self._plan_memo,
+            )
 
     # -- the pass ----------------------------------------------------------
 

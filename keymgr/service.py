@@ -86,6 +86,7 @@ STATUS = {
     "not_found": 404,
     "unknown_ring": 404,
     "method_not_allowed": 405,
+    "config_differs": 409,
     "payload_too_large": 413,
     "internal": 500,
     "not_ready": 503,
@@ -107,6 +108,15 @@ KEEPALIVE = 60.0
 #: A stopping service finishes the requests in flight for at most this long.
 SHUTDOWN_GRACE = 3.0
 _PREFIX = "/v1/rings/"
+#: ``keymgr status --json`` from the daemon's own state (keymgr.status_client).
+STATUS_PATH = "/v1/status"
+#: Header naming the config a ``GET /v1/status`` caller read (keymgr.config.Config.identity).
+CONFIG_HEADER = "X-Keymgr-Config"
+#: Bytes of status text per chunk sent, and chunks rendered ahead of the client.
+STATUS_CHUNK = 1 << 20
+STATUS_AHEAD = 4
+#: Seconds a status client may take to accept one chunk before it is dropped.
+STATUS_WRITE_TIMEOUT = 60.0
 _LISTEN_FDS_START = 3  # sd_listen_fds(3)
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -293,11 +303,13 @@ class RefusalLog:
 
 
 def _event(caller: str, rings: set[str], detail: str, count: int) -> dict[str, Any]:
+    """``rings``: the rings refused ("" stands for ``GET /v1/status``, no ring)."""
     ev: dict[str, Any] = {"event": "service.refused"}
-    if len(rings) == 1:
-        ev["ring"] = next(iter(rings))
-    else:
-        ev["rings"] = sorted(rings)
+    named = sorted(r for r in rings if r)
+    if len(named) == 1:
+        ev["ring"] = named[0]
+    elif named:
+        ev["rings"] = named
     ev.update(caller=caller, count=count, reason=detail)
     return ev
 
@@ -502,6 +514,8 @@ class SigningService:
         self._error: BaseException | None = None
         #: Per (ring, caller): the metric children, looked up once.
         self._children: dict[tuple[str, str], Any] = {}
+        #: One ``GET /v1/status`` rendered at a time (created on the loop).
+        self._status_slot: asyncio.Semaphore | None = None
         self.tcp_port: int | None = bound.tcp.getsockname()[1] if bound.tcp is not None else None
 
     # -- life ----------------------------------------------------------------
@@ -582,6 +596,8 @@ class SigningService:
         ring = ""
         try:
             path = request.path
+            if path == STATUS_PATH:
+                return await self._status(request)
             if not path.startswith(_PREFIX):
                 raise _Refused("not_found", f"no such endpoint {path!r}")
             ring, _, action = path[len(_PREFIX) :].partition("/")
@@ -680,6 +696,108 @@ class SigningService:
             "activated_at": format_time(key.activated_at),
             "next_promotion_at": format_time(nxt),
         }
+
+    async def _status(self, request: web.BaseRequest) -> web.StreamResponse:
+        """``keymgr status --json``, byte for byte, from the daemon's state: what
+        the command computes (read, validated, checked against the audit log,
+        planned at the wall clock; only what changed is read again), streamed
+        as it is rendered. The daemon's own uid and root may read it (both can
+        read the state anyway), and whoever ``[service.status]`` names."""
+        if request.method != "GET":
+            raise _Refused("method_not_allowed", "use GET")
+        host = self.host
+        caller = self._caller(request)
+        settings = host.config.service
+        if not (caller.uid is not None and caller.uid in (0, os.geteuid())) and not (
+            caller.allowed(settings.status if settings is not None else None)
+        ):
+            self.refusals.refused(
+                caller.label, "", f"{caller.describe()}: not allowed to read the status"
+            )
+            raise _Refused("forbidden", "not allowed to read the status")
+        want = request.headers.get(CONFIG_HEADER)
+        if want is not None and want != host.config.identity:
+            raise _Refused(
+                "config_differs",
+                "the daemon runs another config than the caller's (not reloaded yet, or "
+                "another file): reload it (SIGHUP) or read the store (keymgr status --direct)",
+            )
+        if self._status_slot is None:
+            self._status_slot = asyncio.Semaphore(1)
+        async with self._status_slot:
+            return await self._stream_status(request, host.manager)
+
+    async def _stream_status(
+        self, request: web.BaseRequest, manager: KeyManager
+    ) -> web.StreamResponse:
+        from keymgr.render import write_sections
+
+        loop = asyncio.get_running_loop()
+        try:
+            # Read, checked and planned before the answer starts: a refused
+            # state is an error answer, never half a document.
+            parts = await loop.run_in_executor(self._pool, manager.status_parts)
+        except KeymgrError as e:
+            raise _Refused("not_ready", f"status: {e}") from None
+        chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(STATUS_AHEAD)
+        stop = threading.Event()
+
+        def put(item: bytes | BaseException | None) -> None:
+            if stop.is_set():
+                raise _Gone
+            asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
+
+        def render() -> None:
+            buf: list[str] = []
+            size = 0
+
+            def write(text: str) -> None:
+                nonlocal size
+                buf.append(text)
+                size += len(text)
+                if size >= STATUS_CHUNK:
+                    put("".join(buf).encode())
+                    buf.clear()
+                    size = 0
+
+            try:
+                write_sections(parts, write)
+                put("".join(buf).encode())
+                put(None)
+            except _Gone:
+                return
+            except BaseException as e:  # ends the answer short: the client sees it cut
+                with contextlib.suppress(_Gone):
+                    put(e)
+
+        resp = web.StreamResponse(
+            status=200, headers={**_HEADERS, "Content-Type": "application/json"}
+        )
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        producer = loop.run_in_executor(self._pool, render)
+        try:
+            while (item := await chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    log.error("service.status_failed", error=f"{type(item).__name__}: {item}")
+                    raise _Gone
+                await asyncio.wait_for(resp.write(item), STATUS_WRITE_TIMEOUT)
+            await resp.write_eof()
+        except (_Gone, OSError, TimeoutError, ConnectionError):
+            # No last chunk: the client sees the answer cut, never a short
+            # document that parses.
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            stop.set()
+            while not chunks.empty():  # a producer blocked on a full queue goes on
+                chunks.get_nowait()
+            await producer
+        return resp
+
+
+class _Gone(Exception):
+    """The status answer stopped (client gone, too slow, or rendering failed)."""
 
 
 async def _sign_request(

@@ -23,6 +23,9 @@ when the daemon starts or reloads).
     groups = ["issuers"]               # ... or its gid or one of its supplementary groups
     gids = []
     cert_names = ["api.internal"]      # TCP: the client certificate's subject CN or a SAN
+
+    [service.status]                   # optional: who else may read GET /v1/status
+    groups = ["keymgr-ops"]            # (the daemon's own uid and root always may)
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ SERVICE_FIELDS = (
     "tls_key",
     "tls_client_ca",
     "rings",
+    "status",
 )
 RING_ACCESS_FIELDS = ("users", "uids", "groups", "gids", "cert_names")
 DEFAULT_SOCKET = "/run/keymgr/sign.sock"
@@ -87,6 +91,9 @@ class ServiceSettings:
     listeners: Listeners
     #: Per ring served; a ring of ``[keyrings]`` that is not here refuses everyone.
     rings: Mapping[str, RingAccess]
+    #: Who may read ``GET /v1/status`` besides the daemon's own uid and root
+    #: (``[service.status]``; keymgr.service).
+    status: RingAccess = RingAccess()
 
 
 def parse_service(
@@ -135,6 +142,9 @@ def parse_service(
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: must be a table")
         access[ring] = _ring_access(Options(spec, where, RING_ACCESS_FIELDS))
+    status = o.raw("status", {})
+    if not isinstance(status, dict):
+        raise o.err("status", "must be a table like [service.rings.RING]")
     return ServiceSettings(
         listeners=Listeners(
             socket=sock,
@@ -146,6 +156,7 @@ def parse_service(
             tls_client_ca=tls["tls_client_ca"],
         ),
         rings=access,
+        status=_ring_access(Options(status, "service.status", RING_ACCESS_FIELDS)),
     )
 
 

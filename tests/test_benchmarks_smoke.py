@@ -104,7 +104,7 @@ def test_bench_scale(tmp_path):
         # the no-op pass did nothing and the due pass rotated exactly r00000).
         assert "refused" not in r and "skipped" not in r, r
         assert r["due_commits"] >= 1 and r["largest_entry_bytes"] > 0, r
-        assert r["rss_mb"] > 0 and r["status_s"] > 0, r
+        assert r["rss_mb"] > 0 and r["status_s"] > 0 and r["status_daemon_s"] > 0, r
         if r["layout"] == "auto" and r["rings"] == 60:  # 170 KiB as one document: sharded
             assert r["largest_entry_bytes"] < r["single_document_bytes"] / 2, r
             assert r["due_commit_max_bytes"] < r["single_document_bytes"] / 2, r

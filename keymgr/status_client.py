@@ -1,0 +1,129 @@
+"""``keymgr status --json`` answered by the running daemon (``GET /v1/status``).
+
+A fresh process must read, validate and plan every ring before it can write a
+status: 10 s at 100,000 rings (docs/scale.md). The daemon already holds all of
+that, validated, and keeps it current by reading only what changed; so when
+the config has a ``[service]`` and its daemon answers on the service's Unix
+socket, the command asks it and copies the answer to stdout. The answer is
+what the command would have written itself: the daemon runs the same code
+(``KeyManager.status_parts``) on a state it has just brought up to date.
+
+The daemon's answer is taken only when all of these hold, otherwise the
+command reads the store itself, as it always did (and words any error the
+same way):
+
+- the socket's peer (``SO_PEERCRED``) is root, this process's own uid, or the
+  owner of the socket's folder: whoever controls that folder controls what
+  answers at the path anyway. Anyone else is not asked (one stderr line);
+- the daemon runs the very config this process read (same absolute path and
+  bytes: :attr:`keymgr.config.Config.identity`); a config edited but not
+  reloaded yet gets ``409 config_differs``, and the store is read directly;
+- the answer is ``200``. An error (a refused state, not allowed) is left to
+  the direct read, which says it as the command always has.
+
+Once the first bytes are written, an answer cut short (the daemon stopped, a
+chunk never came) ends the command with one line and exit 1: the chunked
+framing tells a whole answer from a cut one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from keymgr.errors import KeymgrError
+
+#: Seconds to connect, and to wait for each part of the answer.
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 60.0
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_COPY = 1 << 20
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=CONNECT_TIMEOUT)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(CONNECT_TIMEOUT)
+            s.connect(str(self._path))
+            s.settimeout(READ_TIMEOUT)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+def trusted_peer(sock: socket.socket, path: Path) -> int | None:
+    """The peer's uid when it may answer for ``path``, else None (see the module)."""
+    uid: int
+    _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    if uid in (0, os.geteuid()):
+        return uid
+    try:
+        owner = os.stat(path.parent).st_uid
+    except OSError:
+        return None
+    return uid if uid == owner else None
+
+
+def from_daemon(
+    socket_path: Path,
+    identity: str,
+    write: Callable[[bytes], object],
+    warn: Callable[[str], object],
+) -> bool:
+    """Copy the daemon's ``status --json`` to ``write``; False (nothing written)
+    when it is not to be asked or did not answer 200, so the caller reads the
+    store itself. KeymgrError once something was written and the answer is cut."""
+    try:
+        st = os.stat(socket_path)
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        return False
+    from keymgr.service import CONFIG_HEADER, STATUS_PATH
+
+    conn = _UnixConnection(socket_path)
+    try:
+        try:
+            conn.connect()
+        except OSError:
+            return False  # no daemon (a socket left behind), or not allowed to connect
+        assert conn.sock is not None
+        if trusted_peer(conn.sock, socket_path) is None:
+            warn(
+                f"status: {socket_path}: served by a uid that is neither root, this user "
+                "nor the folder's owner; not asked, reading the store"
+            )
+            return False
+        try:
+            conn.request("GET", STATUS_PATH, headers={CONFIG_HEADER: identity})
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            return False
+        if resp.status != 200 or not resp.chunked:
+            return False  # only chunked framing tells a whole answer from a cut one
+        started = False
+        try:
+            while chunk := resp.read1(_COPY):
+                write(chunk)
+                started = True
+        except (OSError, http.client.HTTPException) as e:
+            if not started:
+                return False
+            raise KeymgrError(
+                f"status: the daemon's answer on {socket_path} was cut short "
+                f"({type(e).__name__}); run again, or read the store: keymgr status --direct"
+            ) from None
+        return True
+    finally:
+        conn.close()
