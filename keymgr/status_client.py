@@ -38,6 +38,10 @@ from pathlib import Path
 
 from keymgr.errors import KeymgrError
 
+#: ``keymgr status --json`` from the daemon's own state (keymgr.service).
+STATUS_PATH = "/v1/status"
+#: Header naming the config a ``GET /v1/status`` caller read (keymgr.config.Config.identity).
+CONFIG_HEADER = "X-Keymgr-Config"
 #: Seconds to connect, and to wait for each part of the answer.
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 60.0
@@ -90,8 +94,6 @@ def from_daemon(
         return False
     if not stat.S_ISSOCK(st.st_mode):
         return False
-    from keymgr.service import CONFIG_HEADER, STATUS_PATH
-
     conn = _UnixConnection(socket_path)
     try:
         try:

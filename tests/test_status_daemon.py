@@ -23,6 +23,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -339,6 +340,7 @@ def test_a_client_gone_or_a_render_failing_mid_answer(
     assert host.config.service is not None
     svc = service.SigningService(host, host.config.service, service.bind(host.config.service))
     svc.start()
+    closed = False
     try:
         # Gone after a few bytes.
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -369,8 +371,24 @@ def test_a_client_gone_or_a_render_failing_mid_answer(
 
         threading.Thread(target=again, daemon=True).start()
         assert done.wait(30) and result == [200]
-    finally:
+        # A client that stops reading, then the daemon stops: the service
+        # closes in its grace, and the thread rendering for it ends too (a
+        # pool thread waiting on a loop that stopped would hold the exit).
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.connect(str(sock))
+        stalled.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stalled.recv(100).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
         svc.close()
+        closed = True
+        assert time.monotonic() - t0 < service.SHUTDOWN_GRACE + 5
+        wait_for(lambda: not [t for t in threading.enumerate()
+                              if t.name.startswith("service-sign") and t.is_alive()],
+                 10, "the service's threads to end")
+        stalled.close()
+    finally:
+        if not closed:
+            svc.close()
 
 
 @pytest.mark.parametrize(
