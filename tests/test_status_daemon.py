@@ -32,13 +32,15 @@ import pytest
 
 from keymgr import cli, manager
 from tests.conftest import Home
-from tests.test_daemon import Launcher, audit_events, fast_home, wait_for
+from tests.test_daemon import Launcher, audit_events, set_daemon, wait_for
 from tests.test_service import NOBODY, UnixHTTP, add_service, service_started
 
 
 def served(home: Home, launcher: Launcher, sock: Path, **fields: Any) -> Any:
-    """A ready daemon of ``home`` with a ``[service]`` on ``sock`` (no ring served)."""
-    fast_home(home, interval="60s")
+    """A ready daemon of ``home`` with a ``[service]`` on ``sock`` (no ring
+    served). The default ring's periods (30 days): nothing changes while a
+    test compares two answers."""
+    set_daemon(home, listen="127.0.0.1:0")
     add_service(home, {}, socket=str(sock), **fields)
     d = launcher.start(home)
     d.ready()
@@ -94,16 +96,8 @@ def test_a_config_not_reloaded_yet_is_read_directly(home: Home, launcher: Launch
     # A second ring in the file, no SIGHUP: the daemon still runs the old config.
     text = home.config.read_text()
     cut = text.index("\n[service]")
-    ring = textwrap.dedent("""
-        [keyrings.second]
-        backend = "local"
-        algorithm = "ES256"
-        rotation_period = "30d"
-        publish_ahead = "1h"
-        retire_grace = "1d"
-        destroy_after = "7d"
-        publishers = ["site"]
-    """)
+    start = text.index("[keyrings.default]")  # the default ring's table, as a second one
+    ring = text[start:cut].replace("[keyrings.default]", "[keyrings.second]", 1)
     home.config.write_text(text[:cut] + "\n" + ring + text[cut:])
     proc = status(home)
     assert proc.returncode == 0, proc.stderr
@@ -179,7 +173,6 @@ def fakes() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def with_socket_only(home: Home, sock: Path) -> None:
-    fast_home(home, interval="60s")
     add_service(home, {}, socket=str(sock))
     home.run("reconcile", check=True)
 
