@@ -42,8 +42,12 @@ from keymgr.errors import KeymgrError
 STATUS_PATH = "/v1/status"
 #: Header naming the config a ``GET /v1/status`` caller read (keymgr.config.Config.identity).
 CONFIG_HEADER = "X-Keymgr-Config"
-#: Seconds to connect, and to wait for each part of the answer.
+#: Seconds to connect; to wait for the answer to start (the daemon reads what
+#: changed and plans first: well under a second at 100,000 rings once it runs;
+#: a daemon that is stuck or still starting is not waited for longer, the
+#: store is read instead); and to wait for each further part of it.
 CONNECT_TIMEOUT = 2.0
+ANSWER_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _COPY = 1 << 20
@@ -59,7 +63,7 @@ class _UnixConnection(http.client.HTTPConnection):
         try:
             s.settimeout(CONNECT_TIMEOUT)
             s.connect(str(self._path))
-            s.settimeout(READ_TIMEOUT)
+            s.settimeout(ANSWER_TIMEOUT)
         except BaseException:
             s.close()
             raise
@@ -100,8 +104,9 @@ def from_daemon(
             conn.connect()
         except OSError:
             return False  # no daemon (a socket left behind), or not allowed to connect
-        assert conn.sock is not None
-        if trusted_peer(conn.sock, socket_path) is None:
+        sock = conn.sock
+        assert sock is not None
+        if trusted_peer(sock, socket_path) is None:
             warn(
                 f"status: {socket_path}: served by a uid that is neither root, this user "
                 "nor the folder's owner; not asked, reading the store"
@@ -114,6 +119,7 @@ def from_daemon(
             return False
         if resp.status != 200 or not resp.chunked:
             return False  # only chunked framing tells a whole answer from a cut one
+        sock.settimeout(READ_TIMEOUT)  # the response reads this socket, whoever holds it
         started = False
         try:
             while chunk := resp.read1(_COPY):

@@ -144,6 +144,9 @@ FAKE = textwrap.dedent("""
         if mode == "close":
             c.close()
             continue
+        if mode == "silent":  # a daemon that is stuck: connected, never answers
+            held = c
+            continue
         body = b'{"rings": {"forged": {}}}\\n' if mode == "forged" else b'{\\n  "rings": {'
         c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n"
                   b"Transfer-Encoding: chunked\\r\\n\\r\\n"
@@ -236,6 +239,27 @@ def test_no_answer_is_read_directly_and_a_cut_answer_fails_in_one_line(
     err = proc.stderr.decode().strip().splitlines()
     assert proc.returncode == 1 and proc.stdout == b'{\n  "rings": {'
     assert len(err) == 1 and "was cut short" in err[0] and "Traceback" not in err[0], err
+
+
+def test_a_daemon_that_does_not_answer_is_not_waited_for(
+    home: Home, fakes: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch,
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """Connected, then silence (a stopped daemon's socket still accepts):
+    after ANSWER_TIMEOUT (15 s; 1 s here) the store is read, silently."""
+    from keymgr import status_client
+
+    sock = home.dir / "svc.sock"
+    with_socket_only(home, sock)
+    want = direct(home)
+    fakes.append(fake_daemon(sock, "silent"))
+    monkeypatch.setattr(status_client, "ANSWER_TIMEOUT", 1.0)
+    t0 = time.monotonic()
+    assert cli.main(["--config", str(home.config), "status", "--json"]) == 0
+    took = time.monotonic() - t0
+    out, err = capfdbinary.readouterr()
+    assert out == want and err == b""
+    assert 1.0 <= took < 10, took
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
