@@ -202,16 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         "every ring, every key, and the next transition",
         "keymgr status --json\nkeymgr status --timeline timeline.svg\nkeymgr status --timeline -",
     )
-    s.add_argument(
-        "--json",
-        action="store_true",
-        help="one ring per line, JSON; asked of the running daemon when [service] is "
-        "set and it runs this config (docs/signing-service.md#status)",
-    )
+    s.add_argument("--json", action="store_true", help="one ring per line, JSON")
     s.add_argument(
         "--direct",
         action="store_true",
-        help="read the store in this process, never the daemon's answer",
+        help="read the store in this process; without it, a running daemon with "
+        "[service] that runs this config is asked (docs/signing-service.md#status)",
     )
     s.add_argument(
         "--timeline",
@@ -462,8 +458,9 @@ def _manager(args: argparse.Namespace, cfg: Any = None) -> Any:
     return KeyManager(cfg)
 
 
-def _status_from_daemon(cfg: Any) -> bool:
-    """``status --json`` copied from the daemon of ``cfg`` (keymgr.status_client)."""
+def _status_from_daemon(cfg: Any, into: Any = None) -> bool:
+    """``status --json`` from the daemon of ``cfg`` (keymgr.status_client),
+    copied to stdout, or handed to ``into`` (bytes) when given."""
     if cfg.service is None:
         return False
     from keymgr.status_client import from_daemon
@@ -471,8 +468,10 @@ def _status_from_daemon(cfg: Any) -> bool:
     out = sys.stdout
     out.flush()
     raw = getattr(out, "buffer", None)  # None: a text stream (keymgr.cli.main in-process)
-    if raw is not None:
-        write: Any = raw.write
+    if into is not None:
+        write: Any = into
+    elif raw is not None:
+        write = raw.write
     else:
         text = codecs.getincrementaldecoder("utf-8")()
 
@@ -522,12 +521,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if c == "audit" and args.audit_command == "show":
         return _audit_show(args)  # reads one file: the config, not a KeyManager
     loaded = None
-    if c == "status" and args.json and args.timeline is None and not args.direct:
+    if c == "status" and args.timeline is None and not args.direct:
         from keymgr.config import load_config, resolve_config_path
 
         loaded = load_config(resolve_config_path(getattr(args, "config", None)))
-        if _status_from_daemon(loaded):
-            return EXIT_OK
+        if args.json:
+            if _status_from_daemon(loaded):
+                return EXIT_OK
+        else:
+            answer = bytearray()
+            if _status_from_daemon(loaded, answer.extend):
+                from keymgr.render import status_text
+
+                print(status_text(json.loads(answer)))
+                return EXIT_OK
     m = _manager(args, loaded)
     if c == "reconcile":
         return _print_pass(m.reconcile(args.at))
@@ -559,7 +566,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return EXIT_OK
         from keymgr.render import status_text
 
-        print(status_text(m.status(), m.state()))
+        print(status_text(m.status()))
         return EXIT_OK
     if c == "jwks":
         print(json.dumps(m.jwks(args.ring), indent=2, sort_keys=True))

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from keymgr.jose import claims_json
-from keymgr.model import State
 from keymgr.timefmt import format_duration, parse_time, utcnow
 
 
@@ -39,7 +38,9 @@ def timeline(key: dict[str, Any]) -> str:
     return " -> ".join(f"{label} {_short(at)}" for at, _, label in steps)
 
 
-def status_text(doc: dict[str, Any], state: State) -> str:
+def status_text(doc: dict[str, Any]) -> str:
+    """``keymgr status``: the ``status --json`` document as text (from this
+    process's read or from the daemon's answer alike)."""
     out: list[str] = []
     for ring, info in doc["rings"].items():
         out.append(f"ring {ring}")

@@ -83,6 +83,17 @@ def test_the_daemons_answer_is_the_commands_output_byte_for_byte(
     out, err = capfdbinary.readouterr()
     assert out == want, err
     assert err == b""
+    # The text form is drawn from the same answer ("in 29d..." read at one
+    # fixed instant, so that the two sides compare).
+    from keymgr import render
+
+    at = render.utcnow()
+    monkeypatch.setattr(render, "utcnow", lambda: at)
+    text = render.status_text(json.loads(want))
+    assert text.startswith("ring default")
+    assert cli.main(["--config", str(home.config), "status"]) == 0
+    out, err = capfdbinary.readouterr()
+    assert out.decode() == text + "\n" and err == b""
     # And through a real command in a process of its own.
     proc = status(home)
     assert proc.returncode == 0 and proc.stdout == want and proc.stderr == b""
