@@ -32,7 +32,7 @@ import pytest
 
 from keymgr import cli, manager
 from tests.conftest import Home
-from tests.test_daemon import Launcher, audit_events, set_daemon, wait_for
+from tests.test_daemon import Launcher, audit_events, fast_home, set_daemon, wait_for
 from tests.test_service import NOBODY, UnixHTTP, add_service, service_started
 
 
@@ -438,3 +438,36 @@ def test_bad_status_access_is_refused(home: Home, text: str, error: str) -> None
     with home.config.open("a") as f:
         f.write('[service.status]\nusers = ["root"]\ngroups = ["root"]\ncert_names = ["ops"]\n')
     assert home.run("config", "check", inproc=True).returncode == 0
+
+
+def test_answers_stay_whole_and_sound_while_the_daemon_rotates(
+    home: Home, launcher: Launcher
+) -> None:
+    """Second-scale periods: the daemon generates, publishes, promotes and
+    retires while status is asked of it again and again (its pass, its
+    heartbeat and the status thread plan on one memo). Every answer is a
+    whole document with one active key, and the answers follow the rotations."""
+    from keymgr.status_client import from_daemon
+
+    sock = home.dir / "svc.sock"
+    fast_home(home, interval="1s")
+    add_service(home, {}, socket=str(sock))
+    d = launcher.start(home)
+    d.ready()
+    service_started(d)
+    identity = _identity(home)
+    actives: list[str] = []
+    deadline = time.monotonic() + 14
+    while time.monotonic() < deadline:
+        got = bytearray()
+        assert from_daemon(sock, identity, got.extend, pytest.fail)
+        keys = json.loads(got)["rings"]["default"]["keys"]
+        active = [k["kid"] for k in keys if k["state"] == "active"]
+        assert len(active) == 1, keys
+        assert {k["state"] for k in keys} <= {"pending", "published", "active", "retired",
+                                                "expired", "destroyed"}, keys
+        if not actives or actives[-1] != active[0]:
+            actives.append(active[0])
+        time.sleep(0.05)
+    assert len(actives) >= 2, actives  # a promotion happened while it answered
+    assert len(set(actives)) == len(actives), actives  # and never went back
