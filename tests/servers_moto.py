@@ -2,7 +2,8 @@
 
 ``tests/conftest.py`` loads this module as a plugin when it exists. It gives:
 
-- ``moto_server`` (session): one ``python -m moto.server`` process per xdist
+- ``moto_server`` (session): one ``moto.server`` process per xdist (run by
+  tests/moto_atomic.py: S3 conditional writes atomic, as on S3)
   worker, on a free loopback port, started once and stopped at the end. Each
   worker has its own server, so tests never see another worker's state.
 - ``moto`` (function): resets the server (``POST /moto-api/reset``) and points
@@ -82,12 +83,16 @@ class MotoServer(ServerProcess):
 
 
 
+#: moto.server with S3's conditional writes made atomic, as they are on S3.
+_ATOMIC = Path(__file__).resolve().parent / "moto_atomic.py"
+
+
 def start_moto(log_dir: Path) -> MotoServer:
     def start(port: int) -> MotoServer:
         log_path = log_dir / f"moto-{port}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                [sys.executable, str(_ATOMIC), "-H", "127.0.0.1", "-p", str(port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "MOTO_PORT": str(port)},
