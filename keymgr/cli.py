@@ -467,16 +467,16 @@ def _status_from_daemon(cfg: Any, into: Any = None) -> bool:
 
     out = sys.stdout
     out.flush()
-    raw = getattr(out, "buffer", None)  # None: a text stream (keymgr.cli.main in-process)
-    if into is not None:
-        write: Any = into
-    elif raw is not None:
-        write = raw.write
-    else:
-        text = codecs.getincrementaldecoder("utf-8")()
+    write: Any = into
+    if write is None:
+        raw = getattr(out, "buffer", None)  # None: a text stream (keymgr.cli.main in-process)
+        if raw is not None:
+            write = raw.write
+        else:
+            text = codecs.getincrementaldecoder("utf-8")()
 
-        def write(chunk: bytes) -> None:
-            out.write(text.decode(chunk))
+            def write(chunk: bytes) -> None:
+                out.write(text.decode(chunk))
 
     return from_daemon(
         cfg.service.listeners.socket,

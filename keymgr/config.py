@@ -134,7 +134,7 @@ class Config:
     auto_cache_control: Mapping[str, AutoCacheControl] = dataclasses.field(default_factory=dict)
     #: What the config was read from: :func:`config_identity` of its path and
     #: bytes ("" when not read from a file). ``keymgr status`` compares it with
-    #: the daemon's before taking the daemon's answer (keymgr.statusclient).
+    #: the daemon's before taking the daemon's answer (keymgr.status_client).
     identity: str = ""
 
     def edge_urls(self) -> dict[str, tuple[str, ...]]:

@@ -51,7 +51,6 @@ import pwd
 import secrets
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -69,6 +68,7 @@ from keymgr import malloc
 from keymgr.errors import BackendError, ConfigError, KeymgrError, UsageError
 from keymgr.logs import get_logger
 from keymgr.model import ACTIVE
+from keymgr.peercred import peer_credentials
 from keymgr.service_config import Listeners, RingAccess, ServiceSettings, tls_context
 from keymgr.status_client import CONFIG_HEADER, STATUS_PATH
 from keymgr.timefmt import format_duration, format_time, parse_duration
@@ -118,7 +118,6 @@ STATUS_AHEAD = 4
 STATUS_WRITE_TIMEOUT = 60.0
 _LISTEN_FDS_START = 3  # sd_listen_fds(3)
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SIGN_FIELDS = frozenset({"claims", "ttl"})
 _HEADERS = {"Cache-Control": "no-store"}
 
@@ -201,7 +200,7 @@ def _peer_groups(sock: Any) -> frozenset[int]:
 
 
 def _unix_caller(sock: Any) -> Caller:
-    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    pid, uid, gid = peer_credentials(sock)
     return Caller(label=f"uid:{uid}", uid=uid, gid=gid, pid=pid, sock=sock)
 
 

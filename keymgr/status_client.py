@@ -32,11 +32,11 @@ import http.client
 import os
 import socket
 import stat
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 from keymgr.errors import KeymgrError
+from keymgr.peercred import peer_credentials
 
 #: ``keymgr status --json`` from the daemon's own state (keymgr.service).
 STATUS_PATH = "/v1/status"
@@ -49,7 +49,6 @@ CONFIG_HEADER = "X-Keymgr-Config"
 CONNECT_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _COPY = 1 << 20
 
 
@@ -72,8 +71,7 @@ class _UnixConnection(http.client.HTTPConnection):
 
 def trusted_peer(sock: socket.socket, path: Path) -> int | None:
     """The peer's uid when it may answer for ``path``, else None (see the module)."""
-    uid: int
-    _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    _, uid, _ = peer_credentials(sock)
     if uid in (0, os.geteuid()):
         return uid
     try:
