@@ -48,21 +48,20 @@ def served(home: Home, launcher: Launcher, sock: Path, **fields: Any) -> Any:
     return d
 
 
-def direct(home: Home) -> bytes:
-    proc = subprocess.run(
+def status(home: Home, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    """``keymgr status --json [EXTRA]`` in a process of its own, as bytes."""
+    return subprocess.run(
         [sys.executable, "-m", "keymgr.cli", "--config", str(home.config), "status", "--json",
-         "--direct"],
+         *extra],
         capture_output=True, cwd=home.dir, env=home.env(), timeout=60,
     )
+
+
+def direct(home: Home) -> bytes:
+    """The store read by the command itself (``--direct``), which must succeed."""
+    proc = status(home, "--direct")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
-
-
-def status(home: Home) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "keymgr.cli", "--config", str(home.config), "status", "--json"],
-        capture_output=True, cwd=home.dir, env=home.env(), timeout=60,
-    )
 
 
 def test_the_daemons_answer_is_the_commands_output_byte_for_byte(
