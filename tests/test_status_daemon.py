@@ -474,3 +474,33 @@ def test_answers_stay_whole_and_sound_while_the_daemon_rotates(
         time.sleep(0.05)
     assert len(actives) >= 2, actives  # a promotion happened while it answered
     assert len(set(actives)) == len(actives), actives  # and never went back
+
+
+def test_a_state_put_back_from_an_older_copy_is_refused_alike(
+    home: Home, launcher: Launcher
+) -> None:
+    """With the daemon running, a state rolled back to an older copy (the
+    audit log went on past its anchor) is refused by ``status --json``, ``status``
+    and ``--direct`` alike: one line, exit 1, nothing on stdout. The daemon's
+    own check refuses it (503), and the command's read words it as always."""
+    sock = home.dir / "svc.sock"
+    served(home, launcher, sock)
+    state = home.dir / "state.json"
+    old = {p: p.read_bytes() for p in home.dir.glob("state.json*") if p.is_file()}
+    home.run("rotate", "default", check=True)
+    for p in home.dir.glob("state.json*"):
+        if p.is_file() and p not in old and p.suffix not in (".lock", ".lease"):
+            p.unlink()
+    for p, data in old.items():
+        if p.suffix not in (".lock", ".lease"):
+            p.write_bytes(data)
+    assert state.exists()
+    code, _ = _get(sock, {})
+    assert code == 503
+    answers = [status(home), status(home, "--direct"),
+               subprocess.run([sys.executable, "-m", "keymgr.cli", "--config", str(home.config),
+                               "status"], capture_output=True, env=home.env(), timeout=60)]
+    for proc in answers:
+        err = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode == 1 and proc.stdout == b"" and len(err) == 1, proc
+    assert answers[0].stderr == answers[1].stderr == answers[2].stderr
