@@ -46,7 +46,7 @@ FAST_POLICY = {
     "retire_grace": "2s",
     "destroy_after": "1s",
 }
-KILLS = 3
+KILLS = 2
 
 
 def stateless_home(home: Home, state: str, backends: dict[str, Any],

@@ -902,6 +902,13 @@ def test_daemon_replicas_lease_take_over_after_sigkill(
                       "the other replica to take the lease")
     took = time.monotonic() - killed
     assert took <= 3 + 1 + 1 + 3, f"takeover took {took:.1f}s"
+    # The killed replica may have died between a commit and its append, and
+    # holding the store's pass lock: the new holder appends what it left in the
+    # state's outbox once that lock may be taken over (lock_ttl, 5 s here, and
+    # its grace). A replica stopped before then leaves it to the next pass
+    # ('audit verify' says so), as a stopping daemon does not wait for a lock.
+    wait_for(lambda: run_cli(home, "audit", "verify").returncode == 0, 30,
+             "the new holder to append what the killed one left in the outbox")
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=15) == 0
     blob = lease.read(LEASE)

@@ -148,7 +148,7 @@ class FaultScheduler:
                 time.sleep(0.05)
             if kid is not None:
                 t_pub = self.watcher.first_seen[kid]
-                deadline = t_pub + s.period + s.publish_ahead + 10
+                deadline = t_pub + s.period + s.publish_ahead + 5
                 while (used := self.issuer.first_used(kid)) is None and time.time() < deadline:
                     time.sleep(0.05)
                 if used is not None:
@@ -161,6 +161,8 @@ class FaultScheduler:
             )
             return info
         info["published_at"] = round(t_pub - self.t0, 2)
+        #: How long the edge stayed cut after the successor reached the origin.
+        info["cut_after_publication"] = round(t_end - t_pub, 2)
         info["first_use"] = None if used is None else round(used - self.t0, 2)
         info["detail"] = (
             f"edge cut from its origin {t_pub - t_cut:.1f}s before {short(kid)} was served at the "
