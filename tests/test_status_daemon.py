@@ -5,9 +5,11 @@ What is shown: the answer is the command's own output byte for byte, and it
 came from the daemon (the test's own ``status_parts`` is made to fail); a
 config edited but not reloaded, a socket served by an untrusted uid, and a
 daemon that answers nothing are each left for the direct read; an answer cut
-after it started ends the command with one line and exit 1; who may read the
-status; and, in-process, that a client gone or a render failing mid-answer
-leaves no complete-looking document and does not hold the next request.
+after it started ends the command with one line and exit 1; a state rolled
+back, lost, edited by hand or torn under the running daemon is refused by the
+daemon and the command alike; who may read the status; and, in-process,
+that a client gone or a render failing mid-answer leaves no complete-looking
+document and does not hold the next request.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import pytest
 
 from keymgr import cli, manager
-from tests.conftest import Home
+from tests.conftest import Home, read_state
 from tests.test_daemon import Launcher, audit_events, fast_home, set_daemon, wait_for
 from tests.test_service import NOBODY, UnixHTTP, add_service, service_started
 
@@ -495,6 +497,13 @@ def test_a_state_put_back_from_an_older_copy_is_refused_alike(
         if p.suffix not in (".lock", ".lease"):
             p.write_bytes(data)
     assert state.exists()
+    refused_alike(home, sock)
+
+
+def refused_alike(home: Home, sock: Path) -> str:
+    """The daemon answers 503, and ``status --json``, ``status`` and
+    ``status --json --direct`` each fail with the same one line, exit 1 and
+    nothing on stdout: that line."""
     code, _ = _get(sock, {})
     assert code == 503
     answers = [status(home), status(home, "--direct"),
@@ -504,3 +513,55 @@ def test_a_state_put_back_from_an_older_copy_is_refused_alike(
         err = proc.stderr.decode().strip().splitlines()
         assert proc.returncode == 1 and proc.stdout == b"" and len(err) == 1, proc
     assert answers[0].stderr == answers[1].stderr == answers[2].stderr
+    return answers[0].stderr.decode()
+
+
+def _lose(state: Path) -> bytes | None:
+    state.rename(state.with_name("state.json.bak"))
+    return None
+
+
+def _edit(state: Path) -> bytes:
+    doc = read_state(state)
+    doc["rings"]["default"]["keys"][0]["state"] = "sleeping"
+    raw = json.dumps(doc).encode()
+    state.write_bytes(raw)
+    return raw
+
+
+def _tear(state: Path) -> bytes:
+    raw = state.read_bytes()[: state.stat().st_size // 2]
+    state.write_bytes(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [(_lose, "state anchors none (a new or replaced state)"),
+     (_edit, "unknown state"),
+     (_tear, "corrupt state")],
+    ids=["lost", "edited", "torn"],
+)
+def test_a_state_lost_or_damaged_under_the_daemon_is_refused_alike(
+    home: Home, launcher: Launcher, damage: Any, words: str
+) -> None:
+    """With the daemon running and answering, the state is lost (moved
+    away), edited by hand (a key in a state keymgr does not know) or torn
+    (half a document). The daemon's read refuses it like the command's own:
+    503, then the same one line from ``status --json``, ``status`` and
+    ``--direct``, naming what is wrong; and nothing the daemon does meanwhile
+    writes over what was found."""
+    sock = home.dir / "svc.sock"
+    d = served(home, launcher, sock)
+    assert status(home).returncode == 0
+    state = home.dir / "state.json"
+    left = damage(state)
+    line = refused_alike(home, sock)
+    assert words in line, line
+    d.popen.send_signal(signal.SIGHUP)  # a pass and a heartbeat on it
+    time.sleep(1.5)
+    assert refused_alike(home, sock) == line
+    if left is None:
+        assert not state.exists()
+    else:
+        assert state.read_bytes() == left
