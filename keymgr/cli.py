@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -458,32 +459,51 @@ def _manager(args: argparse.Namespace, cfg: Any = None) -> Any:
     return KeyManager(cfg)
 
 
-def _status_from_daemon(cfg: Any, into: Any = None) -> bool:
-    """``status --json`` from the daemon of ``cfg`` (keymgr.status_client),
-    copied to stdout, or handed to ``into`` (bytes) when given."""
-    if cfg.service is None:
-        return False
+def _daemon_hint(path: Path) -> tuple[Path, str] | None:
+    """(socket, identity) of the config at ``path`` read from its bytes alone
+    (keymgr.status_client.socket_hint), or None: no hint, or a config that
+    cannot be read (load_config then says why, as always)."""
+    from keymgr.config import config_identity
+    from keymgr.fsutil import NotAFile, read_file
+    from keymgr.status_client import socket_hint
+
+    try:
+        raw = read_file(path)
+    except (OSError, NotAFile):
+        return None
+    sock = socket_hint(raw, path)
+    return None if sock is None else (sock, config_identity(path, raw))
+
+
+def _status_from_daemon(json_form: bool, socket_path: Path, identity: str) -> bool:
+    """``status [--json]`` from the daemon on ``socket_path`` (keymgr.status_client):
+    the JSON copied to stdout as it comes, or the text drawn from it."""
     from keymgr.status_client import from_daemon
 
+    def warn(line: str) -> None:
+        print(f"keymgr: warning: {_one_line(line)}", file=sys.stderr)
+
+    if not json_form:
+        answer = bytearray()
+        if not from_daemon(socket_path, identity, answer.extend, warn):
+            return False
+        from keymgr.render import status_text
+
+        print(status_text(json.loads(answer)))
+        return True
     out = sys.stdout
     out.flush()
-    write: Any = into
-    if write is None:
-        raw = getattr(out, "buffer", None)  # None: a text stream (keymgr.cli.main in-process)
-        if raw is not None:
-            write = raw.write
-        else:
-            text = codecs.getincrementaldecoder("utf-8")()
+    write: Any
+    raw = getattr(out, "buffer", None)  # None: a text stream (keymgr.cli.main in-process)
+    if raw is not None:
+        write = raw.write
+    else:
+        text = codecs.getincrementaldecoder("utf-8")()
 
-            def write(chunk: bytes) -> None:
-                out.write(text.decode(chunk))
+        def write(chunk: bytes) -> None:
+            out.write(text.decode(chunk))
 
-    return from_daemon(
-        cfg.service.listeners.socket,
-        cfg.identity,
-        write,
-        lambda line: print(f"keymgr: warning: {_one_line(line)}", file=sys.stderr),
-    )
+    return from_daemon(socket_path, identity, write, warn)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -524,17 +544,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     if c == "status" and args.timeline is None and not args.direct:
         from keymgr.config import load_config, resolve_config_path
 
-        loaded = load_config(resolve_config_path(getattr(args, "config", None)))
-        if args.json:
-            if _status_from_daemon(loaded):
-                return EXIT_OK
-        else:
-            answer = bytearray()
-            if _status_from_daemon(loaded, answer.extend):
-                from keymgr.render import status_text
-
-                print(status_text(json.loads(answer)))
-                return EXIT_OK
+        path = resolve_config_path(getattr(args, "config", None))
+        # The daemon is asked before the config is parsed (keymgr.status_client).
+        hint = _daemon_hint(path)
+        if hint is not None and _status_from_daemon(args.json, *hint):
+            return EXIT_OK
+        loaded = load_config(path)
+        svc = loaded.service
+        if (
+            svc is not None
+            and (hint is None or svc.listeners.socket != hint[0])
+            and _status_from_daemon(args.json, svc.listeners.socket, loaded.identity)
+        ):
+            return EXIT_OK
     m = _manager(args, loaded)
     if c == "reconcile":
         return _print_pass(m.reconcile(args.at))
@@ -593,8 +615,6 @@ def _offline_checks(cfg: Any) -> None:
     exposed), and every directory keymgr writes in (state, audit log, file
     publishers) exists or can be created. A problem is a ConfigError naming the
     config file, the field and the path; a warning is one line on stderr."""
-    from pathlib import Path
-
     from keymgr.errors import ConfigError
     from keymgr.fsutil import dir_problem
 
@@ -747,8 +767,6 @@ def _timeline(m: Any, target: str) -> int:
             width = 80
         print(m.timeline_text(width=width if width > 0 else 80))
         return EXIT_OK
-    from pathlib import Path
-
     from keymgr.errors import UsageError
 
     data = m.timeline_svg().encode()
@@ -811,8 +829,6 @@ def _audit(m: Any, args: argparse.Namespace) -> int:
 
 def _audit_import(m: Any, args: argparse.Namespace) -> int:
     """``audit import [FILE]``: the file log into the store, verified, then audited."""
-    from pathlib import Path
-
     from keymgr.auditstore import import_file
     from keymgr.timefmt import utcnow
 

@@ -24,12 +24,22 @@ same way):
 Once the first bytes are written, an answer cut short (the daemon stopped, a
 chunk never came) ends the command with one line and exit 1: the chunked
 framing tells a whole answer from a cut one.
+
+The command asks before it parses its config (1.4 s of 3.6 s at 100,000
+rings): :func:`socket_hint` reads the socket's path from the config's bytes,
+and the identity is those bytes' hash. No parse is needed to trust the
+answer: a daemon answers 200 only to the identity of the config it loaded
+and checked, these very bytes at this very path. A hint read wrong (a
+``[service]`` inside a multi-line string, say) can only point at a socket
+that refuses, answers 409 or is not trusted; the command then parses the
+config and asks the socket it names, unless it is the one already asked.
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable
@@ -50,6 +60,44 @@ CONNECT_TIMEOUT = 2.0
 ANSWER_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0
 _COPY = 1 << 20
+
+
+#: What :func:`socket_hint` reads of a config: the ``[service]`` header line,
+#: the next table header, and ``socket = "..."`` with a plain basic string.
+_SERVICE = re.compile(rb"^[ \t]*\[[ \t]*service[ \t]*\][ \t]*(?:#[^\r\n]*)?\r?$", re.M)
+_NEXT_TABLE = re.compile(rb"^[ \t]*\[", re.M)
+_SOCKET = re.compile(
+    rb'^[ \t]*socket[ \t]*=[ \t]*"([^"\\\r\n]*)"[ \t]*(?:#[^\r\n]*)?\r?$', re.M
+)
+_ANY_SOCKET = re.compile(rb"^[ \t]*[\"']?socket\b", re.M)
+
+
+def socket_hint(raw: bytes, config: Path) -> Path | None:
+    """The ``[service]`` socket of the config whose bytes are ``raw`` (read
+    from ``config``), as :func:`keymgr.service_config.parse_service` resolves
+    it; None when these bytes have no ``[service]`` header line, or give the
+    socket in a form other than a plain basic string (the config is then
+    parsed first). Only a hint: see the module."""
+    from keymgr.service_config import DEFAULT_SOCKET
+
+    head = _SERVICE.search(raw)
+    if head is None:
+        return None
+    end = _NEXT_TABLE.search(raw, head.end())
+    table = raw[head.end() : end.start() if end is not None else len(raw)]
+    found = _SOCKET.search(table)
+    if found is None:
+        if _ANY_SOCKET.search(table):
+            return None
+        return Path(DEFAULT_SOCKET)
+    try:
+        value = found.group(1).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else config.parent / path
 
 
 class _UnixConnection(http.client.HTTPConnection):

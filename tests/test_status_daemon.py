@@ -565,3 +565,82 @@ def test_a_state_lost_or_damaged_under_the_daemon_is_refused_alike(
         assert not state.exists()
     else:
         assert state.read_bytes() == left
+
+
+# --------------------------------------------------------------------------- asked before the parse
+
+
+@pytest.mark.parametrize(
+    ("table", "want"),
+    [
+        ('[service]\nsocket = "/run/x/sign.sock"\n', "/run/x/sign.sock"),
+        ('[ service ]  # the daemon\n  socket="svc.sock"  # beside it\n', "{dir}/svc.sock"),
+        ('[service]\r\nsocket = "/a.sock"\r\nsocket_mode = "0660"\r\n', "/a.sock"),
+        ('[service]\nsocket_mode = "0660"\n', "/run/keymgr/sign.sock"),  # the default
+        ('[service.status]\nuids = [0]\n[service]\nsocket = "/b.sock"\n', "/b.sock"),
+        ('[service]\n[service.rings.default]\nsocket = "/not/this"\n', "/run/keymgr/sign.sock"),
+        # Read by the parse only: a literal or escaped string, a quoted or
+        # dotted key, no [service] header line, an array of tables.
+        ("[service]\nsocket = '/c.sock'\n", None),
+        ('[service]\nsocket = "/d\\u0041.sock"\n', None),
+        ('[service]\n"socket" = "/e.sock"\n', None),
+        ('service.socket = "/f.sock"\n', None),
+        ('service = { socket = "/g.sock" }\n', None),
+        ('[[service]]\nsocket = "/h.sock"\n', None),
+        ('[service]\nsocket = ""\n', None),
+    ],
+)
+def test_the_socket_is_read_from_the_configs_bytes(tmp_path: Path, table: str,
+                                                   want: str | None) -> None:
+    from keymgr.status_client import socket_hint
+
+    config = tmp_path / "keymgr.toml"
+    raw = ('[daemon]\nstate = "file:state.json"\n\n' + table).encode()
+    got = socket_hint(raw, config)
+    assert got == (None if want is None else Path(want.format(dir=tmp_path)))
+
+
+def test_the_daemon_is_asked_before_the_config_is_parsed(
+    home: Home, launcher: Launcher, monkeypatch: pytest.MonkeyPatch,
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """The command asks the socket its config's bytes name and parses nothing
+    when the daemon answers (the parse is 1.4 s of a 100,000-ring config);
+    with the socket written in a form it does not read (a literal string), it
+    parses the config and asks the socket that names: the answer still comes
+    from the daemon. A config edited since the daemon loaded it is parsed and
+    read directly (test_a_config_not_reloaded_yet_is_read_directly)."""
+    from keymgr import config as config_module
+
+    sock = home.dir / "svc.sock"
+    d = served(home, launcher, sock)
+    want = direct(home)
+
+    def not_computed(self: Any) -> Any:
+        raise AssertionError("status was computed in the command, not by the daemon")
+
+    monkeypatch.setattr(manager.KeyManager, "status_parts", not_computed)
+    parsed: list[Path] = []
+    real_load = config_module.load_config
+
+    def load(path: Any) -> Any:
+        parsed.append(Path(path))
+        return real_load(path)
+
+    monkeypatch.setattr(config_module, "load_config", load)
+    assert cli.main(["--config", str(home.config), "status", "--json"]) == 0
+    out, err = capfdbinary.readouterr()
+    assert out == want and err == b"" and parsed == []
+    # The same bytes with the socket as a literal string: parsed, then asked.
+    text = home.config.read_text()
+    line = f"socket = {json.dumps(str(sock))}"
+    assert line in text
+    home.config.write_text(text.replace(line, f"socket = '{sock}'"))
+    # The daemon must load these bytes to answer for them.
+    d.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: _get(sock, {"X-Keymgr-Config": _identity(home)})[0] == 200, 20,
+             "the daemon to answer for the edited config")
+    parsed.clear()
+    assert cli.main(["--config", str(home.config), "status", "--json"]) == 0
+    out, err = capfdbinary.readouterr()
+    assert out == want and err == b"" and parsed == [home.config]
