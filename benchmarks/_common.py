@@ -421,3 +421,29 @@ def daemon_rss(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def npm_ci(folder: Path, needed: Path, timeout: float = 600) -> None:
+    """``npm ci`` in ``folder`` (pinned by its package-lock.json) unless
+    ``needed`` is there and npm's own record of the install is not older than
+    the lock file. One process at a time per folder (a file lock outside the
+    work tree): the test suite's workers and soaks may all ask at once.
+    ``.ci/run`` installs the three folders first; this covers runs without it."""
+    import fcntl
+    import hashlib
+
+    marker = folder / "node_modules" / ".package-lock.json"
+    lock = folder / "package-lock.json"
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"keymgr-npm-{digest}.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if needed.exists() and marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime:
+            return
+        proc = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=folder, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"npm ci failed in {folder}:\n{proc.stderr[-2000:]}")
+    if not needed.exists():
+        raise RuntimeError(f"npm ci in {folder} did not install {needed}")

@@ -27,14 +27,11 @@ hang until the client's read timeout, the nasty case, and the data survives).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -44,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks._common import npm_ci
 from tests.servers_common import ServerProcess, launch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,24 +101,7 @@ def node_tools() -> str | None:
 def ensure_azurite() -> Path:
     """``npm ci`` into tests/azurite/node_modules at first use; the azurite-blob script."""
     script = AZURITE_DIR / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
-    marker = AZURITE_DIR / "node_modules" / ".package-lock.json"
-    lock = AZURITE_DIR / "package-lock.json"
-    # The lock file lives outside the work tree (nothing to ignore or commit).
-    digest = hashlib.sha256(str(AZURITE_DIR).encode()).hexdigest()[:12]
-    with open(Path(tempfile.gettempdir()) / f"keymgr-azurite-{digest}.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # one xdist worker installs, the others wait
-        fresh = (
-            script.exists() and marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime
-        )
-        if not fresh:
-            proc = subprocess.run(
-                ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=AZURITE_DIR, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                raise RuntimeError(f"npm ci failed in {AZURITE_DIR}:\n{proc.stderr[-2000:]}")
-    if not script.exists():
-        raise RuntimeError(f"npm ci in {AZURITE_DIR} did not install {script}")
+    npm_ci(AZURITE_DIR, script)
     return script
 
 

@@ -14,7 +14,6 @@ handshake fails) and one from the right CA with another name (403).
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import functools
 import http.client
 import ipaddress
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from benchmarks._common import npm_ci
 from tests.conftest import Home
 from tests.test_daemon import (
     Launcher,
@@ -61,16 +61,7 @@ def node_client() -> Path:
     missing = [t for t in ("node", "npm") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed")
-    with open(Path(tempfile.gettempdir()) / "keymgr-service-client-npm.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = CLIENT / "node_modules" / ".package-lock.json"
-        lockfile = CLIENT / "package-lock.json"
-        if not marker.exists() or marker.stat().st_mtime < lockfile.stat().st_mtime:
-            proc = subprocess.run(
-                ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=CLIENT, capture_output=True, text=True, timeout=300,
-            )
-            assert proc.returncode == 0, f"npm ci failed:\n{proc.stderr[-2000:]}"
+    npm_ci(CLIENT, CLIENT / "node_modules" / "jose" / "package.json", timeout=300)
     return CLIENT / "client.mjs"
 
 

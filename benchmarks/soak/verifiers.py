@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import random
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,23 +50,13 @@ def node_version() -> str:
 
 
 def ensure_node_modules() -> str:
-    """``npm ci`` into benchmarks/soak/node_modules at first use (one soak at a
-    time: the test suite runs several at once); the jose version."""
+    """``npm ci`` into benchmarks/soak/node_modules at first use; the jose version."""
+    from benchmarks._common import npm_ci
+
     pkg = HERE / "node_modules" / "jose" / "package.json"
-    lock = HERE / "package-lock.json"
-    marker = HERE / "node_modules" / ".package-lock.json"
-    digest = hashlib.sha256(str(HERE).encode()).hexdigest()[:12]
-    with open(Path(tempfile.gettempdir()) / f"keymgr-soak-npm-{digest}.lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        if (not pkg.exists() or not marker.exists()
-                or marker.stat().st_mtime < lock.stat().st_mtime):
-            log("npm ci (benchmarks/soak)")
-            proc = subprocess.run(
-                ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=HERE, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                raise RuntimeError(f"npm ci failed in {HERE}:\n{proc.stderr[-2000:]}")
+    if not pkg.exists():
+        log("npm ci (benchmarks/soak)")
+    npm_ci(HERE, pkg, timeout=300)
     return str(json.loads(pkg.read_text())["version"])
 
 
