@@ -476,21 +476,13 @@ def _daemon_hint(path: Path) -> tuple[Path, str] | None:
 
 
 def _status_from_daemon(json_form: bool, socket_path: Path, identity: str) -> bool:
-    """``status [--json]`` from the daemon on ``socket_path`` (keymgr.status_client):
-    the JSON copied to stdout as it comes, or the text drawn from it."""
+    """``status [--json]`` from the daemon on ``socket_path`` (keymgr.status_client),
+    copied to stdout as it comes: the JSON, or the text the daemon draws from it."""
     from keymgr.status_client import from_daemon
 
     def warn(line: str) -> None:
         print(f"keymgr: warning: {_one_line(line)}", file=sys.stderr)
 
-    if not json_form:
-        answer = bytearray()
-        if not from_daemon(socket_path, identity, answer.extend, warn):
-            return False
-        from keymgr.render import status_text
-
-        print(status_text(json.loads(answer)))
-        return True
     out = sys.stdout
     out.flush()
     write: Any
@@ -503,7 +495,7 @@ def _status_from_daemon(json_form: bool, socket_path: Path, identity: str) -> bo
         def write(chunk: bytes) -> None:
             out.write(text.decode(chunk))
 
-    return from_daemon(socket_path, identity, write, warn)
+    return from_daemon(socket_path, identity, write, warn, "json" if json_form else "text")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -586,9 +578,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             write_sections(m.status_parts(), sys.stdout.write)
             return EXIT_OK
-        from keymgr.render import status_text
+        from keymgr.render import write_status_text
 
-        print(status_text(m.status()))
+        write_status_text(m.status_parts(), sys.stdout.write)
         return EXIT_OK
     if c == "jwks":
         print(json.dumps(m.jwks(args.ring), indent=2, sort_keys=True))

@@ -39,40 +39,73 @@ def timeline(key: dict[str, Any]) -> str:
 
 
 def status_text(doc: dict[str, Any]) -> str:
-    """``keymgr status``: the ``status --json`` document as text (from this
-    process's read or from the daemon's answer alike)."""
+    """``keymgr status``: the ``status --json`` document as text, without the
+    last newline (:func:`write_status_text` of the document held whole)."""
     out: list[str] = []
-    for ring, info in doc["rings"].items():
-        out.append(f"ring {ring}")
-        if not info["keys"]:
-            out.append("  (no keys yet)")
+    write_status_text(((section, items.items()) for section, items in doc.items()), out.append)
+    return "".join(out)[:-1]
+
+
+def write_status_text(
+    sections: Iterable[tuple[str, Iterable[tuple[str, Any]]]], write: Callable[[str], object]
+) -> None:
+    """``keymgr status`` as text, written ring by ring from the sections of
+    ``KeyManager.status_parts`` (or of a status document), so that 100,000
+    rings are streamed as ``status --json`` is, never held whole; every line
+    ends with a newline (a status of nothing is one empty line). Each
+    section is consumed before the next, as status_parts requires."""
+    wrote = False
+    for section, items in sections:
+        draw = _SECTIONS.get(section)
+        for name, value in items:
+            if draw is not None:
+                write("\n".join(draw(name, value)) + "\n")
+                wrote = True
+    if not wrote:
+        write("\n")
+
+
+def _ring_lines(ring: str, info: dict[str, Any]) -> list[str]:
+    out = [f"ring {ring}"]
+    if not info["keys"]:
+        out.append("  (no keys yet)")
+    else:
+        out.append(f"  {'KID':<44} {'STATE':<10} {'ALG':<6} {'BACKEND':<10} SINCE")
+        for k in info["keys"]:
+            since = next((k[f] for f, _ in reversed(_STAGES) if k.get(f)), "-")
+            out.append(
+                f"  {k['kid']:<44} {k['state']:<10} {k['alg']:<6} {k['backend']:<10} {since}"
+            )
+        out.append("  timeline:")
+        for k in info["keys"]:
+            out.append(f"    {k['kid'][:10]}  {timeline(k)}")
+    nxt = info["next"]
+    if nxt:
+        kid = f" {nxt['kid']}" if nxt.get("kid") else ""
+        out.append(f"  next: {nxt['action']}{kid} at {_when(nxt['at'])}")
+    else:
+        out.append("  next: nothing scheduled")
+    return out
+
+
+def _edge_lines(pub: str, urls: dict[str, Any]) -> list[str]:
+    out = [f"edges of publisher {pub}"]
+    for url, e in urls.items():
+        if e is None:
+            what = "not probed yet (holds promotion)"
+        elif e.get("error"):
+            what = f"DOWN since {_when(e['at'])}: {e['error']} (holds promotion)"
         else:
-            out.append(f"  {'KID':<44} {'STATE':<10} {'ALG':<6} {'BACKEND':<10} SINCE")
-            for k in info["keys"]:
-                since = next((k[f] for f, _ in reversed(_STAGES) if k.get(f)), "-")
-                out.append(
-                    f"  {k['kid']:<44} {k['state']:<10} {k['alg']:<6} {k['backend']:<10} {since}"
-                )
-            out.append("  timeline:")
-            for k in info["keys"]:
-                out.append(f"    {k['kid'][:10]}  {timeline(k)}")
-        nxt = info["next"]
-        if nxt:
-            kid = f" {nxt['kid']}" if nxt.get("kid") else ""
-            out.append(f"  next: {nxt['action']}{kid} at {_when(nxt['at'])}")
-        else:
-            out.append("  next: nothing scheduled")
-    for pub, urls in doc.get("edges", {}).items():
-        out.append(f"edges of publisher {pub}")
-        for url, e in urls.items():
-            if e is None:
-                what = "not probed yet (holds promotion)"
-            elif e.get("error"):
-                what = f"DOWN since {_when(e['at'])}: {e['error']} (holds promotion)"
-            else:
-                what = f"{len(e['kids'])} keys, unchanged since {_when(e['at'])}"
-            out.append(f"  {url}  {what}")
-    return "\n".join(out)
+            what = f"{len(e['kids'])} keys, unchanged since {_when(e['at'])}"
+        out.append(f"  {url}  {what}")
+    return out
+
+
+#: The sections of a status that its text shows, and how; any other is skipped.
+_SECTIONS: dict[str, Callable[[str, Any], list[str]]] = {
+    "rings": _ring_lines,
+    "edges": _edge_lines,
+}
 
 
 def plan_text(doc: dict[str, Any]) -> str:

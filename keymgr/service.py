@@ -70,7 +70,7 @@ from keymgr.logs import get_logger
 from keymgr.model import ACTIVE
 from keymgr.peercred import peer_credentials
 from keymgr.service_config import Listeners, RingAccess, ServiceSettings, tls_context
-from keymgr.status_client import CONFIG_HEADER, STATUS_PATH
+from keymgr.status_client import CONFIG_HEADER, FORM_PARAM, STATUS_FORMS, STATUS_PATH
 from keymgr.timefmt import format_duration, format_time, parse_duration
 
 if TYPE_CHECKING:
@@ -703,6 +703,9 @@ class SigningService:
         read the state anyway), and whoever ``[service.status]`` names."""
         if request.method != "GET":
             raise _Refused("method_not_allowed", "use GET")
+        form = request.query.get(FORM_PARAM, "json")
+        if form not in STATUS_FORMS:
+            raise _Refused("bad_request", f"{FORM_PARAM}: json or text, got {form!r}")
         host = self.host
         caller = self._caller(request)
         settings = host.config.service
@@ -723,12 +726,14 @@ class SigningService:
         if self._status_slot is None:
             self._status_slot = asyncio.Semaphore(1)
         async with self._status_slot:
-            return await self._stream_status(request, host.manager)
+            return await self._stream_status(request, host.manager, form)
 
     async def _stream_status(
-        self, request: web.BaseRequest, manager: KeyManager
+        self, request: web.BaseRequest, manager: KeyManager, form: str
     ) -> web.StreamResponse:
-        from keymgr.render import write_sections
+        from keymgr.render import write_sections, write_status_text
+
+        writer = write_status_text if form == "text" else write_sections
 
         loop = asyncio.get_running_loop()
         try:
@@ -771,7 +776,7 @@ class SigningService:
                     size = 0
 
             try:
-                write_sections(parts, write)
+                writer(parts, write)
                 put("".join(buf).encode())
                 put(None)
             except _Gone:
@@ -786,7 +791,7 @@ class SigningService:
                 malloc.release()
 
         resp = web.StreamResponse(
-            status=200, headers={**_HEADERS, "Content-Type": "application/json"}
+            status=200, headers={**_HEADERS, "Content-Type": STATUS_FORMS[form]}
         )
         resp.enable_chunked_encoding()
         try:

@@ -52,6 +52,11 @@ from keymgr.peercred import peer_credentials
 STATUS_PATH = "/v1/status"
 #: Header naming the config a ``GET /v1/status`` caller read (keymgr.config.Config.identity).
 CONFIG_HEADER = "X-Keymgr-Config"
+#: ``GET /v1/status?form=text``: ``keymgr status``'s text instead of its
+#: JSON; each form with the content type it is answered with (checked by the
+#: command: a daemon that predates the text form answers JSON to it).
+FORM_PARAM = "form"
+STATUS_FORMS = {"json": "application/json", "text": "text/plain; charset=utf-8"}
 #: Seconds to connect; to wait for the answer to start (the daemon reads what
 #: changed and plans first: well under a second at 100,000 rings once it runs;
 #: a daemon that is stuck or still starting is not waited for longer, the
@@ -134,10 +139,12 @@ def from_daemon(
     identity: str,
     write: Callable[[bytes], object],
     warn: Callable[[str], object],
+    form: str = "json",
 ) -> bool:
-    """Copy the daemon's ``status --json`` to ``write``; False (nothing written)
-    when it is not to be asked or did not answer 200, so the caller reads the
-    store itself. KeymgrError once something was written and the answer is cut."""
+    """Copy the daemon's ``status --json`` (``form="text"``: ``status``) to
+    ``write``; False (nothing written) when it is not to be asked or did not
+    answer 200 in that form, so the caller reads the store itself.
+    KeymgrError once something was written and the answer is cut."""
     try:
         st = os.stat(socket_path)
     except OSError:
@@ -159,12 +166,15 @@ def from_daemon(
             )
             return False
         try:
-            conn.request("GET", STATUS_PATH, headers={CONFIG_HEADER: identity})
+            path = STATUS_PATH if form == "json" else f"{STATUS_PATH}?{FORM_PARAM}={form}"
+            conn.request("GET", path, headers={CONFIG_HEADER: identity})
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException):
             return False
         if resp.status != 200 or not resp.chunked:
             return False  # only chunked framing tells a whole answer from a cut one
+        if resp.getheader("Content-Type") != STATUS_FORMS[form]:
+            return False  # a daemon older than the text form answers JSON
         sock.settimeout(READ_TIMEOUT)  # the response reads this socket, whoever holds it
         started = False
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,20 +85,28 @@ def test_the_daemons_answer_is_the_commands_output_byte_for_byte(
     out, err = capfdbinary.readouterr()
     assert out == want, err
     assert err == b""
-    # The text form is drawn from the same answer ("in 29d..." read at one
-    # fixed instant, so that the two sides compare).
+    # The text form is the daemon's too, drawn from the same status; "(in
+    # 29d...)" is counted from when each side drew it, so it is left out of
+    # the comparison.
     from keymgr import render
 
-    at = render.utcnow()
-    monkeypatch.setattr(render, "utcnow", lambda: at)
     text = render.status_text(json.loads(want))
-    assert text.startswith("ring default")
+    assert text.startswith("ring default") and "(in 29d" in text
     assert cli.main(["--config", str(home.config), "status"]) == 0
     out, err = capfdbinary.readouterr()
-    assert out.decode() == text + "\n" and err == b""
+    assert err == b"" and out.decode().endswith("\n")
+    assert _at_any_time(out.decode()) == _at_any_time(text + "\n")
     # And through a real command in a process of its own.
     proc = status(home)
     assert proc.returncode == 0 and proc.stdout == want and proc.stderr == b""
+    # A form the daemon does not draw: 400, named.
+    c = UnixHTTP(sock)
+    try:
+        c.request("GET", "/v1/status?form=yaml")
+        r = c.getresponse()
+        assert r.status == 400 and b"form: json or text, got 'yaml'" in r.read()
+    finally:
+        c.close()
 
 
 def test_a_config_not_reloaded_yet_is_read_directly(home: Home, launcher: Launcher) -> None:
@@ -224,6 +233,14 @@ def test_a_forged_answer_from_the_folders_owner_is_what_it_trusts(
     fakes.append(fake_daemon(sock, "forged"))
     proc = status(home)
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"rings": {"forged": {}}}
+    # The text form, asked of a daemon that answers JSON to it (as one that
+    # predates the text form would): not taken, the store is read.
+    text = subprocess.run(
+        [sys.executable, "-m", "keymgr.cli", "--config", str(home.config), "status"],
+        capture_output=True, cwd=home.dir, env=home.env(), timeout=60,
+    )  # fmt: skip
+    assert text.returncode == 0 and text.stderr == b""
+    assert text.stdout.decode().startswith("ring default\n"), text.stdout
 
 
 def test_no_answer_is_read_directly_and_a_cut_answer_fails_in_one_line(
@@ -476,6 +493,11 @@ def test_answers_stay_whole_and_sound_while_the_daemon_rotates(
         time.sleep(0.05)
     assert len(actives) >= 2, actives  # a promotion happened while it answered
     assert len(set(actives)) == len(actives), actives  # and never went back
+
+
+def _at_any_time(text: str) -> str:
+    """``text`` without the durations counted from the moment it was drawn."""
+    return re.sub(r" \((in [0-9dhms]+|due now)\)", "", text)
 
 
 def test_a_state_put_back_from_an_older_copy_is_refused_alike(
