@@ -38,14 +38,6 @@ def timeline(key: dict[str, Any]) -> str:
     return " -> ".join(f"{label} {_short(at)}" for at, _, label in steps)
 
 
-def status_text(doc: dict[str, Any]) -> str:
-    """``keymgr status``: the ``status --json`` document as text, without the
-    last newline (:func:`write_status_text` of the document held whole)."""
-    out: list[str] = []
-    write_status_text(((section, items.items()) for section, items in doc.items()), out.append)
-    return "".join(out)[:-1]
-
-
 def write_status_text(
     sections: Iterable[tuple[str, Iterable[tuple[str, Any]]]], write: Callable[[str], object]
 ) -> None:

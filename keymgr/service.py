@@ -696,11 +696,12 @@ class SigningService:
         }
 
     async def _status(self, request: web.BaseRequest) -> web.StreamResponse:
-        """``keymgr status --json``, byte for byte, from the daemon's state: what
-        the command computes (read, validated, checked against the audit log,
-        planned at the wall clock; only what changed is read again), streamed
-        as it is rendered. The daemon's own uid and root may read it (both can
-        read the state anyway), and whoever ``[service.status]`` names."""
+        """``keymgr status --json`` byte for byte (``?form=text``: ``keymgr
+        status``), from the daemon's state: what the command computes (read,
+        validated, checked against the audit log, planned at the wall clock;
+        only what changed is read again), streamed as it is rendered. The
+        daemon's own uid and root may read it (both can read the state
+        anyway), and whoever ``[service.status]`` names."""
         if request.method != "GET":
             raise _Refused("method_not_allowed", "use GET")
         form = request.query.get(FORM_PARAM, "json")
